@@ -1,0 +1,227 @@
+"""MNIST as in-memory tensors, served as whole batches by index.
+
+torchvision's MNIST + ToTensor + default collate converts every image through PIL and stacks
+128 tensors per batch; that, not the model, dominates the reference notebook's epoch time. Here
+the uint8 images are read once, scaled to float in [0, 1] once, and each batch is one indexing
+operation on a resident tensor (on the training device when it is a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import MNIST
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class DataError(RuntimeError):
+    """The data set is missing or unreadable; the message says which file and how to fix it."""
+
+
+class BatchIndexSampler(Sampler[Tensor]):
+    """Yields one index tensor per batch.
+
+    Shuffled orders are drawn from a generator seeded by (seed, epoch), not from a running
+    stream, so a run resumed at epoch k sees exactly the batches an uninterrupted run would.
+    Lightning calls `set_epoch` on a loader's `sampler` each epoch. Under DDP each rank keeps
+    every world_size-th index of the (shared) order.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _per_rank(self) -> int:
+        return self.num_items // self.world_size if self.world_size > 1 else self.num_items
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+        else:
+            order = torch.arange(self.num_items)
+        if self.world_size > 1:
+            order = order[self.rank : self._per_rank() * self.world_size : self.world_size]
+        order = order.to(self.device)  # one copy per epoch; batches below are device slices
+        for i in range(len(self)):
+            yield order[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+class TensorBatches:
+    """An iterable of (images, labels) batches sliced from resident tensors: no workers, no collate."""
+
+    batch_sampler = None  # as in a DataLoader with batch_size=None: Lightning reads `sampler`
+
+    def __init__(self, images: Tensor, labels: Tensor, sampler: BatchIndexSampler) -> None:
+        self.images = images
+        self.labels = labels
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler:
+            yield self.images[idx], self.labels[idx]
+
+
+class _IndexedTensors(Dataset):
+    """Lets worker processes serve the same index batches (fetching a whole batch per item)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[idx], self.labels[idx]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
+    """Read one MNIST split as (float images in [0, 1] flattened to 784, int64 labels)."""
+    try:
+        ds = MNIST(str(root), train=train, download=False)
+    except RuntimeError as err:  # torchvision: "Dataset not found..."
+        raise DataError(missing_data_message(root)) from err
+    images = ds.data.reshape(len(ds.data), -1).to(torch.float32).div_(255.0)
+    return images, ds.targets.to(torch.int64)
+
+
+def missing_data_message(root: str | Path) -> str:
+    raw = Path(root) / "MNIST" / "raw"
+    return (
+        f"MNIST not found under data root {str(root)!r}: expected {', '.join(MNIST_FILES)} in "
+        f"{raw}; point data.root=... (or SAE_DATA_DIR) at a folder holding MNIST/raw, "
+        "or allow data.download=true on a machine with network"
+    )
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST train/val from the 60k training images (split fixed by split_seed), test = the 10k test set."""
+
+    def __init__(
+        self,
+        root: str = "data",
+        val_size: int = 5000,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        download: bool = True,
+        seed: int = 0,
+        split_seed: int = 0,
+        on_device: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def prepare_data(self) -> None:
+        root = self.hparams.root
+        if all((Path(root) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+            return
+        if not self.hparams.download:
+            raise DataError(missing_data_message(root))
+        try:
+            MNIST(str(root), train=True, download=True)
+            MNIST(str(root), train=False, download=True)
+        except Exception as err:  # no network, mirror down, disk full...
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"{missing_data_message(root)} (download failed: {first_line})") from err
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        images, labels = load_mnist_split(hp.root, train=True)
+        if not 0 <= hp.val_size < len(images):
+            raise ValueError(
+                f"data.val_size={hp.val_size} must be in [0, {len(images)}) for {len(images)} images"
+            )
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.split_seed))
+        val_idx, train_idx = order[: hp.val_size].sort().values, order[hp.val_size :].sort().values
+        self.splits = {
+            "train": (images[train_idx], labels[train_idx]),
+            "val": (images[val_idx], labels[val_idx]),
+            "test": load_mnist_split(hp.root, train=False),
+        }
+        device = self._device()
+        if device.type != "cpu":
+            self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+
+    def _device(self) -> torch.device:
+        """Where the resident tensors live: the training device when it is a GPU (on_device=None)."""
+        trainer = self.trainer
+        root_device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        on_device = self.hparams.on_device
+        if on_device is None:
+            on_device = root_device.type == "cuda" and self.hparams.num_workers == 0
+        return root_device if on_device else torch.device("cpu")
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
+        images, labels = self.splits[split]
+        trainer = self.trainer
+        sampler = BatchIndexSampler(
+            len(images),
+            batch_size,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+            drop_last=drop_last,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            device=images.device,
+        )
+        if self.hparams.num_workers > 0:
+            return DataLoader(
+                _IndexedTensors(images, labels),
+                sampler=sampler,
+                batch_size=None,
+                num_workers=self.hparams.num_workers,
+                persistent_workers=True,
+            )
+        return TensorBatches(images, labels, sampler)
+
+    def train_dataloader(self):
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._loader("train", self.hparams.batch_size, shuffle=not overfit)
+
+    def val_dataloader(self):
+        return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)

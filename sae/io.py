@@ -1,0 +1,36 @@
+"""Small file helpers shared by train.py, evaluate.py and the sweep tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A two-column text table of metric name and value."""
+    width = max(map(len, metrics), default=0)
+    rows = []
+    for name, value in metrics.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        rows.append(f"{name:<{width}}  {shown}")
+    return "\n".join(rows)

@@ -1,0 +1,95 @@
+"""A fully connected autoencoder whose forward pass exposes the activations the sparsity penalty needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+
+class AutoencoderOutput(NamedTuple):
+    recon: Tensor
+    code: Tensor
+    activations: dict[str, Tensor]  # the layers the sparsity penalty covers, by name
+
+
+def layer_names(num_hidden: int) -> list[str]:
+    """Names of the hidden layers in forward order: encoder_1.., latent, decoder_1.. ."""
+    return (
+        [f"encoder_{i}" for i in range(1, num_hidden + 1)]
+        + ["latent"]
+        + [f"decoder_{i}" for i in range(1, num_hidden + 1)]
+    )
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class SparseAutoencoder(nn.Module):
+    """input -> hidden_dims -> latent_dim -> reversed(hidden_dims) -> input.
+
+    The default (784, [128], 32, relu, sigmoid latent, sigmoid output) is the reference
+    notebook's 784-128-32-128-784 network. A sigmoid latent keeps each code in (0, 1), so a
+    unit's mean activation is a firing probability that the KL penalty can compare with rho.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        hidden_dims: Sequence[int] = (128,),
+        latent_dim: int = 32,
+        activation: str = "relu",
+        latent_activation: str = "sigmoid",
+        output_activation: str = "sigmoid",
+        sparsity_layers: Sequence[str] = ("latent",),
+    ) -> None:
+        super().__init__()
+        names = layer_names(len(hidden_dims))
+        unknown = [name for name in sparsity_layers if name not in names]
+        if unknown:
+            raise ValueError(f"sparsity_layers {unknown} do not exist; this model has {names}")
+        self.sparsity_layers = list(sparsity_layers)
+
+        widths = [input_dim, *hidden_dims, latent_dim, *reversed(hidden_dims), input_dim]
+        acts = (
+            [activation] * len(hidden_dims)
+            + [latent_activation]
+            + [activation] * len(hidden_dims)
+            + [output_activation]
+        )
+        blocks = [
+            nn.Sequential(nn.Linear(w_in, w_out), _activation(act))
+            for w_in, w_out, act in zip(widths[:-1], widths[1:], acts)
+        ]
+        depth = len(hidden_dims) + 1
+        self.encoder = nn.Sequential(*blocks[:depth])
+        self.decoder = nn.Sequential(*blocks[depth:])
+        self._names = names
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        covered: dict[str, Tensor] = {}
+        h = x
+        # Walk block by block so every hidden activation is available without hooks.
+        for name, block in zip(self._names, [*self.encoder, *self.decoder]):
+            h = block(h)
+            if name in self.sparsity_layers:
+                covered[name] = h
+            if name == "latent":
+                code = h
+        recon = self.decoder[-1](h)
+        return AutoencoderOutput(recon=recon, code=code, activations=covered)

@@ -1,0 +1,116 @@
+"""The LightningModule: the training objective, and whole-split metrics for validation and test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, reconstruction_loss, sparsity_penalty
+from sae.metrics import UnitMeanActivation, rho_hat_summary
+from sae.model import SparseAutoencoder, layer_names
+
+
+class SparseAutoencoderModule(L.LightningModule):
+    """Loss = reconstruction (mse|bce) + beta * sum over covered layers of sum_j KL(rho || rho_hat_j).
+
+    Every constructor argument is a plain value and is saved as a hyperparameter, so a checkpoint
+    rebuilds its own model (evaluate.py needs no overrides) and loads with weights_only=True.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        hidden_dims: Sequence[int] = (128,),
+        latent_dim: int = 32,
+        activation: str = "relu",
+        latent_activation: str = "sigmoid",
+        output_activation: str = "sigmoid",
+        recon_loss: str = "mse",
+        sparsity_layers: Sequence[str] = ("latent",),
+        rho: float = 0.05,
+        beta: float = 5e-3,
+        lr: float = 1e-3,
+        dead_threshold: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if recon_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
+        hidden_dims, sparsity_layers = list(hidden_dims), list(sparsity_layers)
+        self.save_hyperparameters()  # reads the (list-converted) arguments above
+        self.net = SparseAutoencoder(
+            input_dim, hidden_dims, latent_dim, activation, latent_activation, output_activation,
+            sparsity_layers,
+        )
+        widths = dict(zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]]))
+        # Fresh metric objects per split, so validation during fit never mixes into test.
+        self.split_metrics = nn.ModuleDict(
+            {split: self._make_metrics(widths) for split in ("val", "test")}
+        )
+
+    def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
+        layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
+        return nn.ModuleDict(
+            {
+                "mse": MeanMetric(),
+                "bce": MeanMetric(),
+                "rho_hat": nn.ModuleDict({n: UnitMeanActivation(widths[n]) for n in layers}),
+            }
+        )
+
+    def forward(self, x: Tensor):
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, _ = batch
+        out = self.net(x)
+        recon = reconstruction_loss(self.hparams.recon_loss, out.recon, x)
+        kl = sparsity_penalty(self.hparams.rho, out.activations)
+        loss = recon + self.hparams.beta * kl
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{self.hparams.recon_loss}": recon, "train/kl": kl})
+        return loss
+
+    def _eval_step(self, split: str, x: Tensor) -> None:
+        out = self.net(x)
+        metrics = self.split_metrics[split]
+        # Per-sample means, averaged over samples: exactly the per-pixel mean over the split.
+        metrics["mse"].update(F.mse_loss(out.recon, x, reduction="none").mean(dim=1))
+        if self.hparams.recon_loss == "bce":
+            metrics["bce"].update(F.binary_cross_entropy(out.recon, x, reduction="none").mean(dim=1))
+        for name, m in metrics["rho_hat"].items():
+            m.update(out.code if name == "latent" else out.activations[name])
+
+    def _log_split(self, split: str) -> None:
+        """Loss terms from whole-split statistics: the KL uses rho_hat over the split, not per batch."""
+        metrics = self.split_metrics[split]
+        rho_hats = {name: m.compute() for name, m in metrics["rho_hat"].items()}
+        recon = metrics[self.hparams.recon_loss].compute()
+        kl = sum(kl_sparsity(self.hparams.rho, rho_hats[n]) for n in self.hparams.sparsity_layers)
+        values = {"loss": recon + self.hparams.beta * kl, "mse": metrics["mse"].compute(), "kl": kl}
+        if self.hparams.recon_loss == "bce":
+            values["bce"] = recon
+        values.update(rho_hat_summary(rho_hats["latent"], self.hparams.dead_threshold))
+        self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()})
+        for m in [metrics["mse"], metrics["bce"], *metrics["rho_hat"].values()]:
+            m.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch[0])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

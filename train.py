@@ -1,0 +1,67 @@
+"""Train a sparse autoencoder: `python train.py [overrides]`, or a sweep with `-m`.
+
+`train(cfg)` is the whole pipeline and is what tests call in-process; `main` is a thin Hydra
+wrapper that returns the optimized metric to sweepers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from sae.io import format_metrics, write_json_atomic
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer from cfg.trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    trainer = build_trainer(cfg)
+    if cfg.data.val_size == 0:
+        trainer.limit_val_batches = 0  # no validation split: nothing to validate or monitor
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    tested = None
+    if checkpoint is not None:
+        tested = checkpoint.best_model_path or checkpoint.last_model_path or None
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)
+
+    metrics: dict[str, Any] = {k: float(v) for k, v in results[0].items()}
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
+    metrics["fit/seconds"] = fit_seconds
+    metrics["fit/epochs"] = trainer.current_epoch
+    metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(format_metrics(metrics))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()
