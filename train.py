@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from sae.io import format_metrics, write_json_atomic
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     """A Trainer from cfg.trainer with the configured callbacks and loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -32,9 +32,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    trainer = build_trainer(cfg)
-    if cfg.data.val_size == 0:
-        trainer.limit_val_batches = 0  # no validation split: nothing to validate or monitor
+    # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
+    trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -165,24 +165,29 @@ class MNISTDataModule(L.LightningDataModule):
             raise DataError(f"{missing_data_message(root)} (download failed: {first_line})") from err
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        """Load what the stage needs, once: train/val for fit and validate, the test set for test."""
         hp = self.hparams
-        images, labels = load_mnist_split(hp.root, train=True)
-        if not 0 <= hp.val_size < len(images):
-            raise ValueError(
-                f"data.val_size={hp.val_size} must be in [0, {len(images)}) for {len(images)} images"
+        wanted = {"fit": ["train"], "validate": ["train"], "test": ["test"]}.get(stage, ["train", "test"])
+        if "train" in wanted and "train" not in self.splits:
+            images, labels = load_mnist_split(hp.root, train=True)
+            if not 0 <= hp.val_size < len(images):
+                raise ValueError(
+                    f"data.val_size={hp.val_size} must be in [0, {len(images)}) for {len(images)} images"
+                )
+            generator = torch.Generator().manual_seed(hp.split_seed)
+            order = torch.randperm(len(images), generator=generator)
+            val_idx, train_idx = (
+                order[: hp.val_size].sort().values,
+                order[hp.val_size :].sort().values,
             )
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.split_seed))
-        val_idx, train_idx = order[: hp.val_size].sort().values, order[hp.val_size :].sort().values
-        self.splits = {
-            "train": (images[train_idx], labels[train_idx]),
-            "val": (images[val_idx], labels[val_idx]),
-            "test": load_mnist_split(hp.root, train=False),
-        }
+            self._keep("train", images[train_idx], labels[train_idx])
+            self._keep("val", images[val_idx], labels[val_idx])
+        if "test" in wanted and "test" not in self.splits:
+            self._keep("test", *load_mnist_split(hp.root, train=False))
+
+    def _keep(self, split: str, images: Tensor, labels: Tensor) -> None:
         device = self._device()
-        if device.type != "cpu":
-            self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+        self.splits[split] = (images.to(device), labels.to(device))
 
     def _device(self) -> torch.device:
         """Where the resident tensors live: the training device when it is a GPU (on_device=None)."""

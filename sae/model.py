@@ -71,7 +71,7 @@ class SparseAutoencoder(nn.Module):
         )
         blocks = [
             nn.Sequential(nn.Linear(w_in, w_out), _activation(act))
-            for w_in, w_out, act in zip(widths[:-1], widths[1:], acts)
+            for w_in, w_out, act in zip(widths[:-1], widths[1:], acts, strict=True)
         ]
         depth = len(hidden_dims) + 1
         self.encoder = nn.Sequential(*blocks[:depth])
@@ -85,7 +85,8 @@ class SparseAutoencoder(nn.Module):
         covered: dict[str, Tensor] = {}
         h = x
         # Walk block by block so every hidden activation is available without hooks.
-        for name, block in zip(self._names, [*self.encoder, *self.decoder]):
+        # The output block is not a named hidden layer, hence strict=False (it runs below).
+        for name, block in zip(self._names, [*self.encoder, *self.decoder], strict=False):
             h = block(h)
             if name in self.sparsity_layers:
                 covered[name] = h

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -43,14 +44,19 @@ class SparseAutoencoderModule(L.LightningModule):
         hidden_dims, sparsity_layers = list(hidden_dims), list(sparsity_layers)
         self.save_hyperparameters()  # reads the (list-converted) arguments above
         self.net = SparseAutoencoder(
-            input_dim, hidden_dims, latent_dim, activation, latent_activation, output_activation,
+            input_dim,
+            hidden_dims,
+            latent_dim,
+            activation,
+            latent_activation,
+            output_activation,
             sparsity_layers,
         )
-        widths = dict(zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]]))
-        # Fresh metric objects per split, so validation during fit never mixes into test.
-        self.split_metrics = nn.ModuleDict(
-            {split: self._make_metrics(widths) for split in ("val", "test")}
+        widths = dict(
+            zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]], strict=True)
         )
+        # Fresh metric objects per split, so validation during fit never mixes into test.
+        self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
 
     def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
         layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
@@ -97,8 +103,18 @@ class SparseAutoencoderModule(L.LightningModule):
         values.update(rho_hat_summary(rho_hats["latent"], self.hparams.dead_threshold))
         self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
         self.log_dict({f"{split}/{k}": v for k, v in values.items()})
+
+    def _reset_split(self, split: str) -> None:
+        """Fresh states at the start of each pass (under the pass's own grad/inference mode)."""
+        metrics = self.split_metrics[split]
         for m in [metrics["mse"], metrics["bce"], *metrics["rho_hat"].values()]:
             m.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_split("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_split("test")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch[0])
@@ -114,3 +130,31 @@ class SparseAutoencoderModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint path that is missing, unreadable, or not one of this module's checkpoints."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SparseAutoencoderModule:
+    """Rebuild the module from a checkpoint's own hyperparameters and weights.
+
+    torch.load runs with weights_only=True, so a crafted pickle cannot execute code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {first_line}") from err
+    if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a sae training checkpoint (no hyper_parameters/state_dict)")
+    try:
+        module = SparseAutoencoderModule(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {first_line}") from err
+    return module

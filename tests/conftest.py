@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic MNIST IDX files, composed configs, the real MNIST when present."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small enough to train in a second, large enough for a val split and several batches.
+N_TRAIN, N_TEST = 600, 200
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    """IDX3 as published by LeCun et al.: magic 0x803, count, rows, cols, then uint8 pixels."""
+    n, rows, cols = images.shape
+    path.write_bytes(struct.pack(">IIII", 0x803, n, rows, cols) + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def synthetic_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class c lights a 6x6 block at a class-specific place, plus noise: learnable, not trivial."""
+    labels = rng.integers(0, 10, size=n)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        r, col = 2 + 5 * (c // 4), 2 + 6 * (c % 4)
+        images[i, r : r + 6, col : col + 6] = 255
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A data root holding MNIST/raw/* in the real IDX format, read by torchvision offline."""
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        images, labels = synthetic_digits(n, rng)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_mnist_root() -> Path:
+    """The real MNIST under SAE_DATA_DIR (CI unpacks it there); skipped where it is absent."""
+    root = os.environ.get("SAE_DATA_DIR")
+    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip("real MNIST not found: set SAE_DATA_DIR to a folder holding MNIST/raw")
+    return Path(root)
+
+
+# Quiet, quick settings for in-process runs on the synthetic data.
+FAST = [
+    "accelerator=cpu",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "data.val_size=100",
+    "data.eval_batch_size=64",
+    "batch_size=50",
+]
+
+
+def compose_train(overrides: list[str], output_dir: Path, mnist_root: Path) -> DictConfig:
+    """conf/train.yaml as Hydra composes it for the command line, with this test's folders."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[*FAST, f"data.root={mnist_root}", f"output_dir={output_dir}", *overrides],
+        )

@@ -1,0 +1,114 @@
+"""The DataModule through torchvision's real IDX reading path, on synthetic files and on the real MNIST."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae.data import BatchIndexSampler, DataError, MNISTDataModule
+from tests.conftest import N_TEST, N_TRAIN
+
+
+def make(root, **kw) -> MNISTDataModule:
+    dm = MNISTDataModule(root=str(root), download=False, **{"val_size": 100, "batch_size": 64, **kw})
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def raw_images(root, prefix):
+    data = (root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte").read_bytes()[16:]
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).reshape(-1, 784)
+
+
+def test_splits_sizes_dtype_and_scaling(mnist_root):
+    dm = make(mnist_root)
+    (xtr, ytr), (xva, _), (xte, _) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    assert (len(xtr), len(xva), len(xte)) == (N_TRAIN - 100, 100, N_TEST)
+    assert xtr.dtype == torch.float32 and xtr.shape[1] == 784 and ytr.dtype == torch.int64
+    assert 0.0 <= float(xtr.min()) and float(xtr.max()) == 1.0
+    # Pixels are exactly the file's bytes / 255, and train + val is a partition of the 60k file.
+    everything = raw_images(mnist_root, "train").float() / 255
+    rows = {tuple(r.tolist()) for r in everything}
+    assert {tuple(r.tolist()) for r in torch.cat([xtr, xva])} <= rows
+    torch.testing.assert_close(xte, raw_images(mnist_root, "t10k").float() / 255)
+    assert len(torch.cat([xtr, xva]).unique(dim=0)) == len(everything.unique(dim=0))
+
+
+def test_test_stage_reads_only_the_test_set(mnist_root):
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=5000)  # too big for 600: unused
+    dm.setup("test")
+    assert set(dm.splits) == {"test"}
+
+
+def test_split_is_fixed_by_split_seed_not_seed(mnist_root):
+    a, b = make(mnist_root, seed=1), make(mnist_root, seed=2)
+    assert torch.equal(a.splits["val"][0], b.splits["val"][0])
+    c = make(mnist_root, split_seed=5)
+    assert not torch.equal(a.splits["val"][0], c.splits["val"][0])
+
+
+def epoch_batches(dm, epoch):
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # what Lightning calls each epoch
+    return list(loader)
+
+
+def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_root):
+    dm = make(mnist_root, seed=3)
+    e0, e1 = epoch_batches(dm, 0), epoch_batches(dm, 1)
+    n = N_TRAIN - 100
+    assert [len(x) for x, _ in e0] == [64] * (n // 64) + [n % 64]
+    assert len(dm.train_dataloader()) == len(e0)
+    # Every training image exactly once per epoch, in a new order.
+    for batches in (e0, e1):
+        seen = torch.cat([x for x, _ in batches])
+        torch.testing.assert_close(seen.sum(0), dm.splits["train"][0].sum(0))
+    assert not torch.equal(e0[0][0], e1[0][0])
+    again = epoch_batches(make(mnist_root, seed=3), 1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again, strict=True))
+    other_seed = epoch_batches(make(mnist_root, seed=4), 1)
+    assert not torch.equal(e1[0][0], other_seed[0][0])
+
+
+def test_eval_batches_are_in_order(mnist_root):
+    dm = make(mnist_root, eval_batch_size=30)
+    x = torch.cat([b[0] for b in dm.test_dataloader()])
+    assert torch.equal(x, dm.splits["test"][0])
+
+
+def test_sampler_shards_across_ranks():
+    shards = [list(BatchIndexSampler(10, 2, shuffle=True, seed=0, rank=r, world_size=3)) for r in range(3)]
+    flat = [torch.cat(s) for s in shards]
+    assert all(len(f) == 3 for f in flat)
+    assert len(torch.cat(flat).unique()) == 9  # disjoint, equal-sized shards of one order
+
+
+def test_worker_processes_serve_the_same_batches(mnist_root):
+    in_process = epoch_batches(make(mnist_root, seed=1), 2)
+    with_workers = epoch_batches(make(mnist_root, seed=1, num_workers=1), 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(in_process, with_workers, strict=True))
+
+
+def test_missing_data_names_root_files_and_fix(tmp_path):
+    dm = MNISTDataModule(root=str(tmp_path), download=False)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg and "data.root=" in msg
+    assert "\n" not in msg
+
+
+def test_val_size_out_of_range(mnist_root):
+    with pytest.raises(ValueError, match="data.val_size=600"):
+        make(mnist_root, val_size=N_TRAIN)
+
+
+def test_real_mnist(real_mnist_root):
+    dm = make(real_mnist_root, val_size=5000)
+    sizes = {k: len(x) for k, (x, _) in dm.splits.items()}
+    assert sizes == {"train": 55000, "val": 5000, "test": 10000}
+    x = dm.splits["train"][0]
+    assert x.shape[1] == 784 and float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # MNIST's published mean pixel intensity is about 0.1307.
+    assert float(x.mean()) == pytest.approx(0.1307, abs=2e-3)
+    assert torch.bincount(dm.splits["test"][1]).tolist()[:2] == [980, 1135]

@@ -1,0 +1,71 @@
+"""The KL sparsity term against closed forms, torch.distributions and float64 finite differences."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, kl_divergence
+
+from sae.loss import kl_sparsity, reconstruction_loss, sparsity_penalty
+
+
+def test_kl_hand_checked_values():
+    # KL(0.05 || 0.5) = 0.05 ln(0.1) + 0.95 ln(1.9) = -0.115129 + 0.609761, by hand.
+    expected = 0.05 * math.log(0.05 / 0.5) + 0.95 * math.log(0.95 / 0.5)
+    assert expected == pytest.approx(0.494632, abs=1e-6)
+    got = kl_sparsity(0.05, torch.tensor([0.5], dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    # Zero exactly at the target, for every unit.
+    assert kl_sparsity(0.05, torch.full((32,), 0.05, dtype=torch.float64)).item() == pytest.approx(
+        0.0, abs=1e-15
+    )
+
+
+def test_kl_sums_over_units_and_matches_bernoulli_kl():
+    rho_hat = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    independent = kl_divergence(Bernoulli(probs=torch.full_like(rho_hat, 0.1)), Bernoulli(probs=rho_hat))
+    assert kl_sparsity(0.1, rho_hat).item() == pytest.approx(independent.sum().item(), rel=1e-12)
+
+
+def test_kl_clamps_dead_and_saturated_units():
+    eps = 1e-6
+    got = kl_sparsity(0.05, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    expected = sum(0.05 * math.log(0.05 / q) + 0.95 * math.log(0.95 / (1 - q)) for q in (eps, 1 - eps))
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_kl_gradient_matches_finite_differences_float64():
+    torch.manual_seed(0)
+    acts = torch.rand(16, 8, dtype=torch.float64, requires_grad=True)  # batch x units, in (0, 1)
+    assert torch.autograd.gradcheck(lambda a: kl_sparsity(0.05, a.mean(0)), (acts,), eps=1e-6, atol=1e-7)
+
+
+def test_kl_gradient_closed_form():
+    # d/dq KL(p||q) = -p/q + (1-p)/(1-q)
+    q = torch.tensor([0.02, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+    kl_sparsity(0.05, q).backward()
+    expected = -0.05 / q.detach() + 0.95 / (1 - q.detach())
+    torch.testing.assert_close(q.grad, expected)
+
+
+def test_sparsity_penalty_uses_batch_mean_per_unit_and_sums_layers():
+    a = torch.tensor([[0.1, 0.9], [0.3, 0.5]], dtype=torch.float64)
+    b = torch.tensor([[0.2], [0.4], [0.6]], dtype=torch.float64)
+    expected = kl_sparsity(0.05, torch.tensor([0.2, 0.7], dtype=torch.float64)) + kl_sparsity(
+        0.05, torch.tensor([0.4], dtype=torch.float64)
+    )
+    got = sparsity_penalty(0.05, {"latent": a, "encoder_1": b})
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_reconstruction_losses_are_per_pixel_means():
+    x = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
+    r = torch.tensor([[0.5, 0.5], [0.5, 0.75]])
+    assert reconstruction_loss("mse", r, x).item() == pytest.approx((0.25 + 0.25 + 0 + 0.25) / 4)
+    bce = (
+        -(math.log(0.5) + math.log(0.5) + math.log(0.5) + (0.25 * math.log(0.75) + 0.75 * math.log(0.25))) / 4
+    )
+    assert reconstruction_loss("bce", r, x).item() == pytest.approx(bce, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown reconstruction loss 'l1'"):
+        reconstruction_loss("l1", r, x)

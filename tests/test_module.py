@@ -1,0 +1,94 @@
+"""The LightningModule's validation/test figures against an independent whole-split computation."""
+
+import lightning as L
+import pytest
+import torch
+from torch.distributions import Bernoulli, kl_divergence
+
+from sae.data import MNISTDataModule
+from sae.module import CheckpointError, SparseAutoencoderModule, load_checkpoint
+
+
+def quiet_trainer(**kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("recon_loss", ["mse", "bce"])
+def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
+    torch.manual_seed(0)
+    module = SparseAutoencoderModule(
+        recon_loss=recon_loss,
+        activation="sigmoid",
+        sparsity_layers=["encoder_1", "latent"],
+        rho=0.1,
+        beta=0.5,
+    )
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, eval_batch_size=7)
+    got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+
+    x = dm.splits["val"][0].double()
+    net = module.net.double()
+    with torch.no_grad():
+        out = net(x)
+    rho_hat = {k: v.mean(0) for k, v in out.activations.items()}
+    kl = sum(
+        kl_divergence(Bernoulli(probs=torch.full_like(q, 0.1)), Bernoulli(probs=q)).sum()
+        for q in rho_hat.values()
+    )
+    mse = ((out.recon - x) ** 2).mean()
+    bce = -(x * out.recon.log() + (1 - x) * (1 - out.recon).log()).mean()
+    recon = mse if recon_loss == "mse" else bce
+    latent = rho_hat["latent"]
+    expected = {
+        "val/loss": recon + 0.5 * kl,
+        "val/mse": mse,
+        "val/kl": kl,
+        "val/rho_hat_mean": latent.mean(),
+        "val/rho_hat_min": latent.min(),
+        "val/rho_hat_max": latent.max(),
+        "val/dead_fraction": (latent < 1e-3).double().mean(),
+    }
+    if recon_loss == "bce":
+        expected["val/bce"] = bce
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+
+
+def test_fit_lowers_the_loss_and_checkpoint_reloads_weights_only(mnist_root, tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = SparseAutoencoderModule(lr=3e-3)
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, batch_size=50)
+    trainer = quiet_trainer(max_epochs=5, default_root_dir=tmp_path)
+    before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(module, datamodule=dm)
+    after = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert after < 0.8 * before
+
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)  # plain values only: no pickled objects
+    assert raw["hyper_parameters"]["hidden_dims"] == [128]
+    reloaded = load_checkpoint(path)
+    for (k, a), (_, b) in zip(module.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_load_checkpoint_errors_are_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot load .* as a PyTorch checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.ckpt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a sae training checkpoint"):
+        load_checkpoint(other)

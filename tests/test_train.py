@@ -1,0 +1,222 @@
+"""train(cfg) in-process, every preset, the command-line sweep, and evaluate.py reproducing its test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from evaluate import evaluate
+from tests.conftest import CONF, ROOT, compose_train
+from train import build_trainer, train
+
+REQUIRED = [
+    "test/mse",
+    "test/kl",
+    "test/loss",
+    "test/rho_hat_mean",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
+    "test/dead_fraction",
+    "fit/seconds",
+    "fit/epochs",
+    "ckpt_path",
+]
+# The whole synthetic test split in one batch, so a limited run tests what evaluate.py tests.
+WHOLE_TEST = "data.eval_batch_size=200"
+
+
+def read_metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def assert_run_folder(folder: Path) -> dict:
+    metrics = read_metrics(folder)
+    assert set(REQUIRED) <= set(metrics)
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["ckpt_path"]).is_file()
+    return metrics
+
+
+def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
+    cfg = compose_train(["debug=limit", WHOLE_TEST, "rho=0.1", "latent_dim=64"], tmp_path, mnist_root)
+    metrics = train(cfg)
+    assert metrics == read_metrics(tmp_path)
+    assert_run_folder(tmp_path)
+    assert Path(metrics["ckpt_path"]).name.startswith("best-epoch")  # the best by val/loss is tested
+    assert metrics["fit/epochs"] == 2 and metrics["fit/seconds"] > 0
+    assert metrics["val/loss"] > 0
+    assert (
+        0 <= metrics["test/rho_hat_min"] <= metrics["test/rho_hat_mean"] <= metrics["test/rho_hat_max"] <= 1
+    )
+    hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
+    assert (hp["latent_dim"], hp["rho"], hp["beta"]) == (64, 0.1, 5e-3)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ecfg = compose(
+            "evaluate",
+            overrides=[
+                f"ckpt_path={metrics['ckpt_path']}",
+                f"data.root={mnist_root}",
+                f"output_dir={tmp_path / 'eval'}",
+                "accelerator=cpu",
+                "+trainer.enable_progress_bar=false",
+            ],
+        )
+    again = evaluate(ecfg)
+    assert again == read_metrics(tmp_path / "eval")
+    for key in [k for k in metrics if k.startswith("test/")]:
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def preset_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["experiment", "debug"])
+def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
+    for name in preset_names(group):
+        cfg = compose_train([f"{group}={name}"], tmp_path / name, mnist_root)
+        instantiate(cfg.model)
+        instantiate(cfg.data)
+        build_trainer(cfg)
+
+
+def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=seed_notebook", f"output_dir={tmp_path}"])
+    m = cfg.model
+    assert (m.input_dim, list(m.hidden_dims), m.latent_dim) == (784, [128], 32)
+    assert (m.activation, m.latent_activation, m.output_activation) == (
+        "relu",
+        "sigmoid",
+        "sigmoid",
+    )
+    assert (m.recon_loss, list(m.sparsity_layers)) == ("mse", ["latent"])
+    assert (cfg.rho, cfg.beta, cfg.lr, cfg.batch_size, cfg.epochs) == (0.05, 5e-3, 1e-3, 128, 10)
+    assert cfg.data.val_size == 0  # all 60k training images
+
+
+def test_seed_notebook_runs_without_validation(mnist_root, tmp_path):
+    cfg = compose_train(["experiment=seed_notebook", "debug=limit", WHOLE_TEST], tmp_path, mnist_root)
+    metrics = train(cfg)
+    assert Path(metrics["ckpt_path"]).name == "last.ckpt"
+    assert "val/loss" not in metrics and metrics["test/loss"] > 0
+
+
+def test_fast_dev_run_and_overfit_presets_run(mnist_root, tmp_path):
+    metrics = train(compose_train(["debug=fast_dev_run"], tmp_path / "fdr", mnist_root))
+    # No best checkpoint in fast_dev_run: the final weights (last.ckpt, if written) are tested.
+    assert metrics["ckpt_path"] is None or metrics["ckpt_path"].endswith("last.ckpt")
+    assert metrics["fit/epochs"] == 1 and "val/loss" not in metrics
+    metrics = train(compose_train(["debug=overfit", "epochs=30", "lr=1e-2"], tmp_path / "of", mnist_root))
+    assert metrics["fit/epochs"] == 30
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train.py",
+        "beta=1e-3,5e-3",
+        "debug=limit",
+        f"data.root={mnist_root}",
+        f"hydra.sweep.dir={sweep}",
+        "accelerator=cpu",
+        "data.val_size=100",
+        "batch_size=50",
+        WHOLE_TEST,
+        "+trainer.enable_progress_bar=false",
+        "-m",
+    )
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    betas = []
+    for job in jobs:
+        metrics = assert_run_folder(job)
+        betas.append(torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]["beta"])
+        assert (job / ".hydra" / "config.yaml").is_file()
+    assert betas == [1e-3, 5e-3]
+
+    job = read_metrics(jobs[0])
+    out = tmp_path / "eval"
+    proc = run_cli(
+        "evaluate.py",
+        f"ckpt_path={job['ckpt_path']}",
+        f"data.root={mnist_root}",
+        f"hydra.run.dir={out}",
+        "accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+    )
+    assert "test/mse" in proc.stdout
+    assert read_metrics(out)["test/mse"] == pytest.approx(job["test/mse"], abs=1e-5)
+
+
+def test_evaluate_cli_missing_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            f"ckpt_path={tmp_path}/nope.ckpt",
+            f"hydra.run.dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
+    assert "Traceback" not in proc.stderr
+
+
+def test_real_mnist_default_run_and_beta_sweep(real_mnist_root, tmp_path):
+    """The issue's acceptance run: defaults, 10 epochs on CPU, then evaluate.py and a beta sweep."""
+    run = tmp_path / "run"
+    run_cli("train.py", f"hydra.run.dir={run}", "accelerator=cpu", "+trainer.enable_progress_bar=false")
+    metrics = assert_run_folder(run)
+    assert metrics["fit/epochs"] == 10
+    assert metrics["test/mse"] <= 0.02
+    assert 0.04 <= metrics["test/rho_hat_mean"] <= 0.09
+    out = tmp_path / "eval"
+    run_cli(
+        "evaluate.py",
+        f"ckpt_path={metrics['ckpt_path']}",
+        f"hydra.run.dir={out}",
+        "accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+    )
+    assert read_metrics(out)["test/mse"] == pytest.approx(metrics["test/mse"], abs=1e-5)
+
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train.py",
+        "beta=1e-3,5e-3",
+        "epochs=3",
+        f"hydra.sweep.dir={sweep}",
+        "accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+        "-m",
+    )
+    low, high = read_metrics(sweep / "0"), read_metrics(sweep / "1")
+    assert low["test/rho_hat_mean"] > high["test/rho_hat_mean"]  # weaker penalty, less sparse
