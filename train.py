@@ -6,6 +6,7 @@ wrapper that returns the optimized metric to sweepers.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sae.data import DataError
 from sae.io import format_metrics, write_json_atomic
+from sae.module import CheckpointError
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
@@ -28,6 +31,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents."""
     output_dir = Path(cfg.output_dir)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise CheckpointError(
+            f"ckpt_path={cfg.ckpt_path} is not a file (expected <run>/checkpoints/last.ckpt)"
+        )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -58,7 +65,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")  # one line, no traceback: the message says what to fix
     return metrics.get(cfg.optimized_metric)
 
 

@@ -9,6 +9,7 @@ operation on a resident tensor (on the training device when it is a GPU).
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -17,12 +18,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST
 
+from sae.io import one_line
+
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+DOWNLOAD_TIMEOUT_S = 20
 
 
 class DataError(RuntimeError):
@@ -126,9 +130,8 @@ def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
 def missing_data_message(root: str | Path) -> str:
     raw = Path(root) / "MNIST" / "raw"
     return (
-        f"MNIST not found under data root {str(root)!r}: expected {', '.join(MNIST_FILES)} in "
-        f"{raw}; point data.root=... (or SAE_DATA_DIR) at a folder holding MNIST/raw, "
-        "or allow data.download=true on a machine with network"
+        f"MNIST not found under data root {str(root)!r}: expected {', '.join(MNIST_FILES)} in {raw}; "
+        "put them there, or point data.root=... (or SAE_DATA_DIR) at a folder holding MNIST/raw"
     )
 
 
@@ -156,13 +159,16 @@ class MNISTDataModule(L.LightningDataModule):
         if all((Path(root) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
             return
         if not self.hparams.download:
-            raise DataError(missing_data_message(root))
+            raise DataError(f"{missing_data_message(root)} (data.download=false)")
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # fail in seconds, not minutes, when offline
         try:
             MNIST(str(root), train=True, download=True)
             MNIST(str(root), train=False, download=True)
         except Exception as err:  # no network, mirror down, disk full...
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DataError(f"{missing_data_message(root)} (download failed: {first_line})") from err
+            raise DataError(f"{missing_data_message(root)} (download failed: {one_line(err)})") from err
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
 
     def setup(self, stage: str | None = None) -> None:
         """Load what the stage needs, once: train/val for fit and validate, the test set for test."""

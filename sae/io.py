@@ -34,3 +34,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         rows.append(f"{name:<{width}}  {shown}")
     return "\n".join(rows)
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message folded onto one line, for errors reported without a traceback."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from sae.io import one_line
 from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, reconstruction_loss, sparsity_penalty
 from sae.metrics import UnitMeanActivation, rho_hat_summary
 from sae.model import SparseAutoencoder, layer_names
@@ -147,14 +148,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {first_line}") from err
+        raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {one_line(err)}") from err
     if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a sae training checkpoint (no hyper_parameters/state_dict)")
     try:
         module = SparseAutoencoderModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {first_line}") from err
+        raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {one_line(err)}") from err
     return module

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import train as train_script
 from evaluate import evaluate
 from tests.conftest import CONF, ROOT, compose_train
 from train import build_trainer, train
@@ -75,6 +76,22 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     assert again == read_metrics(tmp_path / "eval")
     for key in [k for k in metrics if k.startswith("test/")]:
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_main_returns_the_optimized_metric_for_sweepers(mnist_root, tmp_path):
+    cfg = compose_train(["debug=limit"], tmp_path, mnist_root)
+    value = train_script.main.__wrapped__(cfg)  # the function under @hydra.main
+    assert value == read_metrics(tmp_path)["val/loss"]
+
+
+def test_same_seed_same_run_other_seed_other_run(mnist_root, tmp_path):
+    def run(name: str, seed: int) -> dict:
+        return train(compose_train(["debug=limit", f"seed={seed}"], tmp_path / name, mnist_root))
+
+    a, b, c = run("a", 1), run("b", 1), run("c", 2)
+    test_keys = [k for k in a if k.startswith("test/")]
+    assert all(a[k] == b[k] for k in test_keys)
+    assert a["test/mse"] != c["test/mse"]
 
 
 def preset_names(group: str) -> list[str]:
@@ -171,6 +188,27 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     )
     assert "test/mse" in proc.stdout
     assert read_metrics(out)["test/mse"] == pytest.approx(job["test/mse"], abs=1e-5)
+
+
+def test_train_cli_missing_data_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"data.root={empty}",
+            "data.download=false",
+            f"hydra.run.dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MNIST not found under data root") and str(empty) in last
+    assert "train-images-idx3-ubyte" in last and "data.root=" in last
+    assert "Traceback" not in proc.stderr
 
 
 def test_evaluate_cli_missing_checkpoint_is_one_line(tmp_path):
