@@ -13,19 +13,15 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sae.data import DataError
 from sae.io import format_metrics, write_json_atomic
 from sae.module import CheckpointError
-
-
-def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
-    """A Trainer from cfg.trainer with the configured callbacks and loggers."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+from sae.pipeline import build_trainer, run_test
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -50,9 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tested = None
     if checkpoint is not None:
         tested = checkpoint.best_model_path or checkpoint.last_model_path or None
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)
-
-    metrics: dict[str, Any] = {k: float(v) for k, v in results[0].items()}
+    metrics: dict[str, Any] = run_test(trainer, module, datamodule, ckpt_path=tested)
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
     metrics["fit/seconds"] = fit_seconds
@@ -68,6 +62,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except (DataError, CheckpointError) as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the job as failed and the sweep goes on with the others
         sys.exit(f"error: {err}")  # one line, no traceback: the message says what to fix
     return metrics.get(cfg.optimized_metric)
 

@@ -25,11 +25,45 @@ class UnitMeanActivation(Metric):
         return (self.total / self.count).float()
 
 
-def rho_hat_summary(rho_hat: Tensor, dead_threshold: float) -> dict[str, Tensor]:
-    """Mean, min, max of per-unit rho_hat and the fraction of units below dead_threshold."""
+def rho_hat_summary(rho_hat: Tensor, dead_threshold: float, saturation_level: float) -> dict[str, Tensor]:
+    """Mean, min, max of per-unit rho_hat; fraction of units dead (below) and saturated (above)."""
     return {
         "rho_hat_mean": rho_hat.mean(),
         "rho_hat_min": rho_hat.min(),
         "rho_hat_max": rho_hat.max(),
         "dead_fraction": (rho_hat < dead_threshold).float().mean(),
+        "saturated_fraction": (rho_hat > saturation_level).float().mean(),
     }
+
+
+def active_units(codes: Tensor, threshold: float) -> Tensor:
+    """Per sample, how many units exceed threshold: the L0 of a sigmoid code, whose values are never 0."""
+    return (codes > threshold).sum(dim=1).float()
+
+
+class FractionOfVarianceUnexplained(Metric):
+    """Sum of squared errors over the sum of squared deviations from the split's per-pixel mean.
+
+    Accumulates sums and sums of squares (float64), so the mean-centring uses the whole split's
+    per-pixel mean, not each batch's.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, recon: Tensor, target: Tensor) -> None:
+        target = target.detach().double()
+        self.sse += (recon.detach().double() - target).pow(2).sum()
+        self.total += target.sum(dim=0)
+        self.total_sq += target.pow(2).sum(dim=0)
+        self.count += target.shape[0]
+
+    def compute(self) -> Tensor:
+        sst = (self.total_sq - self.total.pow(2) / self.count).sum()
+        return (self.sse / sst).float()

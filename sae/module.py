@@ -13,7 +13,12 @@ from torchmetrics import MeanMetric
 
 from sae.io import one_line
 from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, reconstruction_loss, sparsity_penalty
-from sae.metrics import UnitMeanActivation, rho_hat_summary
+from sae.metrics import (
+    FractionOfVarianceUnexplained,
+    UnitMeanActivation,
+    active_units,
+    rho_hat_summary,
+)
 from sae.model import SparseAutoencoder, layer_names
 
 
@@ -38,12 +43,16 @@ class SparseAutoencoderModule(L.LightningModule):
         beta: float = 5e-3,
         lr: float = 1e-3,
         dead_threshold: float = 1e-3,
+        saturation_level: float = 0.5,
+        l0_threshold: float = 0.1,
     ) -> None:
         super().__init__()
         if recon_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
         hidden_dims, sparsity_layers = list(hidden_dims), list(sparsity_layers)
-        self.save_hyperparameters()  # reads the (list-converted) arguments above
+        # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
+        # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
+        self.save_hyperparameters(logger=False)
         self.net = SparseAutoencoder(
             input_dim,
             hidden_dims,
@@ -58,6 +67,8 @@ class SparseAutoencoderModule(L.LightningModule):
         )
         # Fresh metric objects per split, so validation during fit never mixes into test.
         self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
+        # The latest whole-split per-unit rho_hat of the latent, for figures and histograms.
+        self.last_rho_hat: dict[str, Tensor] = {}
 
     def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
         layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
@@ -65,6 +76,8 @@ class SparseAutoencoderModule(L.LightningModule):
             {
                 "mse": MeanMetric(),
                 "bce": MeanMetric(),
+                "fvu": FractionOfVarianceUnexplained(self.hparams.input_dim),
+                "l0": MeanMetric(),
                 "rho_hat": nn.ModuleDict({n: UnitMeanActivation(widths[n]) for n in layers}),
             }
         )
@@ -82,15 +95,18 @@ class SparseAutoencoderModule(L.LightningModule):
         self.log_dict({f"train/{self.hparams.recon_loss}": recon, "train/kl": kl})
         return loss
 
-    def _eval_step(self, split: str, x: Tensor) -> None:
+    def _eval_step(self, split: str, x: Tensor) -> Tensor:
         out = self.net(x)
         metrics = self.split_metrics[split]
         # Per-sample means, averaged over samples: exactly the per-pixel mean over the split.
         metrics["mse"].update(F.mse_loss(out.recon, x, reduction="none").mean(dim=1))
         if self.hparams.recon_loss == "bce":
             metrics["bce"].update(F.binary_cross_entropy(out.recon, x, reduction="none").mean(dim=1))
+        metrics["fvu"].update(out.recon, x)
+        metrics["l0"].update(active_units(out.code, self.hparams.l0_threshold))
         for name, m in metrics["rho_hat"].items():
             m.update(out.code if name == "latent" else out.activations[name])
+        return out.code
 
     def _log_split(self, split: str) -> None:
         """Loss terms from whole-split statistics: the KL uses rho_hat over the split, not per batch."""
@@ -98,17 +114,33 @@ class SparseAutoencoderModule(L.LightningModule):
         rho_hats = {name: m.compute() for name, m in metrics["rho_hat"].items()}
         recon = metrics[self.hparams.recon_loss].compute()
         kl = sum(kl_sparsity(self.hparams.rho, rho_hats[n]) for n in self.hparams.sparsity_layers)
-        values = {"loss": recon + self.hparams.beta * kl, "mse": metrics["mse"].compute(), "kl": kl}
+        values = {
+            "loss": recon + self.hparams.beta * kl,
+            "mse": metrics["mse"].compute(),
+            "kl": kl,
+            "fvu": metrics["fvu"].compute(),
+            "l0": metrics["l0"].compute(),
+        }
         if self.hparams.recon_loss == "bce":
             values["bce"] = recon
-        values.update(rho_hat_summary(rho_hats["latent"], self.hparams.dead_threshold))
+        hp = self.hparams
+        values.update(rho_hat_summary(rho_hats["latent"], hp.dead_threshold, hp.saturation_level))
+        if split == "test":  # thresholds are part of these metrics' definitions: record them alongside
+            values.update(l0_threshold=hp.l0_threshold, saturation_level=hp.saturation_level)
+        self.last_rho_hat[split] = rho_hats["latent"]
         self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
         self.log_dict({f"{split}/{k}": v for k, v in values.items()})
 
     def _reset_split(self, split: str) -> None:
         """Fresh states at the start of each pass (under the pass's own grad/inference mode)."""
         metrics = self.split_metrics[split]
-        for m in [metrics["mse"], metrics["bce"], *metrics["rho_hat"].values()]:
+        for m in [
+            metrics["mse"],
+            metrics["bce"],
+            metrics["fvu"],
+            metrics["l0"],
+            *metrics["rho_hat"].values(),
+        ]:
             m.reset()
 
     def on_validation_epoch_start(self) -> None:
@@ -117,14 +149,14 @@ class SparseAutoencoderModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_split("test")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step("val", batch[0])
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step("val", batch[0])  # the codes, for callbacks' histograms
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch[0])
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step("test", batch[0])
 
     def on_test_epoch_end(self) -> None:
         self._log_split("test")
@@ -137,10 +169,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint path that is missing, unreadable, or not one of this module's checkpoints."""
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SparseAutoencoderModule:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SparseAutoencoderModule, dict]:
     """Rebuild the module from a checkpoint's own hyperparameters and weights.
 
-    torch.load runs with weights_only=True, so a crafted pickle cannot execute code on load.
+    Returns the module and the data settings it was trained with (the DataModule's saved
+    hyperparameters, empty if there were none). torch.load runs with weights_only=True, so a
+    crafted pickle cannot execute code on load.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,4 +192,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {one_line(err)}") from err
-    return module
+    return module, dict(ckpt.get("datamodule_hyper_parameters") or {})

@@ -52,6 +52,14 @@ def mnist_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory) -> Path:
+    """Keep the pixel-probe cache of test runs (and their subprocesses) out of the user's home."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["SAE_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_mnist_root() -> Path:
     """The real MNIST under SAE_DATA_DIR (CI unpacks it there); skipped where it is absent."""

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sae.metrics import UnitMeanActivation, rho_hat_summary
+from sae.metrics import (
+    FractionOfVarianceUnexplained,
+    UnitMeanActivation,
+    active_units,
+    rho_hat_summary,
+)
+from sae.plots import pareto_front
+from sae.probe import linear_probe_accuracy
 
 
 def test_unit_mean_is_over_samples_not_a_mean_of_batch_means():
@@ -20,8 +27,59 @@ def test_unit_mean_is_over_samples_not_a_mean_of_batch_means():
 
 def test_rho_hat_summary_hand_case():
     rho_hat = torch.tensor([0.0005, 0.05, 0.1, 0.0])
-    s = {k: v.item() for k, v in rho_hat_summary(rho_hat, dead_threshold=1e-3).items()}
+    s = {k: v.item() for k, v in rho_hat_summary(rho_hat, dead_threshold=1e-3, saturation_level=0.08).items()}
     assert s["rho_hat_mean"] == pytest.approx((0.0005 + 0.05 + 0.1) / 4)
     assert s["rho_hat_min"] == 0.0
     assert s["rho_hat_max"] == pytest.approx(0.1)
     assert s["dead_fraction"] == 0.5
+    assert s["saturated_fraction"] == 0.25  # only 0.1 is above 0.08
+
+
+def test_fvu_hand_case_in_two_batches():
+    # Two pixels, three samples. Per-pixel means: 1/3 and 2; squared deviations: 2/3 and 2.
+    target = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 3.0]])
+    recon = torch.tensor([[0.0, 1.0], [0.5, 2.0], [1.0, 2.0]])  # squared errors: 0.25 + 1
+    metric = FractionOfVarianceUnexplained(2)
+    metric.update(recon[:1], target[:1])
+    metric.update(recon[1:], target[1:])
+    assert metric.compute().item() == pytest.approx(1.25 / (2 / 3 + 2), rel=1e-6)
+
+
+def test_fvu_is_one_for_the_mean_and_zero_for_a_copy():
+    torch.manual_seed(0)
+    target = torch.rand(50, 6)
+    for recon, expected in ((target.mean(0).expand_as(target), 1.0), (target.clone(), 0.0)):
+        metric = FractionOfVarianceUnexplained(6)
+        for a, b in zip(recon.split(7), target.split(7), strict=True):
+            metric.update(a, b)
+        assert metric.compute().item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_active_units_counts_codes_above_threshold():
+    codes = torch.tensor([[0.05, 0.2, 0.9], [0.1, 0.1, 0.11]])
+    assert active_units(codes, 0.1).tolist() == [2.0, 1.0]  # strictly above
+
+
+def test_probe_separates_separable_codes_and_not_noise():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=gen)
+    centres = torch.randn(10, 16, generator=gen) * 4
+    codes = centres[labels] + torch.randn(2000, 16, generator=gen) * 0.5
+    acc = linear_probe_accuracy(codes[:1500], labels[:1500], codes[1500:], labels[1500:])
+    assert acc > 0.99
+    noise = torch.randn(2000, 16, generator=gen)
+    chance = linear_probe_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:])
+    assert 0.03 < chance < 0.2  # 10 classes
+
+
+def test_probe_is_deterministic():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 8, generator=gen), torch.randint(0, 3, (300,), generator=gen)
+    a = linear_probe_accuracy(x[:200], y[:200], x[200:], y[200:], num_classes=3)
+    assert a == linear_probe_accuracy(x[:200], y[:200], x[200:], y[200:], num_classes=3)
+
+
+def test_pareto_front_hand_case():
+    # (x, y), both minimised: (1, 5), (2, 3), (4, 1) are optimal; (3, 4) and (5, 5) are dominated.
+    xs, ys = [3, 1, 4, 2, 5], [4, 5, 1, 3, 5]
+    assert pareto_front(xs, ys) == [1, 3, 2]

@@ -46,7 +46,11 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
     bce = -(x * out.recon.log() + (1 - x) * (1 - out.recon).log()).mean()
     recon = mse if recon_loss == "mse" else bce
     latent = rho_hat["latent"]
+    sst = ((x - x.mean(0)) ** 2).sum()
     expected = {
+        "val/fvu": ((out.recon - x) ** 2).sum() / sst,
+        "val/l0": (out.code > 0.1).sum(1).double().mean(),
+        "val/saturated_fraction": (latent > 0.5).double().mean(),
         "val/loss": recon + 0.5 * kl,
         "val/mse": mse,
         "val/kl": kl,
@@ -76,7 +80,7 @@ def test_fit_lowers_the_loss_and_checkpoint_reloads_weights_only(mnist_root, tmp
     trainer.save_checkpoint(path)
     raw = torch.load(path, weights_only=True)  # plain values only: no pickled objects
     assert raw["hyper_parameters"]["hidden_dims"] == [128]
-    reloaded = load_checkpoint(path)
+    reloaded, _ = load_checkpoint(path)
     for (k, a), (_, b) in zip(module.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -12,13 +13,24 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import train as train_script
 from evaluate import evaluate
+from sae.callbacks import HPARAMS_METRICS
+from sae.pipeline import build_trainer
 from tests.conftest import CONF, ROOT, compose_train
-from train import build_trainer, train
+from train import train
 
 REQUIRED = [
+    "test/fvu",
+    "test/l0",
+    "test/l0_threshold",
+    "test/saturated_fraction",
+    "test/probe_accuracy",
+    "test/probe_accuracy_pixels",
     "test/mse",
     "test/kl",
     "test/loss",
@@ -38,13 +50,71 @@ def read_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
+FIGURES = {  # name: size in pixels (width, height)
+    "latent_histogram": (800, 450),
+    "code_heatmap": (900, 700),
+    "unit_means": (1000, 450),
+    "reconstructions": (1200, 240),
+    "class_heatmap": (700, 900),
+}
+
+
+def assert_figures(plots: Path) -> None:
+    names = {p.stem for p in plots.glob("*.png")}
+    assert names == set(FIGURES) | {"encoder_filters", "unit_patterns"}
+    for name, size in FIGURES.items():
+        with Image.open(plots / f"{name}.png") as png:
+            assert png.size == size, name
+            assert len(set(png.convert("L").getdata())) > 10, name  # not a blank canvas
+
+
+def tensorboard_content(folder: Path) -> EventAccumulator:
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
 def assert_run_folder(folder: Path) -> dict:
     metrics = read_metrics(folder)
     assert set(REQUIRED) <= set(metrics)
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
     assert (folder / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["ckpt_path"]).is_file()
+    assert_figures(folder / "plots")
     return metrics
+
+
+def assert_hparams(folder: Path, expected: dict) -> None:
+    """The run's HParams entry: its settings, and the metric tags that TensorBoard fills in."""
+    events = tensorboard_content(folder)
+    content = events.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    params = {
+        k: start.hparams[k].WhichOneof("kind")
+        and getattr(start.hparams[k], start.hparams[k].WhichOneof("kind"))
+        for k in start.hparams
+    }
+    for key, value in expected.items():
+        assert params[key] == pytest.approx(value) if isinstance(value, float) else params[key] == value, key
+    assert {
+        "rho",
+        "beta",
+        "latent_dim",
+        "lr",
+        "epochs",
+        "batch_size",
+        "recon_loss",
+        "sparsity_layers",
+    } <= set(params)
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert set(HPARAMS_METRICS) <= metric_tags
+    scalars = set(events.Tags()["scalars"])
+    assert set(HPARAMS_METRICS) <= scalars  # every HParams metric has a value in this run
+    assert "hp_metric" not in scalars
+    tags = events.Tags()
+    assert {"val/latent_activation", "val/rho_hat"} <= set(tags["histograms"])
+    assert {"val/reconstructions", "figures/unit_means"} <= set(tags["images"])
 
 
 def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
@@ -60,6 +130,7 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     )
     hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
     assert (hp["latent_dim"], hp["rho"], hp["beta"]) == (64, 0.1, 5e-3)
+    assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']"})
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         ecfg = compose(
@@ -74,6 +145,7 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
         )
     again = evaluate(ecfg)
     assert again == read_metrics(tmp_path / "eval")
+    assert_figures(tmp_path / "eval" / "plots")
     for key in [k for k in metrics if k.startswith("test/")]:
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
@@ -175,6 +247,14 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         betas.append(torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]["beta"])
         assert (job / ".hydra" / "config.yaml").is_file()
     assert betas == [1e-3, 5e-3]
+    assert_hparams(jobs[0], {"beta": 1e-3})
+
+    with open(sweep / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["beta"]) for r in table] == [1e-3, 5e-3]
+    assert {"test/mse", "test/rho_hat_mean", "test/probe_accuracy"} <= set(table[0])
+    assert [r["status"] for r in table] == ["ok", "ok"]
+    assert (sweep / "summary.md").is_file() and (sweep / "pareto.png").stat().st_size > 0
 
     job = read_metrics(jobs[0])
     out = tmp_path / "eval"

@@ -1,0 +1,162 @@
+"""Lightning callbacks that turn a run into something to look at: probe, figures, TensorBoard views."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from sae.io import write_json_atomic
+from sae.probe import linear_probe_accuracy
+
+# The metrics the TensorBoard HParams tab shows next to each run's settings.
+HPARAMS_METRICS = (
+    "val/loss",
+    "test/mse",
+    "test/fvu",
+    "test/rho_hat_mean",
+    "test/l0",
+    "test/dead_fraction",
+    "test/probe_accuracy",
+)
+
+
+def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+@torch.no_grad()
+def encode(module: L.LightningModule, images: Tensor, chunk: int = 4096) -> Tensor:
+    return torch.cat([module.net.encode(part.to(module.device)) for part in images.split(chunk)])
+
+
+class LinearProbe(L.Callback):
+    """At test time, logs the accuracy of a logistic-regression probe on the latent codes.
+
+    `test/probe_accuracy` fits on the codes of the training split and scores on the test codes;
+    `test/probe_accuracy_pixels` is the same probe on raw pixels, the baseline the codes are
+    compared with. It depends only on the data, so it is cached in `cache_dir` (keyed by a hash
+    of the data and the probe settings) and computed once per data set, not once per run.
+    """
+
+    def __init__(self, max_iter: int = 100, weight_decay: float = 1e-4, cache_dir: str | None = None) -> None:
+        self.max_iter = max_iter
+        self.weight_decay = weight_decay
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def _probe(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> float:
+        return linear_probe_accuracy(*train, *test, max_iter=self.max_iter, weight_decay=self.weight_decay)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        datamodule.setup("fit")  # the probe trains on the training split
+        (train_x, train_y), (test_x, test_y) = datamodule.splits["train"], datamodule.splits["test"]
+        codes = (encode(pl_module, train_x), train_y), (encode(pl_module, test_x), test_y)
+        pl_module.log("test/probe_accuracy", self._probe(*codes))
+        pl_module.log("test/probe_accuracy_pixels", self._pixel_accuracy(train_x, train_y, test_x, test_y))
+
+    def _pixel_accuracy(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
+        digest = hashlib.sha256(f"{self.max_iter}|{self.weight_decay}".encode())
+        for t in (train_x, train_y, test_x, test_y):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = digest.hexdigest()[:32]
+        path = self.cache_dir / "pixel_probe.json" if self.cache_dir else None
+        cache = {}
+        if path is not None and path.is_file():
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cache = {}  # unreadable cache: recompute and overwrite
+        if key not in cache:
+            cache[key] = self._probe((train_x, train_y), (test_x, test_y))
+            if path is not None:
+                try:
+                    write_json_atomic(path, cache)
+                except OSError:
+                    pass  # a read-only cache folder only costs the recomputation
+        return cache[key]
+
+
+class RunFigures(L.Callback):
+    """After testing, writes the per-run figures as PNG to `dirpath` and to TensorBoard as images."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import matplotlib.pyplot as plt
+
+        from sae.plots import run_figures
+
+        images, labels = trainer.datamodule.splits["test"]
+        figures = run_figures(pl_module.net, images, labels, rho=pl_module.hparams.rho)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tb = tensorboard(trainer)
+        for name, fig in figures.items():
+            fig.savefig(self.dirpath / f"{name}.png")
+            if tb is not None:
+                tb.experiment.add_figure(f"figures/{name}", fig, global_step=trainer.global_step, close=False)
+            plt.close(fig)
+
+
+class EpochVisuals(L.Callback):
+    """Each validation epoch, to TensorBoard: histograms of latent activations and of per-unit
+    rho_hat, and originals above reconstructions of a fixed validation batch."""
+
+    def __init__(self, num_images: int = 16) -> None:
+        self.num_images = num_images
+        self._codes: list[Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._codes = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if isinstance(outputs, Tensor):
+            self._codes.append(outputs.detach())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tb = tensorboard(trainer)
+        if tb is None or trainer.sanity_checking or not self._codes:
+            return
+        step = trainer.current_epoch
+        tb.experiment.add_histogram("val/latent_activation", torch.cat(self._codes).float().cpu(), step)
+        if "val" in pl_module.last_rho_hat:
+            tb.experiment.add_histogram("val/rho_hat", pl_module.last_rho_hat["val"].cpu(), step)
+        images = trainer.datamodule.splits["val"][0][: self.num_images].to(pl_module.device)
+        with torch.no_grad():
+            recon = pl_module.net(images).recon
+        grid = torch.cat([images, recon]).reshape(-1, 1, 28, 28).cpu()  # originals, then reconstructions
+        rows = torch.cat([torch.cat(list(half), dim=2) for half in grid.split(len(images))], dim=1)
+        tb.experiment.add_image("val/reconstructions", rows, step)
+        self._codes = []
+
+
+class HParamsSummary(L.Callback):
+    """Registers the run in TensorBoard's HParams tab with the knobs researchers compare.
+
+    The metric values are the run's own scalars with these tags (val/loss per epoch, test/* at
+    the end), which TensorBoard joins by tag; nothing is written as a placeholder metric, and
+    there is no `hp_metric`.
+    """
+
+    def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS_METRICS) -> None:
+        # Lists (hidden sizes, covered layers) become strings: HParams takes scalars only.
+        self.params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+        self.metrics = list(metrics)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        tb = tensorboard(trainer)
+        if tb is None:
+            return
+        experiment, start, end = hparams(self.params, dict.fromkeys(self.metrics, 0.0))
+        writer = tb.experiment._get_file_writer()
+        for summary in (experiment, start, end):
+            writer.add_summary(summary)
+        tb.experiment.flush()

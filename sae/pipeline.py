@@ -1,0 +1,27 @@
+"""Pieces train.py and evaluate.py share: building a Trainer from config, and testing a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """A Trainer from cfg.trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def run_test(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """Test metrics (and whatever the callbacks log at test time) as plain floats."""
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {k: float(v) for k, v in results[0].items()}
