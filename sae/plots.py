@@ -240,6 +240,7 @@ def pareto_figure(rows: list[dict], label_keys: list[str], reference: dict[str, 
         ax.set(xlabel=xlabel, ylabel="test MSE (lower = better)")
         ax.set_title(f"Reconstruction vs {metric}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"Sweep: {len(rows)} finished jobs")
     return fig

@@ -24,6 +24,18 @@ from sae.io import one_line, write_json_atomic, write_text_atomic
 # The reference notebook's published result (test MSE, mean latent activation).
 REFERENCE = {"test/mse": 0.01387, "test/rho_hat_mean": 0.069}
 HIGHER_IS_BETTER = ("accuracy",)  # metric names containing these are maximised
+# The columns a reader compares first, in this order; the other metrics follow alphabetically.
+KEY_METRICS = (
+    "val/loss",
+    "test/mse",
+    "test/rho_hat_mean",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
+    "test/l0",
+    "test/fvu",
+    "test/dead_fraction",
+    "test/probe_accuracy",
+)
 STATUS_FILE = "status.json"
 
 
@@ -46,7 +58,9 @@ def job_row(job: Path) -> dict[str, Any]:
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     for item in overrides or []:
-        key, _, value = str(item).lstrip("+~").partition("=")
+        if str(item).startswith("~"):
+            continue  # a deletion (~callbacks.x) sets no value
+        key, _, value = str(item).lstrip("+").partition("=")
         if not key.startswith("hydra.") and "enable_progress_bar" not in key:
             row[key] = _parse_value(value)
     metrics_file, status_file = job / "metrics.json", job / STATUS_FILE
@@ -92,8 +106,9 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
         for k in r
         if k not in first and "/" not in k and k not in ("status", "error", "ckpt_path")
     ]
-    metrics = [k for r in rows for k in r if "/" in k]
-    ordered = first + list(dict.fromkeys(overrides)) + ["status"] + sorted(dict.fromkeys(metrics))
+    metrics = sorted({k for r in rows for k in r if "/" in k})
+    metrics = [m for m in KEY_METRICS if m in metrics] + [m for m in metrics if m not in KEY_METRICS]
+    ordered = first + list(dict.fromkeys(overrides)) + ["status"] + metrics
     return ordered + ["error", "ckpt_path"]
 
 
@@ -132,7 +147,9 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     header = (
         f"# Sweep summary: {sweep_dir}\n\n{len(rows)} jobs, "
         f"{sum(r['status'] == 'ok' for r in rows)} ok; sorted by `{metric}` "
-        f"({'highest' if _higher_is_better(metric) else 'lowest'} first).\n\n"
+        f"({'highest' if _higher_is_better(metric) else 'lowest'} first). The reference notebook: "
+        + ", ".join(f"`{k}` {v:g}" for k, v in REFERENCE.items())
+        + ".\n\n"
     )
     write_text_atomic(sweep_dir / "summary.md", header + markdown_table(ranked, shown))
 

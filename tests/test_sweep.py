@@ -36,7 +36,13 @@ def metrics(mse, val_loss, rho_hat_mean, l0):
 
 def fabricated_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    fake_job(sweep, "0", ["beta=0.001", "lr=0.001"], metrics(0.016, 0.030, 0.13, 8.0), {"status": "ok"})
+    fake_job(
+        sweep,
+        "0",
+        ["beta=0.001", "lr=0.001", "~callbacks.run_figures"],
+        metrics(0.016, 0.030, 0.13, 8.0),
+        {"status": "ok"},
+    )
     fake_job(sweep, "1", ["beta=0.005", "lr=0.001"], metrics(0.018, 0.020, 0.07, 4.0), {"status": "ok"})
     fake_job(
         sweep,
@@ -61,13 +67,17 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     assert [r["beta"] for r in table] == ["0.001", "0.005", "abc", "0.1"]
     assert {"job", "beta", "lr", "status", "test/mse", "val/loss", "test/rho_hat_mean"} <= set(table[0])
     assert float(table[1]["test/mse"]) == 0.018
+    assert not any(k.startswith("callbacks") for k in table[0])  # a deletion is not a swept value
+    columns = list(table[0])
+    # The figures a reader compares come first, right after the overrides and the status.
+    assert columns[:7] == ["job", "beta", "lr", "status", "val/loss", "test/mse", "test/rho_hat_mean"]
 
     md = (sweep / "summary.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| job | beta | lr | status |")
     # Sorted by the optimized metric, val/loss, lowest first; jobs without it last.
     assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["1", "0", "2", "10"]
-    assert "sorted by `val/loss`" in md
+    assert "sorted by `val/loss`" in md and "`test/mse` 0.01387" in md
 
     png = Image.open(sweep / "pareto.png")
     assert png.size == (1400, 600)
