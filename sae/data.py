@@ -153,6 +153,7 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.train_indices: Tensor | None = None
 
     def prepare_data(self) -> None:
         root = self.hparams.root
@@ -186,6 +187,7 @@ class MNISTDataModule(L.LightningDataModule):
                 order[: hp.val_size].sort().values,
                 order[hp.val_size :].sort().values,
             )
+            self.train_indices = train_idx  # into the 60k training images, e.g. for comparisons
             self._keep("train", images[train_idx], labels[train_idx])
             self._keep("val", images[val_idx], labels[val_idx])
         if "test" in wanted and "test" not in self.splits:

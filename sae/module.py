@@ -69,6 +69,18 @@ class SparseAutoencoderModule(L.LightningModule):
         self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
         # The latest whole-split per-unit rho_hat of the latent, for figures and histograms.
         self.last_rho_hat: dict[str, Tensor] = {}
+        # Training terms (loss, recon, kl) summed over the steps since they were last logged.
+        self._train_sum = torch.zeros(3)
+        self._train_steps = 0
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning records the running hook's name here around every hook call, dozens of times
+        # per training step; nn.Module's __setattr__ checks each for parameters and submodules,
+        # which costs about a tenth of a step of this small model. A str is neither.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
         layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
@@ -91,9 +103,27 @@ class SparseAutoencoderModule(L.LightningModule):
         recon = reconstruction_loss(self.hparams.recon_loss, out.recon, x)
         kl = sparsity_penalty(self.hparams.rho, out.activations)
         loss = recon + self.hparams.beta * kl
+        self._log_train_window(torch.stack([loss, recon, kl]).detach())
+        return loss
+
+    def _log_train_window(self, terms: Tensor) -> None:
+        """Log the training terms averaged over the steps since the loggers last wrote.
+
+        Each `self.log` call costs about as much as a whole step of this small model, and the
+        loggers only write every `log_every_n_steps` steps anyway. So the step's terms are summed
+        on the device (no host sync) and handed to Lightning only on the steps it writes: the
+        curves show window means, smoother than single-batch values and equally cheap on a GPU.
+        """
+        self._train_sum = terms if self._train_steps == 0 else self._train_sum + terms
+        self._train_steps += 1
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        # Lightning writes step metrics when (batches stepped so far + 1) % every == 0.
+        if every == 0 or (self.global_step + 1) % every != 0:
+            return
+        loss, recon, kl = self._train_sum / self._train_steps
+        self._train_steps = 0
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{self.hparams.recon_loss}": recon, "train/kl": kl})
-        return loss
 
     def _eval_step(self, split: str, x: Tensor) -> Tensor:
         out = self.net(x)

@@ -6,12 +6,15 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     """A Trainer from cfg.trainer with the configured callbacks and loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 

@@ -1,8 +1,11 @@
 """The LightningModule's validation/test figures against an independent whole-split computation."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.distributions import Bernoulli, kl_divergence
 
 from sae.data import MNISTDataModule
@@ -96,3 +99,44 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not a sae training checkpoint"):
         load_checkpoint(other)
+
+
+class StepTerms(L.Callback):
+    """Each training step's loss, as returned by training_step: the independent record."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
+    """train/loss at each written step is the mean of the per-step losses since the previous write."""
+    L.seed_everything(0, verbose=False)
+    module = SparseAutoencoderModule(lr=3e-3)
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, batch_size=20)
+    record = StepTerms()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        log_every_n_steps=4,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[record],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(record.losses) == 2 * 25  # 500 training images in batches of 20, two epochs
+
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/loss", "train/mse", "train/kl"} <= set(rows[0])
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    # Written at steps 3, 7, 11, ... (every 4th), across the epoch boundary at step 25 too.
+    assert sorted(logged) == list(range(3, 50, 4))
+    for step, value in logged.items():
+        window = record.losses[step - 3 : step + 1]
+        assert value == pytest.approx(sum(window) / len(window), rel=1e-5), step

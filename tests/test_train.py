@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -179,6 +180,15 @@ def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
         instantiate(cfg.model)
         instantiate(cfg.data)
         build_trainer(cfg)
+
+
+def test_progress_bar_is_throttled_and_can_be_turned_off(mnist_root, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", f"data.root={mnist_root}"])
+    bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
+    assert len(bars) == 1 and bars[0].refresh_rate == 20
+    cfg = compose_train([], tmp_path, mnist_root)  # +trainer.enable_progress_bar=false
+    assert not any(isinstance(c, TQDMProgressBar) for c in build_trainer(cfg).callbacks)
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):
