@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sae.config import ConfigError, validate_train_config
 from sae.data import DataError
 from sae.io import format_metrics, write_json_atomic
 from sae.module import CheckpointError
@@ -26,6 +27,7 @@ from sae.pipeline import build_trainer, run_test
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents."""
+    validate_train_config(cfg)
     output_dir = Path(cfg.output_dir)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise CheckpointError(
@@ -61,10 +63,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except (DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and the sweep goes on with the others
-        sys.exit(f"error: {err}")  # one line, no traceback: the message says what to fix
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        sys.exit(f"{kind}: {err}")  # one line, no traceback: the message says what to fix
     return metrics.get(cfg.optimized_metric)
 
 

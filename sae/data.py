@@ -119,12 +119,42 @@ class _IndexedTensors(Dataset):
 
 def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     """Read one MNIST split as (float images in [0, 1] flattened to 784, int64 labels)."""
+    raw = Path(root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    if not all((raw / f"{prefix}-{kind}-ubyte").is_file() for kind in ("images-idx3", "labels-idx1")):
+        raise DataError(missing_data_message(root))
+    counts = [check_idx_file(raw / f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+    if counts[0] != counts[1]:
+        raise DataError(f"MNIST files in {raw} do not match: {counts[0]} {prefix} images, {counts[1]} labels")
     try:
         ds = MNIST(str(root), train=train, download=False)
-    except RuntimeError as err:  # torchvision: "Dataset not found..."
-        raise DataError(missing_data_message(root)) from err
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise DataError(f"cannot read MNIST from {raw}: {one_line(err)}") from err
     images = ds.data.reshape(len(ds.data), -1).to(torch.float32).div_(255.0)
     return images, ds.targets.to(torch.int64)
+
+
+def check_idx_file(path: Path) -> int:
+    """Check an MNIST IDX file's header against its size; return its item count.
+
+    torchvision reads a truncated or corrupt file into an assertion or reshape error that names
+    no file; this names the file and says what to do.
+    """
+    fix = "copy it again, or delete it and let torchvision download it (data.download=true)"
+    with open(path, "rb") as f:
+        header = f.read(16)
+    size = path.stat().st_size
+    dims = {0x801: 1, 0x803: 3}.get(int.from_bytes(header[:4], "big")) if len(header) >= 8 else None
+    if dims is None:
+        raise DataError(f"{path} is not an MNIST IDX file (unknown header); {fix}")
+    shape = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    expected = 4 + 4 * dims + math.prod(shape)
+    if size != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: its header promises {'x'.join(map(str, shape))} bytes of data "
+            f"({expected} bytes in all), the file has {size}; {fix}"
+        )
+    return shape[0]
 
 
 def missing_data_message(root: str | Path) -> str:

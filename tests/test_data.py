@@ -1,11 +1,13 @@
 """The DataModule through torchvision's real IDX reading path, on synthetic files and on the real MNIST."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from sae.data import BatchIndexSampler, DataError, MNISTDataModule
-from tests.conftest import N_TEST, N_TRAIN
+from tests.conftest import N_TEST, N_TRAIN, write_idx_labels
 
 
 def make(root, **kw) -> MNISTDataModule:
@@ -96,6 +98,39 @@ def test_missing_data_names_root_files_and_fix(tmp_path):
     msg = str(err.value)
     assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg and "data.root=" in msg
     assert "\n" not in msg
+
+
+def copy_of(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(mnist_root / "MNIST" / "raw", raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], "is truncated or corrupt: its header promises 600x28x28 bytes"),
+        (lambda b: b + b"\0" * 10, "is truncated or corrupt"),
+        (lambda b: b"\x89PNG" + b[4:], "is not an MNIST IDX file"),
+        (lambda b: b"", "is not an MNIST IDX file"),
+    ],
+    ids=["truncated", "extended", "wrong-magic", "empty"],
+)
+def test_corrupt_file_is_named(mnist_root, tmp_path, damage, message):
+    raw = copy_of(mnist_root, tmp_path)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError) as err:
+        make(tmp_path)
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "delete it" in str(err.value)
+
+
+def test_images_and_labels_must_agree(mnist_root, tmp_path):
+    raw = copy_of(mnist_root, tmp_path)
+    write_idx_labels(raw / "t10k-labels-idx1-ubyte", np.zeros(N_TEST - 1))
+    with pytest.raises(DataError, match=f"{N_TEST} t10k images, {N_TEST - 1} labels"):
+        make(tmp_path)
 
 
 def test_val_size_out_of_range(mnist_root):

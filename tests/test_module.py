@@ -140,3 +140,24 @@ def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
     for step, value in logged.items():
         window = record.losses[step - 3 : step + 1]
         assert value == pytest.approx(sum(window) / len(window), rel=1e-5), step
+
+
+class _RunsCodeOnLoad:
+    """Unpickling this calls Path.touch(marker): what a malicious checkpoint would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_crafted_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": _RunsCodeOnLoad(marker), "state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="cannot load .*evil.ckpt as a PyTorch checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: loading it unsafely does run the code
+    assert marker.exists()

@@ -1,0 +1,70 @@
+"""Checks on a composed training config, run before any data is read or a model is built.
+
+A mistyped override (rho=1.5, lr=0, model.recon_loss=mae) should cost the researcher one line
+naming the key, the value and what is allowed, not a traceback from deep inside torch, and not a
+run that trains on a meaningless objective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sae.loss import RECONSTRUCTION_LOSSES
+from sae.model import ACTIVATIONS, layer_names
+
+MNIST_TRAIN_IMAGES = 60000
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key, the value and what is allowed."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be {allowed}")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first invalid value among the knobs a researcher sets."""
+    rho, beta, lr = cfg.rho, cfg.beta, cfg.lr
+    _check(_is_number(rho) and 0 < rho < 1, "rho", rho, "a number in (0, 1)")
+    _check(_is_number(beta) and beta >= 0, "beta", beta, "a number >= 0")
+    _check(_is_number(lr) and lr > 0, "lr", lr, "a number > 0")
+    for key in ("latent_dim", "epochs", "batch_size"):
+        _check(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
+
+    model = cfg.model
+    choices = {
+        "recon_loss": RECONSTRUCTION_LOSSES,
+        "activation": ACTIVATIONS,
+        "latent_activation": ACTIVATIONS,
+        "output_activation": ACTIVATIONS,
+    }
+    for key, allowed in choices.items():
+        _check(model[key] in allowed, f"model.{key}", model[key], f"one of {', '.join(allowed)}")
+    hidden = list(model.hidden_dims)
+    _check(
+        all(_is_int(h) and h >= 1 for h in hidden), "model.hidden_dims", hidden, "integers >= 1, e.g. [128]"
+    )
+    names = layer_names(len(hidden))
+    unknown = [name for name in model.sparsity_layers if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"model.sparsity_layers={list(model.sparsity_layers)}: {', '.join(map(str, unknown))} "
+            f"not in this model's layers {', '.join(names)}"
+        )
+
+    val_size = cfg.data.val_size
+    allowed = f"an integer in [0, {MNIST_TRAIN_IMAGES}): images held out of the training set"
+    _check(_is_int(val_size) and 0 <= val_size < MNIST_TRAIN_IMAGES, "data.val_size", val_size, allowed)
