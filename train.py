@@ -16,23 +16,23 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sae.config import ConfigError, validate_train_config
 from sae.data import DataError
 from sae.io import format_metrics, write_json_atomic
-from sae.module import CheckpointError
+from sae.module import CheckpointError, TrainingDiverged, read_checkpoint
 from sae.pipeline import build_trainer, run_test
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents."""
     validate_train_config(cfg)
+    resume_from = checkpoint_to_resume(cfg)
+    if cfg.get("resume"):  # continue the run in its own folder: checkpoints, TensorBoard, metrics
+        cfg.output_dir = str(Path(cfg.resume).resolve())
+        print(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
     output_dir = Path(cfg.output_dir)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise CheckpointError(
-            f"ckpt_path={cfg.ckpt_path} is not a file (expected <run>/checkpoints/last.ckpt)"
-        )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
@@ -54,16 +54,49 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["fit/seconds"] = fit_seconds
     metrics["fit/epochs"] = trainer.current_epoch
     metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
+    metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_metrics(metrics))
     return metrics
+
+
+# What a checkpoint's weights must agree with: resuming with another architecture is refused.
+ARCHITECTURE = ("input_dim", "hidden_dims", "latent_dim", "activation", "latent_activation")
+ARCHITECTURE += ("output_activation", "sparsity_layers")
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint fit continues from: resume=RUN_DIR's last.ckpt, or ckpt_path=FILE.
+
+    Checked before anything runs: the file must be a readable sae checkpoint of the same
+    architecture as the config, or the run stops with one line saying which key differs.
+    """
+    if cfg.get("resume") and cfg.get("ckpt_path"):
+        raise ConfigError(f"resume={cfg.resume} and ckpt_path={cfg.ckpt_path}: pass one of them")
+    if cfg.get("resume"):
+        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(f"resume={cfg.resume}: no {path} (pass the folder of a train.py run)")
+    elif cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+    else:
+        return None
+    saved = read_checkpoint(path)["hyper_parameters"]
+    wanted = OmegaConf.to_container(cfg.model, resolve=True)
+    for key in ARCHITECTURE:
+        if key in saved and saved[key] != wanted[key]:
+            raise CheckpointError(
+                f"{path} holds a model with {key}={saved[key]}, the config asks for {key}={wanted[key]}; "
+                f"pass the same model settings to continue it"
+            )
+    return str(path)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and the sweep goes on with the others
         kind = "config error" if isinstance(err, ConfigError) else "error"

@@ -72,6 +72,8 @@ class SparseAutoencoderModule(L.LightningModule):
         # Training terms (loss, recon, kl) summed over the steps since they were last logged.
         self._train_sum = torch.zeros(3)
         self._train_steps = 0
+        self._last_finite: dict[str, float] = {}
+        self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name here around every hook call, dozens of times
@@ -116,14 +118,41 @@ class SparseAutoencoderModule(L.LightningModule):
         """
         self._train_sum = terms if self._train_steps == 0 else self._train_sum + terms
         self._train_steps += 1
+        # The first step whose terms are not finite, kept on the device: read at the checks only.
+        bad = ~torch.isfinite(terms).all() & (self._first_bad_step < 0)
+        self._first_bad_step.copy_(torch.where(bad, self.global_step, self._first_bad_step))
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         # Lightning writes step metrics when (batches stepped so far + 1) % every == 0.
         if every == 0 or (self.global_step + 1) % every != 0:
             return
-        loss, recon, kl = self._train_sum / self._train_steps
+        self._stop_if_diverged()
+        means = self._train_sum / self._train_steps
         self._train_steps = 0
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{self.hparams.recon_loss}": recon, "train/kl": kl})
+        self._last_finite = dict(zip(("loss", self.hparams.recon_loss, "kl"), means.tolist(), strict=True))
+        self.log("train/loss", means[0], prog_bar=True)
+        self.log_dict({f"train/{self.hparams.recon_loss}": means[1], "train/kl": means[2]})
+
+    def _stop_if_diverged(self) -> None:
+        """Raise TrainingDiverged once a step's loss was NaN or inf (one host sync per call).
+
+        Checked where the loggers write, and before validation and the end of each epoch, so no
+        checkpoint ever stores the diverged weights: checkpoints/last.ckpt stays the last good one.
+        """
+        step = int(self._first_bad_step)
+        if step < 0:
+            return
+        last = ", ".join(f"{k}={v:.6g}" for k, v in self._last_finite.items()) or "none logged yet"
+        raise TrainingDiverged(
+            f"the training loss became NaN or inf at step {step} (epoch {self.current_epoch}); "
+            f"last finite {self.trainer.log_every_n_steps}-step means: {last}; "
+            "try a lower lr or beta; checkpoints/last.ckpt holds the last completed epoch"
+        )
+
+    def on_validation_start(self) -> None:  # inside fit: before this epoch's checkpoint is written
+        self._stop_if_diverged()
+
+    def on_train_epoch_end(self) -> None:
+        self._stop_if_diverged()
 
     def _eval_step(self, split: str, x: Tensor) -> Tensor:
         out = self.net(x)
@@ -195,19 +224,17 @@ class SparseAutoencoderModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or inf; the message names the step and the last finite values."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint path that is missing, unreadable, or not one of this module's checkpoints."""
 
 
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[SparseAutoencoderModule, dict]:
-    """Rebuild the module from a checkpoint's own hyperparameters and weights.
-
-    Returns the module and the data settings it was trained with (the DataModule's saved
-    hyperparameters, empty if there were none). torch.load runs with weights_only=True, so a
-    crafted pickle cannot execute code on load.
-    """
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A sae training checkpoint as a dict, loaded with weights_only=True (a crafted pickle cannot
+    run code); a missing, unreadable or foreign file is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
@@ -217,6 +244,18 @@ def load_checkpoint(
         raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {one_line(err)}") from err
     if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a sae training checkpoint (no hyper_parameters/state_dict)")
+    return ckpt
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SparseAutoencoderModule, dict]:
+    """Rebuild the module from a checkpoint's own hyperparameters and weights.
+
+    Returns the module and the data settings it was trained with (the DataModule's saved
+    hyperparameters, empty if there were none).
+    """
+    ckpt = read_checkpoint(path, map_location)
     try:
         module = SparseAutoencoderModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])

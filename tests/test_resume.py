@@ -1,0 +1,94 @@
+"""Interrupted training continues exactly; a diverged run stops in one line and keeps a good checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from sae.module import CheckpointError, TrainingDiverged
+from tests.conftest import compose_train
+from train import train
+
+
+def last_weights(folder) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(mnist_root, tmp_path):
+    def run(name: str, *overrides: str) -> dict:
+        return train(compose_train(["debug=limit", *overrides], tmp_path / name, mnist_root))
+
+    full = run("full", "epochs=4")
+    run("part", "epochs=2")  # as if stopped after its second epoch
+    resumed = run("elsewhere", "epochs=4", f"resume={tmp_path / 'part'}")
+
+    # The run goes on in its own folder, which records where it resumed from.
+    part = tmp_path / "part"
+    assert resumed == json.loads((part / "metrics.json").read_text())
+    assert not (tmp_path / "elsewhere" / "metrics.json").exists()
+    assert resumed["resumed_from"] == str((part / "checkpoints" / "last.ckpt").resolve())
+    assert full["resumed_from"] is None and resumed["fit/epochs"] == full["fit/epochs"] == 4
+    assert Path(resumed["ckpt_path"]).name == Path(full["ckpt_path"]).name  # the same best epoch
+    a, b = last_weights(tmp_path / "full"), last_weights(part)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    for key in [k for k in full if k.startswith("test/")]:
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+def test_resume_refuses_a_missing_run_or_another_architecture(mnist_root, tmp_path):
+    with pytest.raises(CheckpointError, match="resume=.*nowhere: no .*last.ckpt"):
+        train(compose_train([f"resume={tmp_path / 'nowhere'}"], tmp_path / "a", mnist_root))
+    train(compose_train(["debug=limit", "epochs=1"], tmp_path / "part", mnist_root))
+    cfg = compose_train([f"resume={tmp_path / 'part'}", "latent_dim=64"], tmp_path / "b", mnist_root)
+    with pytest.raises(CheckpointError, match="latent_dim=32, the config asks for latent_dim=64"):
+        train(cfg)
+
+
+class PoisonWeights(L.Callback):
+    """Makes the model's weights NaN before a given step, as a too-large learning rate would."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                pl_module.net.encoder[0][0].weight.fill_(float("nan"))
+
+
+def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path):
+    # debug=limit: 10 steps an epoch. Poisoned at step 13 (epoch 1); the loggers write every
+    # 50 steps, so it is the check before epoch 1's validation and checkpoint that stops it.
+    cfg = compose_train(
+        [
+            "debug=limit",
+            "trainer.log_every_n_steps=50",
+            "+callbacks.poison._target_=tests.test_resume.PoisonWeights",
+            "+callbacks.poison.at_step=13",
+        ],
+        tmp_path,
+        mnist_root,
+    )
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "became NaN or inf at step 13 (epoch 1)" in message and "\n" not in message
+    assert "last finite 50-step means: none logged yet" in message
+    weights = last_weights(tmp_path)  # written after epoch 0, never overwritten by the NaN weights
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
+    poison = ["+callbacks.poison._target_=tests.test_resume.PoisonWeights", "+callbacks.poison.at_step=4"]
+    cfg = compose_train(["debug=limit", *poison], tmp_path, mnist_root)
+    # debug=limit logs every step: the last finite window is step 3 alone.
+    with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 0\); last finite 1-step means: loss=\d"):
+        train(cfg)
