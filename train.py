@@ -6,6 +6,7 @@ wrapper that returns the optimized metric to sweepers.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sae.config import ConfigError, validate_train_config
@@ -96,6 +98,8 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
+    except SIGTERMException:  # SaveOnInterrupt has written last.ckpt and said how to resume
+        sys.exit(128 + signal.SIGTERM)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and the sweep goes on with the others

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from sae.io import write_json_atomic
@@ -160,3 +165,53 @@ class HParamsSummary(L.Callback):
         for summary in (experiment, start, end):
             writer.add_summary(summary)
         tb.experiment.flush()
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl+C or SIGTERM during fit: stop at the next batch boundary and write checkpoints/last.ckpt.
+
+    Lightning turns SIGTERM into an exception between batches by itself; Ctrl+C would land
+    anywhere, even halfway through an optimizer step, so the first one only asks to stop and the
+    stop happens before the next batch (a second Ctrl+C interrupts at once). The checkpoint then
+    holds whole steps, and `resume=RUN_DIR` continues exactly where the run stopped.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self._stop_requested = False
+        self._previous_handler = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+        self._restore_handler()  # a second Ctrl+C interrupts at once
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt  # between batches: every step so far is whole
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException):
+        self._restore_handler()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        print(
+            f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}): saved {path}; "
+            f"continue with: python train.py resume={self.dirpath.parent}",
+            file=sys.stderr,
+            flush=True,
+        )

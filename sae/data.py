@@ -8,8 +8,10 @@ operation on a resident tensor (on the training device when it is a GPU).
 
 from __future__ import annotations
 
+import itertools
 import math
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -87,21 +89,48 @@ class BatchIndexSampler(Sampler[Tensor]):
 
 
 class TensorBatches:
-    """An iterable of (images, labels) batches sliced from resident tensors: no workers, no collate."""
+    """An iterable of (images, labels) batches sliced from resident tensors: no workers, no collate.
+
+    Stateful, so a checkpoint written mid-epoch (on Ctrl+C or SIGTERM) resumes exactly: the state
+    is the epoch and how many of its batches were trained (`progress`, read from the Trainer at
+    save time, not counted here, since Lightning fetches a batch ahead), and the resumed epoch
+    skips those batches of the same (seed, epoch) order.
+    """
 
     batch_sampler = None  # as in a DataLoader with batch_size=None: Lightning reads `sampler`
 
-    def __init__(self, images: Tensor, labels: Tensor, sampler: BatchIndexSampler) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        sampler: BatchIndexSampler,
+        progress: Callable[[], int] | None = None,
+    ) -> None:
         self.images = images
         self.labels = labels
         self.sampler = sampler
+        self.progress = progress
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        for idx in self.sampler:
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == self.sampler.epoch:
+            skip = self._resume_at[1]
+        self._resume_at = None
+        for idx in itertools.islice(self.sampler, skip, None):
             yield self.images[idx], self.labels[idx]
+
+    def state_dict(self) -> dict[str, int]:
+        if self.progress is None:
+            return {}
+        return {"epoch": self.sampler.epoch, "trained_batches": self.progress()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self._resume_at = (state["epoch"], state["trained_batches"])
 
 
 class _IndexedTensors(Dataset):
@@ -236,7 +265,14 @@ class MNISTDataModule(L.LightningDataModule):
             on_device = root_device.type == "cuda" and self.hparams.num_workers == 0
         return root_device if on_device else torch.device("cpu")
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
+    def _loader(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        progress: Callable[[], int] | None = None,
+    ):
         images, labels = self.splits[split]
         trainer = self.trainer
         sampler = BatchIndexSampler(
@@ -257,11 +293,15 @@ class MNISTDataModule(L.LightningDataModule):
                 num_workers=self.hparams.num_workers,
                 persistent_workers=True,
             )
-        return TensorBatches(images, labels, sampler)
+        return TensorBatches(images, labels, sampler, progress)
+
+    def _trained_batches(self) -> int:
+        """Batches of the current training epoch that have been trained on."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self):
         overfit = self.trainer is not None and self.trainer.overfit_batches > 0
-        return self._loader("train", self.hparams.batch_size, shuffle=not overfit)
+        return self._loader("train", self.hparams.batch_size, not overfit, progress=self._trained_batches)
 
     def val_dataloader(self):
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +14,7 @@ import pytest
 import torch
 
 from sae.module import CheckpointError, TrainingDiverged
-from tests.conftest import compose_train
+from tests.conftest import ROOT, compose_train
 from train import train
 
 
@@ -92,3 +96,55 @@ def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
     # debug=limit logs every step: the last finite window is step 3 alone.
     with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 0\); last finite 1-step means: loss=\d"):
         train(cfg)
+
+
+class SlowSteps(L.Callback):
+    """Slows training down so that a signal can be sent mid-epoch."""
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(0.03)
+
+
+# The quick settings of compose_train, for a training subprocess.
+SUBPROCESS_RUN = [
+    "accelerator=cpu",
+    "+trainer.enable_progress_bar=false",
+    "data.val_size=100",
+    "data.eval_batch_size=64",
+    "batch_size=50",
+    "debug=limit",
+    "epochs=6",
+]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root, tmp_path, sig):
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), *SUBPROCESS_RUN, f"data.root={mnist_root}"]
+    command += [f"hydra.run.dir={run}", "+callbacks.slow._target_=tests.test_resume.SlowSteps"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.15)  # into the second epoch (10 steps of >= 30 ms)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # stopped cleanly, between batches, with a checkpoint of where it stopped
+        assert proc.returncode == (1 if sig == signal.SIGINT else 128 + signal.SIGTERM), stderr[-2000:]
+        said = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+        assert said and f"resume={run}" in said[0], stderr[-2000:]
+        step = torch.load(last, weights_only=True)["global_step"]
+        assert said[0].startswith(f"interrupted at step {step} ")
+    assert not (run / "metrics.json").exists()
+
+    again = compose_train(["debug=limit", "epochs=6", f"resume={run}"], tmp_path / "again", mnist_root)
+    resumed = train(again)
+    full = train(compose_train(["debug=limit", "epochs=6"], tmp_path / "full", mnist_root))
+    a, b = last_weights(tmp_path / "full"), last_weights(run)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed["test/mse"] == pytest.approx(full["test/mse"], abs=1e-6)
