@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -32,12 +33,21 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text through a temporary file and a rename."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call write(file) on a temporary file beside path, then rename it over path.
+
+    The rename is atomic on one file system, so readers and crashes see the old file or the new
+    one, never half of one; the temporary file is removed if anything fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

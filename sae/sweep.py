@@ -19,7 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sae.io import one_line, write_json_atomic, write_text_atomic
+from sae.io import one_line, write_atomic, write_json_atomic, write_text_atomic
 
 # The reference notebook's published result (test MSE, mean latent activation).
 REFERENCE = {"test/mse": 0.01387, "test/rho_hat_mean": 0.069}
@@ -156,9 +156,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     from sae.plots import pareto_figure  # matplotlib only when there is something to draw
 
     fig = pareto_figure([r for r in rows if r["status"] == "ok"], _label_keys(rows), REFERENCE)
-    tmp = sweep_dir / ".pareto.png.tmp"
-    fig.savefig(tmp, format="png")
-    tmp.replace(sweep_dir / "pareto.png")
+    write_atomic(sweep_dir / "pareto.png", lambda f: fig.savefig(f, format="png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -148,3 +149,28 @@ def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root,
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     assert resumed["test/mse"] == pytest.approx(full["test/mse"], abs=1e-6)
+
+
+def run_sweep(tmp_path, mnist_root, *overrides: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "train.py"), *SUBPROCESS_RUN, f"data.root={mnist_root}"]
+    command += [f"hydra.sweep.dir={sweep}", "epochs=2", *overrides, "-m"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    with open(sweep / "summary.csv") as f:
+        return proc, list(csv.DictReader(f))
+
+
+def test_sweep_survives_an_invalid_value(mnist_root, tmp_path):
+    proc, rows = run_sweep(tmp_path, mnist_root, "rho=1.5,0.05")
+    assert proc.returncode != 0  # the command says that a job failed
+    assert [(r["rho"], r["status"]) for r in rows] == [("1.5", "failed"), ("0.05", "ok")]
+    assert rows[0]["error"] == "rho=1.5 must be a number in (0, 1)"
+    assert float(rows[1]["test/mse"]) > 0
+
+
+def test_sweep_survives_a_job_that_diverges(mnist_root, tmp_path):
+    poison = "+callbacks.poison._target_=tests.test_resume.PoisonWeights"
+    proc, rows = run_sweep(tmp_path, mnist_root, poison, "+callbacks.poison.at_step=4,1000")
+    assert proc.returncode != 0
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert rows[0]["error"].startswith("the training loss became NaN or inf at step 4")
