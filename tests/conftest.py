@@ -80,10 +80,12 @@ FAST = [
 ]
 
 
-def compose_train(overrides: list[str], output_dir: Path, mnist_root: Path) -> DictConfig:
-    """conf/train.yaml as Hydra composes it for the command line, with this test's folders."""
+def compose_config(name: str, overrides: list[str], **kwargs) -> DictConfig:
+    """conf/<name>.yaml as Hydra composes it for the command line with these overrides."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[*FAST, f"data.root={mnist_root}", f"output_dir={output_dir}", *overrides],
-        )
+        return compose(name, overrides=overrides, **kwargs)
+
+
+def compose_train(overrides: list[str], output_dir: Path, mnist_root: Path) -> DictConfig:
+    """conf/train.yaml with the quick settings and this test's folders."""
+    return compose_config("train", [*FAST, f"data.root={mnist_root}", f"output_dir={output_dir}", *overrides])

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
@@ -24,7 +23,7 @@ import train as train_script
 from evaluate import evaluate
 from sae.callbacks import HPARAMS_METRICS
 from sae.pipeline import build_trainer
-from tests.conftest import CONF, ROOT, compose_train
+from tests.conftest import CONF, ROOT, compose_config, compose_train
 from train import train
 
 REQUIRED = [
@@ -135,17 +134,16 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     assert (hp["latent_dim"], hp["rho"], hp["beta"]) == (64, 0.1, 5e-3)
     assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']"})
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ecfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt_path={metrics['ckpt_path']}",
-                f"data.root={mnist_root}",
-                f"output_dir={tmp_path / 'eval'}",
-                "accelerator=cpu",
-                "+trainer.enable_progress_bar=false",
-            ],
-        )
+    ecfg = compose_config(
+        "evaluate",
+        [
+            f"ckpt_path={metrics['ckpt_path']}",
+            f"data.root={mnist_root}",
+            f"output_dir={tmp_path / 'eval'}",
+            "accelerator=cpu",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
     again = evaluate(ecfg)
     assert again == read_metrics(tmp_path / "eval")
     assert_figures(tmp_path / "eval" / "plots")
@@ -183,8 +181,7 @@ def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
 
 
 def test_progress_bar_is_throttled_and_can_be_turned_off(mnist_root, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"output_dir={tmp_path}", f"data.root={mnist_root}"])
+    cfg = compose_config("train", [f"output_dir={tmp_path}", f"data.root={mnist_root}"])
     bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
     assert len(bars) == 1 and bars[0].refresh_rate == 20
     cfg = compose_train([], tmp_path, mnist_root)  # +trainer.enable_progress_bar=false
@@ -192,8 +189,7 @@ def test_progress_bar_is_throttled_and_can_be_turned_off(mnist_root, tmp_path):
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=seed_notebook", f"output_dir={tmp_path}"])
+    cfg = compose_config("train", ["experiment=seed_notebook", f"output_dir={tmp_path}"])
     m = cfg.model
     assert (m.input_dim, list(m.hidden_dims), m.latent_dim) == (784, [128], 32)
     assert (m.activation, m.latent_activation, m.output_activation) == (
@@ -212,8 +208,7 @@ WINNER = {"beta": 0.05, "lr": 0.01}
 
 
 def pareto_sweep_grid() -> tuple[DictConfig, dict[str, list[float]]]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=pareto_sweep"], return_hydra_config=True)
+    cfg = compose_config("train", ["experiment=pareto_sweep"], return_hydra_config=True)
     grid = {k: [float(v) for v in str(vals).split(",")] for k, vals in cfg.hydra.sweeper.params.items()}
     return cfg, grid
 
@@ -384,17 +379,16 @@ def test_real_mnist_default_run_and_beta_sweep(real_mnist_root, tmp_path):
 def test_real_mnist_pareto_sweep_winner_beats_the_reference(real_mnist_root, tmp_path):
     """The setting of experiment=pareto_sweep that the README reports dominates the notebook's point."""
     overrides = [f"{k}={v}" for k, v in WINNER.items()]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                *overrides,
-                f"output_dir={tmp_path}",
-                f"data.root={real_mnist_root}",
-                "accelerator=cpu",
-                "+trainer.enable_progress_bar=false",
-            ],
-        )
+    cfg = compose_config(
+        "train",
+        [
+            *overrides,
+            f"output_dir={tmp_path}",
+            f"data.root={real_mnist_root}",
+            "accelerator=cpu",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
     metrics = train(cfg)
     assert metrics["fit/epochs"] == 10
     assert metrics["test/mse"] < REFERENCE_MSE
