@@ -69,11 +69,11 @@ class SparseAutoencoderModule(L.LightningModule):
         self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
         # The latest whole-split per-unit rho_hat of the latent, for figures and histograms.
         self.last_rho_hat: dict[str, Tensor] = {}
-        # Training terms (loss, recon, kl) summed over the steps since they were last logged.
-        self._train_sum = torch.zeros(3)
-        self._train_steps = 0
+        # Training terms (loss, recon, kl) of each step since they were last logged, on the device.
+        self._window = torch.empty(0, 3)
+        self._window_len = 0
+        self._window_start = 0  # the global step of the window's first row
         self._last_finite: dict[str, float] = {}
-        self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name here around every hook call, dozens of times
@@ -112,35 +112,42 @@ class SparseAutoencoderModule(L.LightningModule):
         """Log the training terms averaged over the steps since the loggers last wrote.
 
         Each `self.log` call costs about as much as a whole step of this small model, and the
-        loggers only write every `log_every_n_steps` steps anyway. So the step's terms are summed
-        on the device (no host sync) and handed to Lightning only on the steps it writes: the
-        curves show window means, smoother than single-batch values and equally cheap on a GPU.
+        loggers only write every `log_every_n_steps` steps anyway. So each step's terms are stored
+        in a window on the device (no host sync) and handed to Lightning, as window means, only
+        on the steps it writes. The same window tells which step, if any, went NaN or inf.
         """
-        self._train_sum = terms if self._train_steps == 0 else self._train_sum + terms
-        self._train_steps += 1
-        # The first step whose terms are not finite, kept on the device: read at the checks only.
-        bad = ~torch.isfinite(terms).all() & (self._first_bad_step < 0)
-        self._first_bad_step.copy_(torch.where(bad, self.global_step, self._first_bad_step))
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        size = every or 50  # log_every_n_steps=0 logs nothing, but divergence is still checked
+        if self._window_len == 0:
+            self._window_start = self.global_step
+            if self._window.shape[0] != size or self._window.device != terms.device:
+                self._window = torch.empty(size, 3, device=terms.device)
+        elif self._window_len == size:  # not logging (every == 0): only watch for divergence
+            self._stop_if_diverged()
+            self._window_len, self._window_start = 0, self.global_step
+        self._window[self._window_len].copy_(terms)
+        self._window_len += 1
         # Lightning writes step metrics when (batches stepped so far + 1) % every == 0.
         if every == 0 or (self.global_step + 1) % every != 0:
             return
         self._stop_if_diverged()
-        means = self._train_sum / self._train_steps
-        self._train_steps = 0
+        means = self._window[: self._window_len].mean(dim=0)
+        self._window_len = 0
         self._last_finite = dict(zip(("loss", self.hparams.recon_loss, "kl"), means.tolist(), strict=True))
         self.log("train/loss", means[0], prog_bar=True)
         self.log_dict({f"train/{self.hparams.recon_loss}": means[1], "train/kl": means[2]})
 
     def _stop_if_diverged(self) -> None:
-        """Raise TrainingDiverged once a step's loss was NaN or inf (one host sync per call).
+        """Raise TrainingDiverged if a step in the current window had a NaN or inf loss term.
 
-        Checked where the loggers write, and before validation and the end of each epoch, so no
-        checkpoint ever stores the diverged weights: checkpoints/last.ckpt stays the last good one.
+        One host sync per call. Called where the loggers write, and before validation and the end
+        of each epoch, so no checkpoint ever stores the diverged weights: checkpoints/last.ckpt
+        stays the last good one.
         """
-        step = int(self._first_bad_step)
-        if step < 0:
+        finite = torch.isfinite(self._window[: self._window_len]).all(dim=1)
+        if bool(finite.all()):
             return
+        step = self._window_start + int((~finite).nonzero()[0])
         last = ", ".join(f"{k}={v:.6g}" for k, v in self._last_finite.items()) or "none logged yet"
         raise TrainingDiverged(
             f"the training loss became NaN or inf at step {step} (epoch {self.current_epoch}); "
