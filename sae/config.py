@@ -43,6 +43,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check(_is_number(lr) and lr > 0, "lr", lr, "a number > 0")
     for key in ("latent_dim", "epochs", "batch_size"):
         _check(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
+    _check(cfg.seed is None or _is_int(cfg.seed), "seed", cfg.seed, "an integer (or null)")
 
     model = cfg.model
     choices = {
@@ -65,6 +66,14 @@ def validate_train_config(cfg: DictConfig) -> None:
             f"not in this model's layers {', '.join(names)}"
         )
 
-    val_size = cfg.data.val_size
+    for key in ("dead_threshold", "saturation_level", "l0_threshold"):
+        value = model[key]
+        _check(_is_number(value) and 0 <= value <= 1, f"model.{key}", value, "a number in [0, 1]")
+
+    data = cfg.data
+    for key, low in (("eval_batch_size", 1), ("num_workers", 0)):
+        _check(_is_int(data[key]) and data[key] >= low, f"data.{key}", data[key], f"an integer >= {low}")
+    _check(_is_int(data.split_seed), "data.split_seed", data.split_seed, "an integer")
+    val_size = data.val_size
     allowed = f"an integer in [0, {MNIST_TRAIN_IMAGES}): images held out of the training set"
     _check(_is_int(val_size) and 0 <= val_size < MNIST_TRAIN_IMAGES, "data.val_size", val_size, allowed)

@@ -22,6 +22,11 @@ BAD = [
     ("model.recon_loss=mae", "model.recon_loss='mae' must be one of mse, bce"),
     ("model.activation=swish", "model.activation='swish' must be one of relu, sigmoid"),
     ("model.hidden_dims=[128,0]", "model.hidden_dims=[128, 0] must be integers >= 1"),
+    ("seed=abc", "seed='abc' must be an integer (or null)"),
+    ("model.l0_threshold=2", "model.l0_threshold=2 must be a number in [0, 1]"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0 must be an integer >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+    ("data.split_seed=1.5", "data.split_seed=1.5 must be an integer"),
     ("model.sparsity_layers=[encoder_2]", "encoder_2 not in this model's layers encoder_1, latent"),
 ]
 
