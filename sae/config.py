@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
@@ -54,6 +54,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     }
     for key, allowed in choices.items():
         _check(model[key] in allowed, f"model.{key}", model[key], f"one of {', '.join(allowed)}")
+    for key in ("hidden_dims", "sparsity_layers"):
+        value = model[key]
+        example = "[128]" if key == "hidden_dims" else "[latent]"
+        _check(isinstance(value, ListConfig | list), f"model.{key}", value, f"a list, e.g. {example}")
     hidden = list(model.hidden_dims)
     _check(
         all(_is_int(h) and h >= 1 for h in hidden), "model.hidden_dims", hidden, "integers >= 1, e.g. [128]"

@@ -27,6 +27,8 @@ BAD = [
     ("data.eval_batch_size=0", "data.eval_batch_size=0 must be an integer >= 1"),
     ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
     ("data.split_seed=1.5", "data.split_seed=1.5 must be an integer"),
+    ("model.hidden_dims=128", "model.hidden_dims=128 must be a list, e.g. [128]"),
+    ("model.sparsity_layers=latent", "model.sparsity_layers='latent' must be a list, e.g. [latent]"),
     ("model.sparsity_layers=[encoder_2]", "encoder_2 not in this model's layers encoder_1, latent"),
 ]
 
