@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.config import ConfigError, validate_train_config
 from sae.data import DataError
-from sae.io import format_metrics, write_json_atomic
+from sae.io import format_metrics, one_line, write_json_atomic
 from sae.module import CheckpointError, TrainingDiverged, read_checkpoint
 from sae.pipeline import build_trainer, run_test
 
@@ -100,11 +101,11 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt and said how to resume
         sys.exit(128 + signal.SIGTERM)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as err:
+    except (ConfigError, InstantiationException, DataError, CheckpointError, TrainingDiverged) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and the sweep goes on with the others
-        kind = "config error" if isinstance(err, ConfigError) else "error"
-        sys.exit(f"{kind}: {err}")  # one line, no traceback: the message says what to fix
+        kind = "config error" if isinstance(err, ConfigError | InstantiationException) else "error"
+        sys.exit(f"{kind}: {one_line(err, limit=400)}")  # one line, no traceback: it says what to fix
     return metrics.get(cfg.optimized_metric)
 
 

@@ -58,3 +58,16 @@ def test_cli_config_error_is_one_line(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "config error: rho=1.5 must be a number in (0, 1)"
+
+
+def test_cli_unknown_trainer_argument_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+trainer.max_epoch=3", f"hydra.run.dir={tmp_path}/out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ")
+    assert "unexpected keyword argument 'max_epoch'" in lines[0]
