@@ -49,25 +49,19 @@ def test_invalid_value_fails_before_data_is_read(tmp_path, override, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_cli_config_error_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "rho=1.5", f"hydra.run.dir={tmp_path}/out"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def train_cli_error(tmp_path, override: str) -> str:
+    """What `python train.py <override>` prints to stderr; it must exit 1."""
+    command = [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path}/out"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "config error: rho=1.5 must be a number in (0, 1)"
+    return proc.stderr.strip()
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    assert train_cli_error(tmp_path, "rho=1.5") == "config error: rho=1.5 must be a number in (0, 1)"
 
 
 def test_cli_unknown_trainer_argument_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "+trainer.max_epoch=3", f"hydra.run.dir={tmp_path}/out"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
+    lines = train_cli_error(tmp_path, "+trainer.max_epoch=3").splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: ")
     assert "unexpected keyword argument 'max_epoch'" in lines[0]
