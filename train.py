@@ -64,8 +64,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 # What a checkpoint's weights must agree with: resuming with another architecture is refused.
-ARCHITECTURE = ("input_dim", "hidden_dims", "latent_dim", "activation", "latent_activation")
-ARCHITECTURE += ("output_activation", "sparsity_layers")
+ARCHITECTURE = (
+    "input_dim",
+    "hidden_dims",
+    "latent_dim",
+    "activation",
+    "latent_activation",
+    "output_activation",
+    "sparsity_layers",
+)
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:

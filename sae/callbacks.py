@@ -35,11 +35,6 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-@torch.no_grad()
-def encode(module: L.LightningModule, images: Tensor, chunk: int = 4096) -> Tensor:
-    return torch.cat([module.net.encode(part.to(module.device)) for part in images.split(chunk)])
-
-
 class LinearProbe(L.Callback):
     """At test time, logs the accuracy of a logistic-regression probe on the latent codes.
 
@@ -61,7 +56,8 @@ class LinearProbe(L.Callback):
         datamodule = trainer.datamodule
         datamodule.setup("fit")  # the probe trains on the training split
         (train_x, train_y), (test_x, test_y) = datamodule.splits["train"], datamodule.splits["test"]
-        codes = (encode(pl_module, train_x), train_y), (encode(pl_module, test_x), test_y)
+        net = pl_module.net
+        codes = (net.encode_all(train_x), train_y), (net.encode_all(test_x), test_y)
         pl_module.log("test/probe_accuracy", self._probe(*codes))
         pl_module.log("test/probe_accuracy_pixels", self._pixel_accuracy(train_x, train_y, test_x, test_y))
 

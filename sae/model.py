@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -80,6 +81,12 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
+
+    @torch.no_grad()
+    def encode_all(self, images: Tensor, chunk: int = 4096) -> Tensor:
+        """Latent codes of a whole split, in chunks on the model's device (for probes and figures)."""
+        device = next(self.parameters()).device
+        return torch.cat([self.encode(part.to(device)) for part in images.split(chunk)])
 
     def forward(self, x: Tensor) -> AutoencoderOutput:
         covered: dict[str, Tensor] = {}

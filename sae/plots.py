@@ -164,7 +164,7 @@ def run_figures(net: torch.nn.Module, images: Tensor, labels: Tensor, rho: float
     """All per-run figures from a model and a (test) split of 28x28 images, by file name stem."""
     net = net.eval()
     device = next(net.parameters()).device
-    codes = torch.cat([net.encode(chunk.to(device)).cpu() for chunk in images.split(2048)])
+    codes = net.encode_all(images).cpu()
     images, labels = images.cpu(), labels.cpu()
     rho_hat = codes.mean(dim=0)
     first = net.encoder[0][0].weight.detach().cpu()
