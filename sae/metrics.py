@@ -44,8 +44,9 @@ def active_units(codes: Tensor, threshold: float) -> Tensor:
 class FractionOfVarianceUnexplained(Metric):
     """Sum of squared errors over the sum of squared deviations from the split's per-pixel mean.
 
-    Accumulates sums and sums of squares (float64), so the mean-centring uses the whole split's
-    per-pixel mean, not each batch's.
+    Accumulates sums and sums of squares in float64, so the mean-centring uses the whole split's
+    per-pixel mean, not each batch's (each batch's reductions run in float64 on the float32
+    values, without a float64 copy of the batch).
     """
 
     full_state_update = False
@@ -58,10 +59,10 @@ class FractionOfVarianceUnexplained(Metric):
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, recon: Tensor, target: Tensor) -> None:
-        target = target.detach().double()
-        self.sse += (recon.detach().double() - target).pow(2).sum()
-        self.total += target.sum(dim=0)
-        self.total_sq += target.pow(2).sum(dim=0)
+        recon, target = recon.detach(), target.detach()
+        self.sse += (recon - target).square().sum(dtype=torch.float64)
+        self.total += target.sum(dim=0, dtype=torch.float64)
+        self.total_sq += target.square().sum(dim=0, dtype=torch.float64)
         self.count += target.shape[0]
 
     def compute(self) -> Tensor:
