@@ -124,7 +124,7 @@ class EpochVisuals(L.Callback):
         tb = tensorboard(trainer)
         if tb is None or trainer.sanity_checking or not self._codes:
             return
-        step = trainer.current_epoch
+        step = trainer.global_step  # the optimizer step, as for the val/* scalars
         tb.experiment.add_histogram("val/latent_activation", torch.cat(self._codes).float().cpu(), step)
         if "val" in pl_module.last_rho_hat:
             tb.experiment.add_histogram("val/rho_hat", pl_module.last_rho_hat["val"].cpu(), step)

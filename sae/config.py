@@ -74,8 +74,18 @@ def validate_train_config(cfg: DictConfig) -> None:
         value = model[key]
         _check(_is_number(value) and 0 <= value <= 1, f"model.{key}", value, "a number in [0, 1]")
 
+    # The module takes its optimizer steps itself (one per batch, several batches per call).
+    trainer = cfg.get("trainer") or {}
+    for key, off in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (None, 1))):
+        value = trainer.get(key)
+        if value not in off:
+            raise ConfigError(
+                f"trainer.{key}={value!r} is not supported: the module steps its optimizer itself "
+                "(Lightning's manual optimization); remove the override"
+            )
+
     data = cfg.data
-    for key, low in (("eval_batch_size", 1), ("num_workers", 0)):
+    for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_step", 1)):
         _check(_is_int(data[key]) and data[key] >= low, f"data.{key}", data[key], f"an integer >= {low}")
     _check(_is_int(data.split_seed), "data.split_seed", data.split_seed, "an integer")
     val_size = data.val_size

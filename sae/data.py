@@ -89,12 +89,16 @@ class BatchIndexSampler(Sampler[Tensor]):
 
 
 class TensorBatches:
-    """An iterable of (images, labels) batches sliced from resident tensors: no workers, no collate.
+    """An iterable of batches sliced from resident tensors: no workers, no collate.
+
+    With `group` > 1 each item is a list of up to `group` consecutive (images, labels) batches of
+    `batch_size`, sliced from one gather (the sampler yields group * batch_size indices): the
+    module takes one optimizer step per batch, and Lightning's per-call hooks run once per group.
 
     Stateful, so a checkpoint written mid-epoch (on Ctrl+C or SIGTERM) resumes exactly: the state
-    is the epoch and how many of its batches were trained (`progress`, read from the Trainer at
-    save time, not counted here, since Lightning fetches a batch ahead), and the resumed epoch
-    skips those batches of the same (seed, epoch) order.
+    is the epoch and how many of its items were trained (`progress`, read from the Trainer at
+    save time, not counted here, since Lightning fetches an item ahead), and the resumed epoch
+    skips those items of the same (seed, epoch) order.
     """
 
     batch_sampler = None  # as in a DataLoader with batch_size=None: Lightning reads `sampler`
@@ -105,12 +109,16 @@ class TensorBatches:
         labels: Tensor,
         sampler: BatchIndexSampler,
         progress: Callable[[], int] | None = None,
+        group: int = 1,
+        batch_size: int | None = None,
     ) -> None:
         self.images = images
         self.labels = labels
         self.sampler = sampler
         self.progress = progress
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained)
+        self.group = group
+        self.batch_size = batch_size
+        self._resume_at: tuple[int, int] | None = None  # (epoch, items already trained)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -121,26 +129,43 @@ class TensorBatches:
             skip = self._resume_at[1]
         self._resume_at = None
         for idx in itertools.islice(self.sampler, skip, None):
-            yield self.images[idx], self.labels[idx]
+            yield fetch(self.images, self.labels, idx, self.group, self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
         if self.progress is None:
             return {}
-        return {"epoch": self.sampler.epoch, "trained_batches": self.progress()}
+        trained = self.progress()
+        return {"epoch": self.sampler.epoch, "trained_batches": trained, "batches_per_step": self.group}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state:
-            self._resume_at = (state["epoch"], state["trained_batches"])
+        if not state:
+            return
+        saved = state.get("batches_per_step", 1)
+        if saved != self.group:  # the skip count is in items of `saved` batches
+            raise DataError(
+                f"this checkpoint stopped mid-epoch with data.batches_per_step={saved}; "
+                f"resume with data.batches_per_step={saved} (the config has {self.group})"
+            )
+        self._resume_at = (state["epoch"], state["trained_batches"])
+
+
+def fetch(images: Tensor, labels: Tensor, idx: Tensor, group: int = 1, batch_size: int | None = None):
+    """(images, labels) at idx, or with group > 1 the list of its consecutive batch_size slices."""
+    x, y = images[idx], labels[idx]
+    if group == 1:
+        return x, y
+    return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
 
 
 class _IndexedTensors(Dataset):
-    """Lets worker processes serve the same index batches (fetching a whole batch per item)."""
+    """Lets worker processes serve the same index batches (fetching a whole item per index tensor)."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, group: int = 1, batch_size: int | None = None) -> None:
         self.images, self.labels = images, labels
+        self.group, self.batch_size = group, batch_size
 
-    def __getitem__(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[idx], self.labels[idx]
+    def __getitem__(self, idx: Tensor):
+        return fetch(self.images, self.labels, idx, self.group, self.batch_size)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -195,7 +220,11 @@ def missing_data_message(root: str | Path) -> str:
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST train/val from the 60k training images (split fixed by split_seed), test = the 10k test set."""
+    """MNIST train/val from the 60k training images (split fixed by split_seed), test = the 10k test set.
+
+    Each training item is a list of `batches_per_step` consecutive batches (the last one of an
+    epoch may hold fewer): the batches and their order are the same for any value.
+    """
 
     def __init__(
         self,
@@ -208,6 +237,7 @@ class MNISTDataModule(L.LightningDataModule):
         seed: int = 0,
         split_seed: int = 0,
         on_device: bool | None = None,
+        batches_per_step: int = 16,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -272,12 +302,13 @@ class MNISTDataModule(L.LightningDataModule):
         shuffle: bool,
         drop_last: bool = False,
         progress: Callable[[], int] | None = None,
+        group: int = 1,
     ):
         images, labels = self.splits[split]
         trainer = self.trainer
         sampler = BatchIndexSampler(
             len(images),
-            batch_size,
+            batch_size * group,  # consecutive batches of the same order, `group` per item
             shuffle=shuffle,
             seed=self.hparams.seed,
             drop_last=drop_last,
@@ -287,21 +318,24 @@ class MNISTDataModule(L.LightningDataModule):
         )
         if self.hparams.num_workers > 0:
             return DataLoader(
-                _IndexedTensors(images, labels),
+                _IndexedTensors(images, labels, group, batch_size),
                 sampler=sampler,
                 batch_size=None,
                 num_workers=self.hparams.num_workers,
                 persistent_workers=True,
             )
-        return TensorBatches(images, labels, sampler, progress)
+        return TensorBatches(images, labels, sampler, progress, group, batch_size)
 
     def _trained_batches(self) -> int:
-        """Batches of the current training epoch that have been trained on."""
+        """Items (groups of batches) of the current training epoch that have been trained on."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self):
         overfit = self.trainer is not None and self.trainer.overfit_batches > 0
-        return self._loader("train", self.hparams.batch_size, not overfit, progress=self._trained_batches)
+        hp = self.hparams
+        return self._loader(
+            "train", hp.batch_size, not overfit, progress=self._trained_batches, group=hp.batches_per_step
+        )
 
     def val_dataloader(self):
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)

@@ -21,6 +21,9 @@ from sae.metrics import (
 )
 from sae.model import SparseAutoencoder, layer_names
 
+# With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
+UNLOGGED_CHECK_EVERY = 1000
+
 
 class SparseAutoencoderModule(L.LightningModule):
     """Loss = reconstruction (mse|bce) + beta * sum over covered layers of sum_j KL(rho || rho_hat_j).
@@ -70,10 +73,11 @@ class SparseAutoencoderModule(L.LightningModule):
         # The latest whole-split per-unit rho_hat of the latent, for figures and histograms.
         self.last_rho_hat: dict[str, Tensor] = {}
         # Training terms (loss, recon, kl) of each step since they were last logged, on the device.
+        self.automatic_optimization = False  # training_step takes one optimizer step per batch
         self._window = torch.empty(0, 3)
         self._window_len = 0
-        self._window_start = 0  # the global step of the window's first row
-        self._last_finite: dict[str, float] = {}
+        self._window_start = 0  # the optimizer step of the window's first row
+        self._last_finite = ""  # the last logged window means, for the divergence message
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name here around every hook call, dozens of times
@@ -99,43 +103,69 @@ class SparseAutoencoderModule(L.LightningModule):
     def forward(self, x: Tensor):
         return self.net(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, _ = batch
-        out = self.net(x)
-        recon = reconstruction_loss(self.hparams.recon_loss, out.recon, x)
-        kl = sparsity_penalty(self.hparams.rho, out.activations)
-        loss = recon + self.hparams.beta * kl
-        self._log_train_window(torch.stack([loss, recon, kl]).detach())
-        return loss
+    def training_step(self, batch: list | tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """One optimizer step per batch: `batch` is one (images, labels) batch or a list of them.
 
-    def _log_train_window(self, terms: Tensor) -> None:
-        """Log the training terms averaged over the steps since the loggers last wrote.
-
-        Each `self.log` call costs about as much as a whole step of this small model, and the
-        loggers only write every `log_every_n_steps` steps anyway. So each step's terms are stored
-        in a window on the device (no host sync) and handed to Lightning, as window means, only
-        on the steps it writes. The same window tells which step, if any, went NaN or inf.
+        MNISTDataModule hands over `data.batches_per_step` batches per call. Lightning's hooks
+        around each call cost about as much as a whole step of this small model, so they run once
+        per group, while each batch still gets its own zero_grad, backward (manual_backward, so
+        precision plugins and callbacks' backward hooks apply) and optimizer step: the training is
+        the same as one batch per call.
         """
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        size = every or 50  # log_every_n_steps=0 logs nothing, but divergence is still checked
+        batches = [batch] if isinstance(batch[0], Tensor) else batch
+        optimizer = self.optimizers()
+        every = self.trainer.log_every_n_steps
+        written = None
+        for x, _ in batches:
+            out = self.net(x)
+            recon = reconstruction_loss(self.hparams.recon_loss, out.recon, x)
+            kl = sparsity_penalty(self.hparams.rho, out.activations)
+            loss = recon + self.hparams.beta * kl
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self._record(torch.stack([loss, recon, kl]).detach())
+            if every and self.global_step % every == 0:
+                written = self._write_train_window()
+        if written is not None:
+            self.log("train/loss", written, prog_bar=True, logger=False)  # the bar: latest window mean
+        elif not every and self._window_len >= UNLOGGED_CHECK_EVERY:
+            self._stop_if_diverged()  # log_every_n_steps=0 logs nothing, but divergence is still caught
+            self._window_len = 0
+
+    def _record(self, terms: Tensor) -> None:
+        """Keep one step's (loss, recon, kl) in the window on the device: no host sync per step."""
         if self._window_len == 0:
-            self._window_start = self.global_step
-            if self._window.shape[0] != size or self._window.device != terms.device:
-                self._window = torch.empty(size, 3, device=terms.device)
-        elif self._window_len == size:  # not logging (every == 0): only watch for divergence
-            self._stop_if_diverged()
-            self._window_len, self._window_start = 0, self.global_step
+            self._window_start = self.global_step - 1  # the optimizer step just taken
+        if self._window_len == len(self._window) or self._window.device != terms.device:
+            grown = torch.empty(max(2 * len(self._window), 64), 3, device=terms.device)
+            grown[: self._window_len] = self._window[: self._window_len]
+            self._window = grown
         self._window[self._window_len].copy_(terms)
         self._window_len += 1
-        # Lightning writes step metrics when (batches stepped so far + 1) % every == 0.
-        if every == 0 or (self.global_step + 1) % every != 0:
-            return
+
+    def _write_train_window(self) -> Tensor:
+        """Write the training terms, averaged over the steps since the last write, to the loggers.
+
+        Every `trainer.log_every_n_steps` optimizer steps, at that step (the x-axis of the
+        validation metrics and figures too). The values go to the loggers directly rather than
+        through `self.log`, which costs about a step of this small model per key; one host sync
+        per window. The same window tells which step, if any, went NaN or inf. Returns the mean loss.
+        """
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
+        values = dict(zip(("loss", self.hparams.recon_loss, "kl"), means.tolist(), strict=True))
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        self._last_finite = f"{terms} (mean of {self._window_len} steps)"
         self._window_len = 0
-        self._last_finite = dict(zip(("loss", self.hparams.recon_loss, "kl"), means.tolist(), strict=True))
-        self.log("train/loss", means[0], prog_bar=True)
-        self.log_dict({f"train/{self.hparams.recon_loss}": means[1], "train/kl": means[2]})
+        metrics = {f"train/{k}": v for k, v in values.items()} | {"epoch": self.current_epoch}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        return means[0]
+
+    def _log_step_axis(self) -> None:
+        """Put this hook's logged metrics at the optimizer step, not at Lightning's count of calls."""
+        self.log_dict({"step": float(self.global_step), "epoch": float(self.current_epoch)})
 
     def _stop_if_diverged(self) -> None:
         """Raise TrainingDiverged if a step in the current window had a NaN or inf loss term.
@@ -148,10 +178,9 @@ class SparseAutoencoderModule(L.LightningModule):
         if bool(finite.all()):
             return
         step = self._window_start + int((~finite).nonzero()[0])
-        last = ", ".join(f"{k}={v:.6g}" for k, v in self._last_finite.items()) or "none logged yet"
         raise TrainingDiverged(
             f"the training loss became NaN or inf at step {step} (epoch {self.current_epoch}); "
-            f"last finite {self.trainer.log_every_n_steps}-step means: {last}; "
+            f"last logged: {self._last_finite or 'none yet'}; "
             "try a lower lr or beta; checkpoints/last.ckpt holds the last completed epoch"
         )
 
@@ -196,6 +225,7 @@ class SparseAutoencoderModule(L.LightningModule):
         self.last_rho_hat[split] = rho_hats["latent"]
         self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
         self.log_dict({f"{split}/{k}": v for k, v in values.items()})
+        self._log_step_axis()
 
     def _reset_split(self, split: str) -> None:
         """Fresh states at the start of each pass (under the pass's own grad/inference mode)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,9 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # The module writes train/* every log_every_n_steps optimizer steps, however many batches each
+    # training call holds; Lightning's warning compares that number with the calls per epoch.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than")
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     cheap_cuda_checks_without_gpus()
     return trainer
@@ -47,7 +51,8 @@ def run_test(
 ) -> dict[str, float]:
     """Test metrics (and whatever the callbacks log at test time) as plain floats."""
     results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-    return {k: float(v) for k, v in results[0].items()}
+    axes = ("step", "epoch")  # where the loggers put the metrics, not metrics themselves
+    return {k: float(v) for k, v in results[0].items() if k not in axes}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -30,6 +30,9 @@ BAD = [
     ("model.hidden_dims=128", "model.hidden_dims=128 must be a list, e.g. [128]"),
     ("model.sparsity_layers=latent", "model.sparsity_layers='latent' must be a list, e.g. [latent]"),
     ("model.sparsity_layers=[encoder_2]", "encoder_2 not in this model's layers encoder_1, latent"),
+    ("data.batches_per_step=0", "data.batches_per_step=0 must be an integer >= 1"),
+    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the module steps"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
 ]
 
 

@@ -50,13 +50,15 @@ def test_split_is_fixed_by_split_seed_not_seed(mnist_root):
 
 
 def epoch_batches(dm, epoch):
+    """The epoch's training batches in order, whether the loader groups them or not."""
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(epoch)  # what Lightning calls each epoch
-    return list(loader)
+    items = list(loader)
+    return [b for item in items for b in (item if isinstance(item, list) else [item])]
 
 
 def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_root):
-    dm = make(mnist_root, seed=3)
+    dm = make(mnist_root, seed=3, batches_per_step=1)
     e0, e1 = epoch_batches(dm, 0), epoch_batches(dm, 1)
     n = N_TRAIN - 100
     assert [len(x) for x, _ in e0] == [64] * (n // 64) + [n % 64]
@@ -70,6 +72,32 @@ def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_roo
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again, strict=True))
     other_seed = epoch_batches(make(mnist_root, seed=4), 1)
     assert not torch.equal(e1[0][0], other_seed[0][0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_grouped_batches_are_the_batches_one_by_one(mnist_root, num_workers):
+    """batches_per_step only groups the epoch's batches: same batches, same order, last group short."""
+    one = make(mnist_root, seed=2, batch_size=64, batches_per_step=1)
+    three = make(mnist_root, seed=2, batch_size=64, batches_per_step=3, num_workers=num_workers)
+    loader = three.train_dataloader()
+    loader.sampler.set_epoch(1)
+    groups = list(loader)
+    n_batches = -(-(N_TRAIN - 100) // 64)  # 8
+    assert [len(g) for g in groups] == [3, 3, 2] and len(loader) == 3 == -(-n_batches // 3)
+    for a, b in zip(epoch_batches(one, 1), [b for g in groups for b in g], strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mid_epoch_state_resumes_only_with_the_same_grouping(mnist_root):
+    three = make(mnist_root, batches_per_step=3).train_dataloader()
+    three.progress = lambda: 1  # one call of the epoch trained
+    state = three.state_dict()
+    assert state == {"epoch": 0, "trained_batches": 1, "batches_per_step": 3}
+    again = make(mnist_root, batches_per_step=3).train_dataloader()
+    again.load_state_dict(state)
+    assert [len(g) for g in again] == [3, 2]  # the rest of the epoch's 8 batches
+    with pytest.raises(DataError, match=r"stopped mid-epoch with data.batches_per_step=3; resume with data"):
+        make(mnist_root, batches_per_step=2).train_dataloader().load_state_dict(state)
 
 
 def test_eval_batches_are_in_order(mnist_root):

@@ -35,6 +35,7 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
     )
     dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, eval_batch_size=7)
     got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+    assert (got.pop("step"), got.pop("epoch")) == (0, 0)  # the loggers' x-axis: no step taken yet
 
     x = dm.splits["val"][0].double()
     net = module.net.double()
@@ -102,44 +103,65 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
 
 
 class StepTerms(L.Callback):
-    """Each training step's loss, as returned by training_step: the independent record."""
+    """Each optimizer step's loss, as handed to backward: the independent record."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.losses.append(float(loss.detach()))
 
 
-def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
-    """train/loss at each written step is the mean of the per-step losses since the previous write."""
+def fit_small(
+    mnist_root, tmp_path, batches_per_step: int, callbacks=(), **trainer_kw
+) -> SparseAutoencoderModule:
+    """Two epochs on 500 synthetic images in batches of 20 (25 steps an epoch)."""
     L.seed_everything(0, verbose=False)
     module = SparseAutoencoderModule(lr=3e-3)
-    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, batch_size=20)
-    record = StepTerms()
+    dm = MNISTDataModule(
+        root=str(mnist_root), download=False, val_size=100, batch_size=20, batches_per_step=batches_per_step
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=2,
-        log_every_n_steps=4,
-        logger=CSVLogger(tmp_path, name="csv", version=""),
-        callbacks=[record],
+        callbacks=list(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
+        **{"logger": False, **trainer_kw},
     )
     trainer.fit(module, datamodule=dm)
-    assert len(record.losses) == 2 * 25  # 500 training images in batches of 20, two epochs
+    return module
+
+
+def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
+    """train/loss at each written step is the mean of the per-step losses since the previous write."""
+    record = StepTerms()
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    fit_small(mnist_root, tmp_path, 4, [record], log_every_n_steps=6, logger=logger)
+    assert len(record.losses) == 2 * 25
 
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"train/loss", "train/mse", "train/kl"} <= set(rows[0])
+    assert {"train/loss", "train/mse", "train/kl", "epoch"} <= set(rows[0])
     logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
-    # Written at steps 3, 7, 11, ... (every 4th), across the epoch boundary at step 25 too.
-    assert sorted(logged) == list(range(3, 50, 4))
-    for step, value in logged.items():
-        window = record.losses[step - 3 : step + 1]
-        assert value == pytest.approx(sum(window) / len(window), rel=1e-5), step
+    # Every 6 optimizer steps, whatever the calls (of 4 batches) and epochs (of 25 steps): the
+    # x-axis is the number of steps taken; 24 -> 30 spans the epoch end, 48 is the last.
+    assert sorted(logged) == list(range(6, 51, 6))
+    previous = 0
+    for step in sorted(logged):
+        window = record.losses[previous:step]
+        assert logged[step] == pytest.approx(sum(window) / len(window), rel=1e-5), step
+        previous = step
+
+
+def test_grouping_batches_per_call_trains_the_same_weights(mnist_root, tmp_path):
+    """data.batches_per_step is a speed setting only: every batch still gets its own step."""
+    one, eight = (fit_small(mnist_root, tmp_path, k) for k in (1, 8))
+    for (name, a), b in zip(one.state_dict().items(), eight.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert one.trainer.global_step == eight.trainer.global_step == 50  # optimizer steps, not calls
 
 
 class _RunsCodeOnLoad:

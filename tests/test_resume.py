@@ -56,20 +56,25 @@ def test_resume_refuses_a_missing_run_or_another_architecture(mnist_root, tmp_pa
 
 
 class PoisonWeights(L.Callback):
-    """Makes the model's weights NaN before a given step, as a too-large learning rate would."""
+    """Makes the model's weights NaN before a given step, as a too-large learning rate would.
+
+    Poisoned just before the previous step's update (step at_step - 1, counted from 0), which can
+    fall inside a training call of several batches: the loss of step at_step is the first NaN.
+    """
 
     def __init__(self, at_step: int) -> None:
         self.at_step = at_step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.at_step - 1:
             with torch.no_grad():
                 pl_module.net.encoder[0][0].weight.fill_(float("nan"))
 
 
 def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path):
-    # debug=limit: 10 steps an epoch. Poisoned at step 13 (epoch 1); the loggers write every
-    # 50 steps, so it is the check before epoch 1's validation and checkpoint that stops it.
+    # debug=limit: 10 steps an epoch, all in one call. Poisoned at step 13 (epoch 1, inside the
+    # call); the loggers write every 50 calls, so it is the check before epoch 1's
+    # validation and checkpoint that stops it.
     cfg = compose_train(
         [
             "debug=limit",
@@ -84,7 +89,7 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(m
         train(cfg)
     message = str(err.value)
     assert "became NaN or inf at step 13 (epoch 1)" in message and "\n" not in message
-    assert "last finite 50-step means: none logged yet" in message
+    assert "last logged: none yet" in message
     weights = last_weights(tmp_path)  # written after epoch 0, never overwritten by the NaN weights
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
@@ -94,8 +99,12 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(m
 def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
     poison = ["+callbacks.poison._target_=tests.test_resume.PoisonWeights", "+callbacks.poison.at_step=4"]
     cfg = compose_train(["debug=limit", *poison], tmp_path, mnist_root)
-    # debug=limit logs every step: the last finite window is step 3 alone.
-    with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 0\); last finite 1-step means: loss=\d"):
+    # Written every 3 steps (in calls of 3 batches): the last finite window is steps 0-2.
+    cfg.data.batches_per_step = 3
+    cfg.trainer.log_every_n_steps = 3
+    with pytest.raises(
+        TrainingDiverged, match=r"at step 4 \(epoch 0\); last logged: loss=\d.* \(mean of 3 steps\)"
+    ):
         train(cfg)
 
 
@@ -103,7 +112,7 @@ class SlowSteps(L.Callback):
     """Slows training down so that a signal can be sent mid-epoch."""
 
     def on_train_batch_end(self, *args) -> None:
-        time.sleep(0.03)
+        time.sleep(0.05)
 
 
 # The quick settings of compose_train, for a training subprocess.
@@ -115,6 +124,7 @@ SUBPROCESS_RUN = [
     "batch_size=50",
     "debug=limit",
     "epochs=6",
+    "data.batches_per_step=3",  # 4 calls an epoch (3+3+3+1 batches): mid-epoch stops between calls
 ]
 
 
@@ -128,7 +138,7 @@ def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root,
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.15)  # into the second epoch (10 steps of >= 30 ms)
+    time.sleep(0.08)  # into the second epoch (4 calls of >= 50 ms)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
 
@@ -142,9 +152,9 @@ def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root,
         assert said[0].startswith(f"interrupted at step {step} ")
     assert not (run / "metrics.json").exists()
 
-    again = compose_train(["debug=limit", "epochs=6", f"resume={run}"], tmp_path / "again", mnist_root)
-    resumed = train(again)
-    full = train(compose_train(["debug=limit", "epochs=6"], tmp_path / "full", mnist_root))
+    same = ["debug=limit", "epochs=6", "data.batches_per_step=3"]
+    resumed = train(compose_train([*same, f"resume={run}"], tmp_path / "again", mnist_root))
+    full = train(compose_train(same, tmp_path / "full", mnist_root))
     a, b = last_weights(tmp_path / "full"), last_weights(run)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)

@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 import train as train_script
 from evaluate import evaluate
 from sae.callbacks import HPARAMS_METRICS
-from sae.pipeline import build_trainer
+from sae.pipeline import build_trainer, cheap_cuda_checks_without_gpus
 from tests.conftest import CONF, ROOT, compose_config, compose_train
 from train import train
 
@@ -183,9 +183,19 @@ def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
 def test_progress_bar_is_throttled_and_can_be_turned_off(mnist_root, tmp_path):
     cfg = compose_config("train", [f"output_dir={tmp_path}", f"data.root={mnist_root}"])
     bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
-    assert len(bars) == 1 and bars[0].refresh_rate == 20
+    assert len(bars) == 1 and bars[0].refresh_rate == 5
     cfg = compose_train([], tmp_path, mnist_root)  # +trainer.enable_progress_bar=false
     assert not any(isinstance(c, TQDMProgressBar) for c in build_trainer(cfg).callbacks)
+
+
+def test_nvml_cuda_check_is_dropped_only_without_gpus(monkeypatch):
+    import lightning  # noqa: F401  (sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import)
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    cheap_cuda_checks_without_gpus()
+    dropped = "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+    assert dropped == (torch.cuda.device_count() == 0)
+    assert torch.cuda.is_available() == (torch.cuda.device_count() > 0)
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):
