@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -36,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.output_dir = str(Path(cfg.resume).resolve())
         print(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
     output_dir = Path(cfg.output_dir)
+    if cfg.get("threads"):  # e.g. a share of the cores when several jobs run at once
+        torch.set_num_threads(cfg.threads)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -56,10 +59,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
     metrics["fit/seconds"] = fit_seconds
     metrics["fit/epochs"] = trainer.current_epoch
+    metrics["fit/threads"] = torch.get_num_threads()
     metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
     metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
-    write_json_atomic(output_dir / "metrics.json", metrics)
-    print(format_metrics(metrics))
+    if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        print(format_metrics(metrics))
     return metrics
 
 

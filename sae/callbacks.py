@@ -32,6 +32,10 @@ HPARAMS_METRICS = (
 
 
 def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger; None without one, and on every process but rank 0 (under DDP
+    the others have a stand-in that writes nothing)."""
+    if trainer.global_rank != 0:
+        return None
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
@@ -90,6 +94,8 @@ class RunFigures(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:  # under DDP: one process draws and writes the figures
+            return
         import matplotlib.pyplot as plt
 
         from sae.plots import run_figures

@@ -44,6 +44,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("latent_dim", "epochs", "batch_size"):
         _check(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
     _check(cfg.seed is None or _is_int(cfg.seed), "seed", cfg.seed, "an integer (or null)")
+    threads = cfg.get("threads")
+    ok = threads is None or (_is_int(threads) and threads >= 1)
+    _check(ok, "threads", threads, "an integer >= 1 (or null)")
 
     model = cfg.model
     choices = {
@@ -83,6 +86,14 @@ def validate_train_config(cfg: DictConfig) -> None:
                 f"trainer.{key}={value!r} is not supported: the module steps its optimizer itself "
                 "(Lightning's manual optimization); remove the override"
             )
+
+    strategy = str(trainer.get("strategy") or "")
+    if "ddp" in strategy and cfg.data.get("batches_per_step", 1) != 1:
+        raise ConfigError(
+            f"data.batches_per_step={cfg.data.batches_per_step} with trainer.strategy={strategy}: DDP "
+            "averages gradients once per training call, so it needs data.batches_per_step=1 "
+            "(accelerator=ddp sets it)"
+        )
 
     data = cfg.data
     for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_step", 1)):

@@ -113,6 +113,12 @@ class SparseAutoencoderModule(L.LightningModule):
         the same as one batch per call.
         """
         batches = [batch] if isinstance(batch[0], Tensor) else batch
+        if len(batches) > 1 and self.trainer.world_size > 1:
+            # DDP averages gradients only in the first backward after each forward it wraps: the
+            # other steps of the call would train each process apart, silently.
+            raise ValueError(
+                "data.batches_per_step must be 1 with several processes (DDP): see accelerator=ddp"
+            )
         optimizer = self.optimizers()
         every = self.trainer.log_every_n_steps
         written = None

@@ -31,6 +31,8 @@ BAD = [
     ("model.sparsity_layers=latent", "model.sparsity_layers='latent' must be a list, e.g. [latent]"),
     ("model.sparsity_layers=[encoder_2]", "encoder_2 not in this model's layers encoder_1, latent"),
     ("data.batches_per_step=0", "data.batches_per_step=0 must be an integer >= 1"),
+    ("threads=0", "threads=0 must be an integer >= 1 (or null)"),
+    ("+trainer.strategy=ddp", "data.batches_per_step=16 with trainer.strategy=ddp: DDP averages"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the module steps"),
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
 ]

@@ -42,6 +42,7 @@ REQUIRED = [
     "test/dead_fraction",
     "fit/seconds",
     "fit/epochs",
+    "fit/threads",
     "ckpt_path",
 ]
 # The whole synthetic test split in one batch, so a limited run tests what evaluate.py tests.
@@ -121,9 +122,15 @@ def assert_hparams(folder: Path, expected: dict) -> None:
 
 def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     cfg = compose_train(["debug=limit", WHOLE_TEST, "rho=0.1", "latent_dim=64"], tmp_path, mnist_root)
-    metrics = train(cfg)
+    cfg.threads = 1
+    before = torch.get_num_threads()
+    try:
+        metrics = train(cfg)
+    finally:
+        torch.set_num_threads(before)  # a process-wide setting: leave the other tests theirs
     assert metrics == read_metrics(tmp_path)
     assert_run_folder(tmp_path)
+    assert metrics["fit/threads"] == 1
     assert Path(metrics["ckpt_path"]).name.startswith("best-epoch")  # the best by val/loss is tested
     assert metrics["fit/epochs"] == 2 and metrics["fit/seconds"] > 0
     assert metrics["val/loss"] > 0
