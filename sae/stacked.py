@@ -1,0 +1,126 @@
+"""Many training runs of one architecture as one stacked model: the core of the vectorized launcher.
+
+A sweep over rho, beta, lr and seed trains small networks that leave a GPU (and a CPU's vector
+units) mostly idle, one run at a time. Here the parameters of J runs are stacked along a leading
+job dimension and one vmapped forward/backward trains them all. Each job keeps what a separate
+`train.py` run would have: its own initialisation (the module built after seeding with its own
+seed), its own batch order (its own seed), its own rho, beta and learning rate, and its own Adam
+state; nothing is shared but the data tensor. So job j ends with the weights its separate run
+ends with, up to float rounding (tests/test_stacked.py checks it against train.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from sae.data import BatchIndexSampler
+from sae.loss import reconstruction_loss, sparsity_penalty
+from sae.module import SparseAutoencoderModule
+
+# What jobs must share to be stacked: the network's shape and the loss's form.
+STACK_KEYS = (
+    "input_dim",
+    "hidden_dims",
+    "latent_dim",
+    "activation",
+    "latent_activation",
+    "output_activation",
+    "sparsity_layers",
+    "recon_loss",
+)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
+
+
+class StackedTraining:
+    """J SparseAutoencoderModules trained together: one vmapped step, one Adam per job."""
+
+    def __init__(self, modules: Sequence[SparseAutoencoderModule], device: torch.device | str = "cpu"):
+        first = modules[0].hparams
+        for m in modules[1:]:
+            differ = [k for k in STACK_KEYS if m.hparams[k] != first[k]]
+            if differ:
+                raise ValueError(f"jobs with different {', '.join(differ)} cannot be stacked")
+        self.modules = list(modules)
+        self.device = torch.device(device)
+        self.recon_loss = first.recon_loss
+        self.net = modules[0].net  # the function; its own weights are not used
+        params, self.buffers = stack_module_state([m.net for m in modules])
+        self.params = {k: p.detach().to(self.device).requires_grad_() for k, p in params.items()}
+        self.buffers = {k: b.to(self.device) for k, b in self.buffers.items()}
+
+        def column(name: str) -> Tensor:
+            return torch.tensor([float(m.hparams[name]) for m in modules], device=self.device)
+
+        self.rho, self.beta, self.lr = column("rho"), column("beta"), column("lr")
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.steps = 0
+        self._terms = vmap(self._job_terms)
+
+    def _job_terms(self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor) -> Tensor:
+        """(loss, recon, kl) of one job on its batch: the module's training objective."""
+        out = functional_call(self.net, (params, buffers), (x,))
+        recon = reconstruction_loss(self.recon_loss, out.recon, x)
+        kl = sparsity_penalty(rho, out.activations)
+        return torch.stack([recon + beta * kl, recon, kl])
+
+    def step(self, x: Tensor) -> Tensor:
+        """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""
+        terms = self._terms(self.params, self.buffers, x, self.rho, self.beta)
+        grads = torch.autograd.grad(terms[:, 0].sum(), list(self.params.values()))  # jobs are independent
+        self.steps += 1
+        self._adam(dict(zip(self.params, grads, strict=True)))
+        return terms.detach()
+
+    @torch.no_grad()
+    def _adam(self, grads: dict[str, Tensor]) -> None:
+        """torch.optim.Adam's update (single-tensor form, defaults), with one learning rate per job."""
+        beta1, beta2 = ADAM_BETAS
+        t = self.steps
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        for name, p in self.params.items():
+            g = grads[name]
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+            step_size = (self.lr / bias_correction1).view(-1, *([1] * (p.dim() - 1)))
+            p.sub_(step_size * m / denom)
+
+    def fit(self, images: Tensor, batch_size: int, seeds: Sequence[int], epochs: int, start_epoch: int = 0):
+        """Train every job for `epochs` epochs over `images`, job j in the (seeds[j], epoch) order its
+        separate run's MNISTDataModule uses; yields (epoch, per-step (J, 3) terms) after each epoch."""
+        images = images.to(self.device)
+        samplers = [BatchIndexSampler(len(images), batch_size, shuffle=True, seed=s) for s in seeds]
+        for epoch in range(start_epoch, start_epoch + epochs):
+            for sampler in samplers:
+                sampler.set_epoch(epoch)
+            terms = [self.step(images[torch.stack(idx)]) for idx in zip(*samplers, strict=True)]
+            yield epoch, torch.stack(terms)
+
+    def unstack(self) -> None:
+        """Copy each job's weights into its module, and its Adam state into a torch Adam's format
+        (module.stacked_optimizer_state), as a separate run's checkpoint would hold them."""
+        for j, module in enumerate(self.modules):
+            with torch.no_grad():
+                for name, p in module.net.named_parameters():
+                    p.copy_(self.params[name][j])
+            optimizer = torch.optim.Adam(module.parameters(), lr=float(self.lr[j]))
+            state = optimizer.state_dict()
+            names = [n for n, _ in module.net.named_parameters()]
+            state["state"] = {
+                i: {
+                    "step": torch.tensor(float(self.steps)),
+                    "exp_avg": self.exp_avg[n][j].detach().cpu().clone(),
+                    "exp_avg_sq": self.exp_avg_sq[n][j].detach().cpu().clone(),
+                }
+                for i, n in enumerate(names)
+            }
+            optimizer.load_state_dict(state)
+            module.stacked_optimizer_state = optimizer.state_dict()

@@ -1,0 +1,67 @@
+"""Stacked training (the vectorized launcher's core) against separate train.py runs."""
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sae.stacked import StackedTraining
+from tests.conftest import compose_train
+from train import train
+
+# Jobs that differ in everything a sweep varies but the architecture.
+JOBS = [
+    {"rho": 0.05, "beta": 5e-3, "lr": 1e-3, "seed": 0},
+    {"rho": 0.1, "beta": 0.05, "lr": 3e-3, "seed": 1},
+    {"rho": 0.02, "beta": 0.0, "lr": 1e-2, "seed": 2},
+]
+
+
+def job_config(job, tmp_path, mnist_root, name):
+    quick = ["epochs=2", "logger=none", "~callbacks.run_figures", "~callbacks.linear_probe"]
+    overrides = [f"{k}={v}" for k, v in job.items()] + quick
+    return compose_train(overrides, tmp_path / name, mnist_root)
+
+
+def build_like_train(cfg):
+    """The data module and model exactly as train(cfg) builds them (seeded first)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    return datamodule, instantiate(cfg.model)
+
+
+def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path):
+    separate = []
+    for i, job in enumerate(JOBS):
+        cfg = job_config(job, tmp_path, mnist_root, f"run{i}")
+        train(cfg)
+        ckpt = torch.load(tmp_path / f"run{i}" / "checkpoints" / "last.ckpt", weights_only=True)
+        separate.append(ckpt)
+
+    built = [build_like_train(job_config(job, tmp_path, mnist_root, f"s{i}")) for i, job in enumerate(JOBS)]
+    datamodule = built[0][0]
+    datamodule.setup("fit")
+    modules = [m for _, m in built]
+    stacked = StackedTraining(modules)
+    cfg = job_config(JOBS[0], tmp_path, mnist_root, "s")
+    epochs = list(stacked.fit(datamodule.splits["train"][0], cfg.batch_size, [j["seed"] for j in JOBS], 2))
+    assert [e for e, _ in epochs] == [0, 1] and epochs[0][1].shape == (10, 3, 3)  # steps, jobs, terms
+    stacked.unstack()
+
+    for job, module, ckpt in zip(JOBS, modules, separate, strict=True):
+        for name, value in module.state_dict().items():
+            if name.startswith("net."):
+                torch.testing.assert_close(value, ckpt["state_dict"][name], rtol=0, atol=1e-4, msg=name)
+        adam = module.stacked_optimizer_state
+        saved = ckpt["optimizer_states"][0]
+        assert adam["param_groups"][0]["lr"] == pytest.approx(job["lr"])
+        assert float(adam["state"][0]["step"]) == float(saved["state"][0]["step"]) == 20
+        ours, theirs = adam["state"][0]["exp_avg"], saved["state"][0]["exp_avg"]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_jobs_of_another_architecture_are_refused(mnist_root, tmp_path):
+    a = build_like_train(job_config(JOBS[0], tmp_path, mnist_root, "a"))[1]
+    b = build_like_train(compose_train(["latent_dim=16"], tmp_path / "b", mnist_root))[1]
+    with pytest.raises(ValueError, match="different latent_dim cannot be stacked"):
+        StackedTraining([a, b])
