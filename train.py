@@ -27,10 +27,15 @@ from sae.data import DataError
 from sae.io import format_metrics, one_line, write_json_atomic
 from sae.module import CheckpointError, TrainingDiverged, read_checkpoint
 from sae.pipeline import build_trainer, run_test
+from sae.vectorized import JobRecord, attach_replay
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents."""
+def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
+    """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents.
+
+    With `replay` (the vectorized launcher) the training epochs come from a stacked run's record
+    instead of being computed here; everything else is the same.
+    """
     validate_train_config(cfg)
     resume_from = checkpoint_to_resume(cfg)
     if cfg.get("resume"):  # continue the run in its own folder: checkpoints, TensorBoard, metrics
@@ -43,6 +48,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    if replay is not None:
+        module = attach_replay(replay, module, datamodule)
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
@@ -60,6 +67,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["fit/seconds"] = fit_seconds
     metrics["fit/epochs"] = trainer.current_epoch
     metrics["fit/threads"] = torch.get_num_threads()
+    if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
+        metrics["fit/seconds"] += replay.stacked_seconds
+        metrics["fit/stacked_jobs"] = replay.stacked_jobs
     metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
     metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics

@@ -84,14 +84,15 @@ class StackedTraining:
         t = self.steps
         bias_correction1 = 1 - beta1**t
         bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        step_size = self.lr / bias_correction1  # (J,)
         for name, p in self.params.items():
             g = grads[name]
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-            step_size = (self.lr / bias_correction1).view(-1, *([1] * (p.dim() - 1)))
-            p.sub_(step_size * m / denom)
+            denom = v.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
+            # p -= step_size_j * m / denom, with the per-job step size folded into denom in place
+            p.addcdiv_(m, denom.div_(step_size.view(-1, *([1] * (p.dim() - 1)))), value=-1)
 
     def fit(self, images: Tensor, batch_size: int, seeds: Sequence[int], epochs: int, start_epoch: int = 0):
         """Train every job for `epochs` epochs over `images`, job j in the (seeds[j], epoch) order its
@@ -104,23 +105,26 @@ class StackedTraining:
             terms = [self.step(images[torch.stack(idx)]) for idx in zip(*samplers, strict=True)]
             yield epoch, torch.stack(terms)
 
-    def unstack(self) -> None:
-        """Copy each job's weights into its module, and its Adam state into a torch Adam's format
-        (module.stacked_optimizer_state), as a separate run's checkpoint would hold them."""
-        for j, module in enumerate(self.modules):
-            with torch.no_grad():
-                for name, p in module.net.named_parameters():
-                    p.copy_(self.params[name][j])
-            optimizer = torch.optim.Adam(module.parameters(), lr=float(self.lr[j]))
-            state = optimizer.state_dict()
-            names = [n for n, _ in module.net.named_parameters()]
-            state["state"] = {
-                i: {
-                    "step": torch.tensor(float(self.steps)),
-                    "exp_avg": self.exp_avg[n][j].detach().cpu().clone(),
-                    "exp_avg_sq": self.exp_avg_sq[n][j].detach().cpu().clone(),
-                }
-                for i, n in enumerate(names)
+    def job_state(self, j: int) -> tuple[dict[str, Tensor], dict]:
+        """Job j's network weights (SparseAutoencoder state_dict) and its Adam state in the format of
+        a torch.optim.Adam over its module's parameters, as a separate run's checkpoint holds them;
+        copies on the CPU."""
+        weights = {name: p[j].detach().cpu().clone() for name, p in self.params.items()}
+        names = list(self.params)
+        state = {
+            i: {
+                "step": torch.tensor(float(self.steps)),
+                "exp_avg": self.exp_avg[n][j].detach().cpu().clone(),
+                "exp_avg_sq": self.exp_avg_sq[n][j].detach().cpu().clone(),
             }
-            optimizer.load_state_dict(state)
-            module.stacked_optimizer_state = optimizer.state_dict()
+            for i, n in enumerate(names)
+        }
+        reference = torch.optim.Adam(self.modules[j].parameters(), lr=float(self.lr[j])).state_dict()
+        return weights, {"state": state, "param_groups": reference["param_groups"]}
+
+    def unstack(self) -> None:
+        """Copy each job's weights into its module (and its Adam state to module.stacked_optimizer_state)."""
+        for j, module in enumerate(self.modules):
+            weights, optimizer_state = self.job_state(j)
+            module.net.load_state_dict(weights)
+            module.stacked_optimizer_state = optimizer_state

@@ -1,0 +1,81 @@
+"""hydra/launcher=vectorized: stacked jobs end as separate train.py runs of the same config would."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evaluate import evaluate
+from tests.conftest import ROOT, compose_config, compose_train
+from train import train
+
+# Quick settings a stacked group accepts (whole epochs: no batch limits).
+QUICK = [
+    "accelerator=cpu",
+    "+trainer.enable_progress_bar=false",
+    "data.val_size=100",
+    "data.eval_batch_size=64",
+    "batch_size=50",
+    "epochs=2",
+]
+
+
+def vectorized_sweep(tmp_path, mnist_root, *overrides):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "train.py"), *QUICK, f"data.root={mnist_root}"]
+    command += [f"hydra.sweep.dir={sweep}", "hydra/launcher=vectorized", *overrides, "-m"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    with open(sweep / "summary.csv") as f:
+        rows = {r["job"]: r for r in csv.DictReader(f)}
+    return proc, sweep, rows
+
+
+def weights(run):
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
+    proc, sweep, rows = vectorized_sweep(tmp_path, mnist_root, "beta=1e-3,5e-2", "seed=0,1", "lr=3e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training jobs 0, 1, 2, 3 as one stacked model" in proc.stdout + proc.stderr
+    assert [rows[j]["status"] for j in "0123"] == ["ok"] * 4
+    assert all(rows[j]["fit/stacked_jobs"] == "4" for j in "0123")
+
+    for job, (beta, seed) in {"0": ("1e-3", 0), "3": ("5e-2", 1)}.items():
+        alone = tmp_path / f"alone{job}"
+        overrides = ["epochs=2", f"beta={beta}", f"seed={seed}", "lr=3e-3"]  # with conftest.FAST
+        expected = train(compose_train(overrides, alone, mnist_root))
+        got = json.loads((sweep / job / "metrics.json").read_text())
+        for key in ("val/loss", "test/mse", "test/fvu", "test/rho_hat_mean", "test/l0", "test/kl"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-7), (job, key)
+        assert got["fit/epochs"] == expected["fit/epochs"] == 2
+        a, b = weights(alone), weights(sweep / job)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+        # The same folder as a separate run: checkpoints, figures, events, and evaluate.py reads it.
+        for folder in ("checkpoints", "plots"):
+            names = [{p.name for p in (run / folder).iterdir()} for run in (sweep / job, alone)]
+            assert names[0] == names[1], folder
+        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+        cfg = compose_config("evaluate", [f"ckpt_path={got['ckpt_path']}", f"output_dir={tmp_path / 'e'}"])
+        cfg.data.root, cfg.data.eval_batch_size, cfg.trainer.accelerator = str(mnist_root), 64, "cpu"
+        assert evaluate(cfg)["test/mse"] == pytest.approx(got["test/mse"], rel=1e-6)
+
+
+def test_failing_and_diverging_jobs_do_not_spoil_the_others(mnist_root, tmp_path):
+    # An unbounded output and lr=1e30: the loss is inf at step 1, NaN after (in a separate run too).
+    sweep_values = ["model.output_activation=identity", "lr=1e-3,1e30", "rho=0.05,1.5"]
+    proc, sweep, rows = vectorized_sweep(tmp_path, mnist_root, *sweep_values)
+    assert proc.returncode != 0  # the command says that jobs failed
+    by_setting = {(r["lr"], r["rho"]): r for r in rows.values()}
+    assert by_setting[("0.001", "0.05")]["status"] == "ok"
+    diverged = by_setting[("1e+30", "0.05")]
+    assert diverged["status"] == "failed"
+    assert diverged["error"].startswith("the training loss became NaN or inf at step 1 (epoch 0)")
+    assert not (sweep / diverged["job"] / "checkpoints" / "last.ckpt").exists()  # no NaN weights kept
+    for lr in ("0.001", "1e+30"):
+        assert by_setting[(lr, "1.5")]["error"] == "rho=1.5 must be a number in (0, 1)"
+    assert float(by_setting[("0.001", "0.05")]["test/mse"]) > 0
