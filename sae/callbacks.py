@@ -10,10 +10,12 @@ import threading
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
 from torch import Tensor
 
 from sae.io import write_json_atomic
@@ -105,10 +107,12 @@ class RunFigures(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tb = tensorboard(trainer)
         for name, fig in figures.items():
-            fig.savefig(self.dirpath / f"{name}.png")
-            if tb is not None:
-                tb.experiment.add_figure(f"figures/{name}", fig, global_step=trainer.global_step, close=False)
+            path = self.dirpath / f"{name}.png"
+            fig.savefig(path)
             plt.close(fig)
+            if tb is not None:  # the saved PNG itself: rendering the figure again costs as much
+                image = np.asarray(Image.open(path).convert("RGB"))
+                tb.experiment.add_image(f"figures/{name}", image, trainer.global_step, dataformats="HWC")
 
 
 class EpochVisuals(L.Callback):
