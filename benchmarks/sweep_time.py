@@ -1,0 +1,97 @@
+"""Wall time of a 16-job grid: Hydra's basic launcher (one job after another) against the vectorized one.
+
+    python benchmarks/sweep_time.py [--device cpu|cuda] [--epochs 2] [--data-root DIR]
+
+Runs, as a user would from the command line, on the real MNIST:
+
+  single      python train.py                        one job of the grid, for scale
+  basic       python train.py -m beta=4 values rho=4 values          16 jobs, one after another
+  vectorized  the same with hydra/launcher=vectorized                16 jobs as one stacked model
+
+and prints the wall time of each (process start to exit, summaries included), the ratio
+basic/vectorized, vectorized/single, and the largest relative difference in test/mse between
+the two launchers' jobs (the vectorized jobs must be the same runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = "1e-3,5e-3,2e-2,5e-2"
+RHOS = "0.02,0.05,0.1,0.2"
+
+
+def run(command: list[str], label: str) -> float:
+    print(f"{label}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def test_mse(sweep: Path) -> dict[tuple[str, str], float]:
+    with open(sweep / "summary.csv") as f:
+        return {(r["beta"], r["rho"]): float(r["test/mse"]) for r in csv.DictReader(f)}
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--data-root", default=os.environ.get("SAE_DATA_DIR", "data"))
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+
+    common = [
+        f"data.root={args.data_root}",
+        f"epochs={args.epochs}",
+        f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "+trainer.enable_progress_bar=false",
+    ]
+    train = [sys.executable, str(ROOT / "train.py")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        grid = [f"beta={BETAS}", f"rho={RHOS}"]
+        seconds = {
+            "single": run([*train, *common, f"hydra.run.dir={tmp / 'single'}"], "single"),
+            "basic": run([*train, *common, *grid, f"hydra.sweep.dir={tmp / 'basic'}", "-m"], "basic"),
+            "vectorized": run(
+                [*train, *common, *grid, "hydra/launcher=vectorized", f"hydra.sweep.dir={tmp / 'vec'}", "-m"],
+                "vectorized",
+            ),
+        }
+        basic, vectorized = test_mse(tmp / "basic"), test_mse(tmp / "vec")
+    if basic.keys() != vectorized.keys() or len(basic) != 16:
+        raise SystemExit(f"the sweeps differ: {sorted(basic)} vs {sorted(vectorized)}")
+    worst = max(abs(vectorized[k] - basic[k]) / basic[k] for k in basic)
+
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"\n16-job grid (beta {BETAS} x rho {RHOS}), {args.epochs} epochs each, {args.device} ({where})\n")
+    print(f"{'launcher':<22} {'wall s':>8}")
+    print("-" * 31)
+    print(f"{'single job':<22} {seconds['single']:>8.1f}")
+    print(f"{'basic (16 jobs)':<22} {seconds['basic']:>8.1f}")
+    print(f"{'vectorized (16 jobs)':<22} {seconds['vectorized']:>8.1f}")
+    print()
+    speedup = seconds["basic"] / seconds["vectorized"]
+    print(f"basic / vectorized:  {speedup:.2f}x  (GPU target >= 8x; CPU: >= 1x)")
+    print(f"vectorized / single: {seconds['vectorized'] / seconds['single']:.2f}x  (GPU target <= 2x)")
+    print(f"largest relative test/mse difference between the launchers' jobs: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
