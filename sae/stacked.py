@@ -98,7 +98,8 @@ class StackedTraining:
         """Train every job for `epochs` epochs over `images`, job j in the (seeds[j], epoch) order its
         separate run's MNISTDataModule uses; yields (epoch, per-step (J, 3) terms) after each epoch."""
         images = images.to(self.device)
-        samplers = [BatchIndexSampler(len(images), batch_size, shuffle=True, seed=s) for s in seeds]
+        n, device = len(images), images.device  # index orders on the device: no copy per step
+        samplers = [BatchIndexSampler(n, batch_size, shuffle=True, seed=s, device=device) for s in seeds]
         for epoch in range(start_epoch, start_epoch + epochs):
             for sampler in samplers:
                 sampler.set_epoch(epoch)
