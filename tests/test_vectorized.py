@@ -64,6 +64,14 @@ def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
         cfg.data.root, cfg.data.eval_batch_size, cfg.trainer.accelerator = str(mnist_root), 64, "cpu"
         assert evaluate(cfg)["test/mse"] == pytest.approx(got["test/mse"], rel=1e-6)
 
+    # Its last.ckpt resumes like a separate run's: one more epoch ends where 3 epochs in one go do.
+    more = ["epochs=3", "beta=5e-2", "seed=1", "lr=3e-3"]
+    train(compose_train([*more, f"resume={sweep / '3'}"], tmp_path / "more", mnist_root))
+    train(compose_train(more, tmp_path / "three", mnist_root))
+    a, b = weights(tmp_path / "three"), weights(sweep / "3")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
 
 def test_failing_and_diverging_jobs_do_not_spoil_the_others(mnist_root, tmp_path):
     # An unbounded output and lr=1e30: the loss is inf at step 1, NaN after (in a separate run too).
