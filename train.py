@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae.config import ConfigError, validate_train_config
 from sae.data import DataError
 from sae.io import format_metrics, one_line, write_json_atomic
-from sae.module import CheckpointError, TrainingDiverged, read_checkpoint
+from sae.module import ARCHITECTURE, CheckpointError, TrainingDiverged, read_checkpoint
 from sae.pipeline import build_trainer, run_test
 from sae.vectorized import JobRecord, attach_replay
 
@@ -76,18 +76,6 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(format_metrics(metrics))
     return metrics
-
-
-# What a checkpoint's weights must agree with: resuming with another architecture is refused.
-ARCHITECTURE = (
-    "input_dim",
-    "hidden_dims",
-    "latent_dim",
-    "activation",
-    "latent_activation",
-    "output_activation",
-    "sparsity_layers",
-)
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:

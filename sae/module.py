@@ -23,6 +23,17 @@ from sae.model import SparseAutoencoder, layer_names
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
+# The hyperparameters that shape the network: a checkpoint's weights fit only the same values
+# (resuming with others is refused), and only runs that share them can be stacked.
+ARCHITECTURE = (
+    "input_dim",
+    "hidden_dims",
+    "latent_dim",
+    "activation",
+    "latent_activation",
+    "output_activation",
+    "sparsity_layers",
+)
 
 
 class SparseAutoencoderModule(L.LightningModule):

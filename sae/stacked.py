@@ -20,19 +20,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from sae.data import BatchIndexSampler
 from sae.loss import reconstruction_loss, sparsity_penalty
-from sae.module import SparseAutoencoderModule
+from sae.module import ARCHITECTURE, SparseAutoencoderModule
 
-# What jobs must share to be stacked: the network's shape and the loss's form.
-STACK_KEYS = (
-    "input_dim",
-    "hidden_dims",
-    "latent_dim",
-    "activation",
-    "latent_activation",
-    "output_activation",
-    "sparsity_layers",
-    "recon_loss",
-)
+STACK_KEYS = (*ARCHITECTURE, "recon_loss")  # what jobs must share: the network and the loss's form
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
 
 
