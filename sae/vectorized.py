@@ -29,6 +29,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from sae.config import validate_train_config
+from sae.io import one_line
 from sae.module import SparseAutoencoderModule
 from sae.stacked import StackedTraining
 
@@ -189,9 +190,14 @@ def launch(
     records: dict[int, JobRecord] = {}
     for members in groups.values():
         if len(members) > 1:
-            log.info(f"training jobs {', '.join(str(jobs[i][0]) for i in members)} as one stacked model")
-            for i, record in zip(members, train_group([jobs[i][2] for i in members]), strict=True):
-                records[i] = record
+            names = ", ".join(str(jobs[i][0]) for i in members)
+            log.info(f"training jobs {names} as one stacked model")
+            try:
+                group_records = train_group([jobs[i][2] for i in members])
+            except Exception as err:  # e.g. missing data: each job then fails with its own message
+                log.warning(f"stacked training of jobs {names} failed ({one_line(err)}); one job at a time")
+                continue
+            records.update(zip(members, group_records, strict=True))
 
     returns = []
     for i, (idx, overrides, cfg) in enumerate(jobs):

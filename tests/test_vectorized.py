@@ -73,6 +73,16 @@ def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
 
 
+def test_a_group_that_cannot_train_falls_back_to_one_job_at_a_time(tmp_path):
+    no_data = tmp_path / "no-data"
+    proc, sweep, rows = vectorized_sweep(tmp_path, no_data, "beta=1e-3,5e-3", "data.download=false")
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "failed (MNIST not found under data root" in said and "one job at a time" in said
+    assert [r["status"] for r in rows.values()] == ["failed", "failed"]
+    assert all(r["error"].startswith("MNIST not found under data root") for r in rows.values())
+
+
 def test_failing_and_diverging_jobs_do_not_spoil_the_others(mnist_root, tmp_path):
     # An unbounded output and lr=1e30: the loss is inf at step 1, NaN after (in a separate run too).
     sweep_values = ["model.output_activation=identity", "lr=1e-3,1e30", "rho=0.05,1.5"]
