@@ -156,6 +156,27 @@ def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
         previous = step
 
 
+class CountBackward(L.Callback):
+    """A callback with a per-step hook: the module must then take Lightning's step path."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.calls += 1
+
+
+def test_plain_steps_only_when_no_hook_would_be_skipped(mnist_root, tmp_path):
+    plain = fit_small(mnist_root, tmp_path, 8)
+    assert plain._plain_steps  # default: no step hooks, full precision, one device
+    counter = CountBackward()
+    wrapped = fit_small(mnist_root, tmp_path, 8, [counter])
+    assert not wrapped._plain_steps and counter.calls == 50  # every step's hook ran
+    assert plain.trainer.global_step == wrapped.trainer.global_step == 50
+    for (name, a), b in zip(plain.state_dict().items(), wrapped.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # the same steps either way
+
+
 def test_grouping_batches_per_call_trains_the_same_weights(mnist_root, tmp_path):
     """data.batches_per_step is a speed setting only: every batch still gets its own step."""
     one, eight = (fit_small(mnist_root, tmp_path, k) for k in (1, 8))
