@@ -35,3 +35,14 @@ def reconstruction_loss(kind: str, recon: Tensor, target: Tensor) -> Tensor:
 def sparsity_penalty(rho: float, activations: Mapping[str, Tensor]) -> Tensor:
     """KL penalty summed over the covered layers; rho_hat_j is unit j's mean over the batch."""
     return sum(kl_sparsity(rho, a.mean(dim=0)) for a in activations.values())
+
+
+def objective_terms(kind: str, out, x: Tensor, rho: float | Tensor, beta: float | Tensor) -> Tensor:
+    """(loss, recon, kl) of one batch: the training objective recon + beta * KL and its two terms.
+
+    `out` is the model's AutoencoderOutput for x; rho and beta may be tensors (one job's values
+    inside a vmap over stacked jobs).
+    """
+    recon = reconstruction_loss(kind, out.recon, x)
+    kl = sparsity_penalty(rho, out.activations)
+    return torch.stack([recon + beta * kl, recon, kl])

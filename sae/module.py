@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from sae.io import one_line
-from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, reconstruction_loss, sparsity_penalty
+from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, objective_terms
 from sae.metrics import (
     FractionOfVarianceUnexplained,
     UnitMeanActivation,
@@ -132,13 +132,11 @@ class SparseAutoencoderModule(L.LightningModule):
                 "data.batches_per_step must be 1 with several processes (DDP): see accelerator=ddp"
             )
         optimizer = self.optimizers()
-        every = self.trainer.log_every_n_steps
+        hp = self.hparams
         written = None
         for x, _ in batches:
-            out = self.net(x)
-            recon = reconstruction_loss(self.hparams.recon_loss, out.recon, x)
-            kl = sparsity_penalty(self.hparams.rho, out.activations)
-            loss = recon + self.hparams.beta * kl
+            terms = objective_terms(hp.recon_loss, self.net(x), x, hp.rho, hp.beta)
+            loss = terms[0]
             if self._plain_steps:
                 optimizer.optimizer.zero_grad()
                 loss.backward()
@@ -148,12 +146,24 @@ class SparseAutoencoderModule(L.LightningModule):
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
-            self._record(torch.stack([loss, recon, kl]).detach())
-            if every and self.global_step % every == 0:
-                written = self._write_train_window()
+            if (mean_loss := self._after_step(terms.detach())) is not None:
+                written = mean_loss
+        self._end_call(written)
+
+    def _after_step(self, terms: Tensor) -> Tensor | None:
+        """Keep the terms of the optimizer step just taken; every `log_every_n_steps` steps, write
+        the window to the loggers and return its mean loss."""
+        self._record(terms)
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
+            return self._write_train_window()
+        return None
+
+    def _end_call(self, written: Tensor | None) -> None:
+        """After a training call: the progress bar shows the latest window mean."""
         if written is not None:
-            self.log("train/loss", written, prog_bar=True, logger=False)  # the bar: latest window mean
-        elif not every and self._window_len >= UNLOGGED_CHECK_EVERY:
+            self.log("train/loss", written, prog_bar=True, logger=False)
+        elif not self.trainer.log_every_n_steps and self._window_len >= UNLOGGED_CHECK_EVERY:
             self._stop_if_diverged()  # log_every_n_steps=0 logs nothing, but divergence is still caught
             self._window_len = 0
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from sae.data import BatchIndexSampler
-from sae.loss import reconstruction_loss, sparsity_penalty
+from sae.loss import objective_terms
 from sae.module import ARCHITECTURE, SparseAutoencoderModule
 
 STACK_KEYS = (*ARCHITECTURE, "recon_loss")  # what jobs must share: the network and the loss's form
@@ -55,9 +55,7 @@ class StackedTraining:
     def _job_terms(self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor) -> Tensor:
         """(loss, recon, kl) of one job on its batch: the module's training objective."""
         out = functional_call(self.net, (params, buffers), (x,))
-        recon = reconstruction_loss(self.recon_loss, out.recon, x)
-        kl = sparsity_penalty(rho, out.activations)
-        return torch.stack([recon + beta * kl, recon, kl])
+        return objective_terms(self.recon_loss, out, x, rho, beta)
 
     def step(self, x: Tensor) -> Tensor:
         """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sae.config import validate_train_config
 from sae.io import one_line
-from sae.module import SparseAutoencoderModule
+from sae.module import SparseAutoencoderModule, count_optimizer_steps
 from sae.stacked import StackedTraining
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,12 @@ class ReplayModule(SparseAutoencoderModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         epoch = self.current_epoch
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        every = self.trainer.log_every_n_steps
         written = None
         for terms in self.record.terms[epoch].to(self.device):
-            progress.increment_by(1)  # the optimizer step this row was recorded at
-            self._record(terms)
-            if every and self.global_step % every == 0:
-                written = self._write_train_window()
-        if written is not None:
-            self.log("train/loss", written, prog_bar=True, logger=False)
+            count_optimizer_steps(self.trainer, 1)  # the optimizer step this row was recorded at
+            if (mean_loss := self._after_step(terms)) is not None:
+                written = mean_loss
+        self._end_call(written)
         self.net.load_state_dict(self.record.weights[epoch])
         self.optimizers().optimizer.load_state_dict(self.record.optimizer_states[epoch])
 
