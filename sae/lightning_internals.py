@@ -1,0 +1,82 @@
+"""Every use of a Lightning (or torch) attribute that is not public API, behind named functions.
+
+Speed and exact resume need four things the public APIs do not offer; a release that moves one
+of them must fail loudly here, naming it, instead of silently training or resuming wrong.
+tests/test_lightning_internals.py exercises each against the installed releases, and
+pyproject.toml pins lightning and torch to the releases that suite was run with.
+
+| function                     | reaches                                                              |
+| ---------------------------- | -------------------------------------------------------------------- |
+| count_optimizer_steps        | trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress   |
+| batches_trained_this_epoch   | trainer.fit_loop.epoch_loop.batch_progress.current.completed          |
+| CheapHookName                | LightningModule._current_fx_name (set around every hook call)        |
+| tensorboard_file_writer      | torch.utils.tensorboard.SummaryWriter._get_file_writer()             |
+
+Why each is needed:
+- The module takes its optimizer steps with plain `optimizer.step()` when Lightning's wrapper would
+  add nothing (sae.module.plain_steps_are_equivalent); Lightning's step count (`global_step`,
+  which checkpoints, logging and max_steps read) then has to be advanced here.
+- A checkpoint written mid-epoch records how many of the epoch's training calls completed, so
+  that the resumed epoch skips exactly those (sae.data.TensorBatches).
+- Lightning records the running hook's name on the module dozens of times per training call;
+  nn.Module.__setattr__ checks every such write for parameters and submodules.
+- TensorBoard's HParams entry is written without the placeholder metric values that the public
+  `log_hyperparams` / `add_hparams` would write as scalars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+HOOK_NAME_ATTRIBUTE = "_current_fx_name"
+
+
+class LightningInternalsMoved(RuntimeError):
+    """An attribute this project reads inside Lightning or torch is gone: a release changed it."""
+
+
+def _moved(path: str, err: Exception) -> LightningInternalsMoved:
+    return LightningInternalsMoved(
+        f"{path} is not where sae/lightning_internals.py expects it ({type(err).__name__}: {err}); "
+        f"this lightning/torch release is not one the project was tested with: install the versions "
+        f"pinned in pyproject.toml, or update sae/lightning_internals.py"
+    )
+
+
+def count_optimizer_steps(trainer: L.Trainer, n: int) -> None:
+    """Advance trainer.global_step by n optimizer steps taken outside Lightning's optimizer wrapper."""
+    try:
+        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_by(n)
+    except AttributeError as err:
+        raise _moved("trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress", err) from err
+
+
+def batches_trained_this_epoch(trainer: L.Trainer) -> int:
+    """Training calls (items of the training loader) of the current epoch that have completed."""
+    try:
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+    except AttributeError as err:
+        raise _moved("trainer.fit_loop.epoch_loop.batch_progress.current.completed", err) from err
+
+
+class CheapHookName:
+    """Mixin for a LightningModule: stores Lightning's running-hook name without nn.Module's
+    __setattr__ checks (a str is neither a parameter nor a submodule). Put it first in the bases."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == HOOK_NAME_ATTRIBUTE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def tensorboard_file_writer(writer: Any) -> Any:
+    """The event-file writer behind a torch SummaryWriter (e.g. TensorBoardLogger.experiment),
+    which takes raw Summary protos such as the HParams plugin's."""
+    try:
+        return writer._get_file_writer()
+    except AttributeError as err:
+        raise _moved("torch.utils.tensorboard.SummaryWriter._get_file_writer", err) from err

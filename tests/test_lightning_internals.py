@@ -1,0 +1,119 @@
+"""The Lightning and torch internals in sae/lightning_internals.py still mean what the project assumes.
+
+Each test fails, naming the attribute, when a release moves or changes one: then update that
+module (and the pins in pyproject.toml) rather than the callers.
+"""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard.summary import hparams
+
+from sae.lightning_internals import (
+    HOOK_NAME_ATTRIBUTE,
+    CheapHookName,
+    LightningInternalsMoved,
+    batches_trained_this_epoch,
+    count_optimizer_steps,
+    tensorboard_file_writer,
+)
+
+
+class PlainSteps(CheapHookName, L.LightningModule):
+    """Manual optimization with plain optimizer steps, as SparseAutoencoderModule takes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(4, 1)
+        self.hook_names: list[str | None] = []
+
+    def training_step(self, batch, batch_idx):
+        self.hook_names.append(getattr(self, HOOK_NAME_ATTRIBUTE))
+        optimizer = self.optimizers().optimizer  # the torch optimizer, not Lightning's wrapper
+        optimizer.zero_grad()
+        self.layer(batch).square().mean().backward()
+        optimizer.step()
+        count_optimizer_steps(self.trainer, 1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TrainedSoFar(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, batches_trained_this_epoch(trainer)))
+
+
+def fit(module: L.LightningModule, callbacks=(), **kw) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kw,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(torch.randn(10, 4), batch_size=2))
+    return trainer
+
+
+def test_plain_steps_counted_as_lightning_optimizer_steps():
+    """count_optimizer_steps: global_step (what checkpoints, logging and max_steps read) follows."""
+    module = PlainSteps()
+    trainer = fit(module)
+    assert trainer.global_step == 10
+    assert fit(PlainSteps(), max_steps=3).global_step == 3  # and Lightning stops on it
+
+
+def test_batches_trained_this_epoch_counts_completed_calls_from_zero_each_epoch():
+    record = TrainedSoFar()
+    fit(PlainSteps(), [record])
+    assert record.seen == [(e, i, i) for e in (0, 1) for i in range(5)]
+
+
+def test_lightning_names_the_running_hook_on_the_module():
+    """CheapHookName keeps the attribute Lightning writes around each hook out of nn.Module's checks."""
+    module = PlainSteps()
+    fit(module)
+    assert module.hook_names == ["training_step"] * 10
+    assert HOOK_NAME_ATTRIBUTE in vars(module)  # a plain attribute, set without nn.Module.__setattr__
+
+
+def test_tensorboard_file_writer_takes_summary_protos(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    experiment, start, end = hparams({"rho": 0.05}, {"test/mse": 0.0})
+    writer = tensorboard_file_writer(logger.experiment)
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert events.Tags()["scalars"] == []  # no placeholder metric values
+
+
+@pytest.mark.parametrize(
+    "call, attribute",
+    [
+        (lambda: count_optimizer_steps(SimpleNamespace(), 1), "manual_optimization.optim_step_progress"),
+        (
+            lambda: batches_trained_this_epoch(SimpleNamespace()),
+            "epoch_loop.batch_progress.current.completed",
+        ),
+        (lambda: tensorboard_file_writer(object()), "SummaryWriter._get_file_writer"),
+    ],
+)
+def test_a_moved_attribute_fails_loudly_naming_it(call, attribute):
+    with pytest.raises(LightningInternalsMoved, match=attribute.replace(".", r"\.")):
+        call()
