@@ -39,7 +39,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
@@ -49,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from sae.data import load_mnist_split  # noqa: E402
 from sae.loss import kl_sparsity  # noqa: E402
 from sae.model import SparseAutoencoder  # noqa: E402
-from sae.pipeline import build_trainer  # noqa: E402
+from sae.training import build_data_and_module, build_trainer  # noqa: E402
 
 BATCH, RHO, BETA, LR = 128, 0.05, 5e-3, 1e-3
 NAMES = {"a": "reference loop", "b": "floor", "c": "train.py"}
@@ -155,14 +154,11 @@ def project_run(args, device: torch.device, interleave: bool) -> dict:
     """(c) as train.py runs it; with interleave, (a) and (b) train between its epochs."""
     with tempfile.TemporaryDirectory() as out:
         cfg = train_config(args, out)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = instantiate(cfg.data)
-        module = instantiate(cfg.model)
+        datamodule, module = build_data_and_module(cfg)
         trainer = build_trainer(cfg)
         loops = {}
         if interleave:
-            datamodule.setup("fit")  # the same training images for (a) and (b)
-            train_images = datamodule.splits["train"][0]
+            train_images = datamodule.split("train")[0]  # the same training images for (a) and (b)
             loops = {
                 "a": reference_loop(args.data_root, datamodule.train_indices, device),
                 "b": floor_loop(train_images, device),

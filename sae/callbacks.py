@@ -1,4 +1,11 @@
-"""Lightning callbacks that turn a run into something to look at: probe, figures, TensorBoard views."""
+"""Lightning callbacks that turn a run into something to look at: probe, figures, TensorBoard views.
+
+They read the module and the data only through small documented interfaces: the module's
+`hparams`, `encode`, `reconstruct`, `input_filters` and the codes its validation/test steps
+return (see SparseAutoencoderModule), and the data module's `split(name)`. Lightning runs a
+callback's epoch-end hook before the module's, so what the module computes at an epoch's end is
+not there yet for callbacks of that epoch.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch import Tensor
 
-from sae.io import write_json_atomic
+from sae.atomic import write_json_atomic
+from sae.lightning_internals import tensorboard_file_writer
 from sae.probe import linear_probe_accuracy
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings.
@@ -59,11 +67,9 @@ class LinearProbe(L.Callback):
         return linear_probe_accuracy(*train, *test, max_iter=self.max_iter, weight_decay=self.weight_decay)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        datamodule.setup("fit")  # the probe trains on the training split
-        (train_x, train_y), (test_x, test_y) = datamodule.splits["train"], datamodule.splits["test"]
-        net = pl_module.net
-        codes = (net.encode_all(train_x), train_y), (net.encode_all(test_x), test_y)
+        data = trainer.datamodule
+        (train_x, train_y), (test_x, test_y) = data.split("train"), data.split("test")
+        codes = (pl_module.encode(train_x), train_y), (pl_module.encode(test_x), test_y)
         pl_module.log("test/probe_accuracy", self._probe(*codes))
         pl_module.log("test/probe_accuracy_pixels", self._pixel_accuracy(train_x, train_y, test_x, test_y))
 
@@ -102,8 +108,16 @@ class RunFigures(L.Callback):
 
         from sae.plots import run_figures
 
-        images, labels = trainer.datamodule.splits["test"]
-        figures = run_figures(pl_module.net, images, labels, rho=pl_module.hparams.rho)
+        images, labels = trainer.datamodule.split("test")
+        sample = images[:16]
+        figures = run_figures(
+            images.cpu(),
+            labels.cpu(),
+            codes=pl_module.encode(images).cpu(),
+            reconstructions=pl_module.reconstruct(sample).cpu(),
+            filters=pl_module.input_filters().cpu(),
+            rho=pl_module.hparams.rho,
+        )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tb = tensorboard(trainer)
         for name, fig in figures.items():
@@ -135,12 +149,11 @@ class EpochVisuals(L.Callback):
         if tb is None or trainer.sanity_checking or not self._codes:
             return
         step = trainer.global_step  # the optimizer step, as for the val/* scalars
-        tb.experiment.add_histogram("val/latent_activation", torch.cat(self._codes).float().cpu(), step)
-        if "val" in pl_module.last_rho_hat:
-            tb.experiment.add_histogram("val/rho_hat", pl_module.last_rho_hat["val"].cpu(), step)
-        images = trainer.datamodule.splits["val"][0][: self.num_images].to(pl_module.device)
-        with torch.no_grad():
-            recon = pl_module.net(images).recon
+        codes = torch.cat(self._codes).float().cpu()  # this pass's codes of the whole split
+        tb.experiment.add_histogram("val/latent_activation", codes, step)
+        tb.experiment.add_histogram("val/rho_hat", codes.mean(dim=0), step)
+        images = trainer.datamodule.split("val")[0][: self.num_images].to(pl_module.device)
+        recon = pl_module.reconstruct(images)
         grid = torch.cat([images, recon]).reshape(-1, 1, 28, 28).cpu()  # originals, then reconstructions
         rows = torch.cat([torch.cat(list(half), dim=2) for half in grid.split(len(images))], dim=1)
         tb.experiment.add_image("val/reconstructions", rows, step)
@@ -167,7 +180,7 @@ class HParamsSummary(L.Callback):
         if tb is None:
             return
         experiment, start, end = hparams(self.params, dict.fromkeys(self.metrics, 0.0))
-        writer = tb.experiment._get_file_writer()
+        writer = tensorboard_file_writer(tb.experiment)
         for summary in (experiment, start, end):
             writer.add_summary(summary)
         tb.experiment.flush()

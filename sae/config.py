@@ -10,16 +10,36 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from sae.console import UserError
 from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
 
 MNIST_TRAIN_IMAGES = 60000
 
+# Group settings that follow a top-level knob. The YAML sets each to `${knob}`: the knob is the one
+# spelling a researcher uses, and what sweeps, the HParams entry, metrics, the sweep summary and the
+# vectorized launcher's grouping read. A copy set on its own is refused, naming the knob.
+MIRRORS = {
+    "model.latent_dim": "latent_dim",
+    "model.rho": "rho",
+    "model.beta": "beta",
+    "model.lr": "lr",
+    "data.seed": "seed",
+    "data.batch_size": "batch_size",
+    "trainer.max_epochs": "epochs",
+    "trainer.default_root_dir": "output_dir",
+}
+# Renamed settings: the old key stays in the YAML as null, so that setting it (on the command line
+# or in a preset) is a one-line error naming the new key; builders drop it (without_retired_keys).
+RENAMED = {"data.batches_per_step": "data.batches_per_call"}
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An invalid config value; the message names the key, the value and what is allowed."""
+
+    kind = "config error"
 
 
 def _is_number(value: Any) -> bool:
@@ -35,8 +55,44 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} must be {allowed}")
 
 
+def _raw(cfg: DictConfig, key: str):
+    """The value at a dotted key as written (an interpolation stays `${...}`); None when absent."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent)
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return None
+    return OmegaConf.to_container(node, resolve=False)[leaf]
+
+
+def check_one_spelling(cfg: DictConfig) -> None:
+    """Refuse a group copy of a top-level knob set on its own, and a renamed key that is set."""
+    for key, knob in MIRRORS.items():
+        raw = _raw(cfg, key)
+        if raw is not None and raw != f"${{{knob}}}":
+            raise ConfigError(
+                f"{key}={raw!r}: {key} follows the top-level knob {knob}, so set {knob}={raw} instead"
+            )
+    for old, new in RENAMED.items():
+        raw = _raw(cfg, old)
+        if raw is not None:
+            raise ConfigError(f"{old} was renamed {new}: set {new}={raw} instead")
+
+
+def without_retired_keys(node: DictConfig, group: str) -> DictConfig:
+    """A copy of a config group (e.g. cfg.data for "data") without its renamed keys, to instantiate."""
+    retired = [old.split(".", 1)[1] for old in RENAMED if old.startswith(f"{group}.")]
+    if not any(key in node for key in retired):
+        return node
+    node = node.copy()
+    with open_dict(node):
+        for key in retired:
+            node.pop(key, None)
+    return node
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid value among the knobs a researcher sets."""
+    check_one_spelling(cfg)
     rho, beta, lr = cfg.rho, cfg.beta, cfg.lr
     _check(_is_number(rho) and 0 < rho < 1, "rho", rho, "a number in (0, 1)")
     _check(_is_number(beta) and beta >= 0, "beta", beta, "a number >= 0")
@@ -88,15 +144,15 @@ def validate_train_config(cfg: DictConfig) -> None:
             )
 
     strategy = str(trainer.get("strategy") or "")
-    if "ddp" in strategy and cfg.data.get("batches_per_step", 1) != 1:
+    if "ddp" in strategy and cfg.data.get("batches_per_call", 1) != 1:
         raise ConfigError(
-            f"data.batches_per_step={cfg.data.batches_per_step} with trainer.strategy={strategy}: DDP "
-            "averages gradients once per training call, so it needs data.batches_per_step=1 "
+            f"data.batches_per_call={cfg.data.batches_per_call} with trainer.strategy={strategy}: DDP "
+            "averages gradients once per training call, so it needs data.batches_per_call=1 "
             "(accelerator=ddp sets it)"
         )
 
     data = cfg.data
-    for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_step", 1)):
+    for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_call", 1)):
         _check(_is_int(data[key]) and data[key] >= low, f"data.{key}", data[key], f"an integer >= {low}")
     _check(_is_int(data.split_seed), "data.split_seed", data.split_seed, "an integer")
     val_size = data.val_size

@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST
 
-from sae.io import one_line
+from sae.console import UserError, one_line
+from sae.lightning_internals import batches_trained_this_epoch
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -31,7 +32,7 @@ MNIST_FILES = (
 DOWNLOAD_TIMEOUT_S = 20
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data set is missing or unreadable; the message says which file and how to fix it."""
 
 
@@ -98,7 +99,8 @@ class TensorBatches:
     Stateful, so a checkpoint written mid-epoch (on Ctrl+C or SIGTERM) resumes exactly: the state
     is the epoch and how many of its items were trained (`progress`, read from the Trainer at
     save time, not counted here, since Lightning fetches an item ahead), and the resumed epoch
-    skips those items of the same (seed, epoch) order.
+    skips those items of the same (seed, epoch) order. The skip count is in items of `group`
+    batches, so a resumed epoch must group its batches the same way.
     """
 
     batch_sampler = None  # as in a DataLoader with batch_size=None: Lightning reads `sampler`
@@ -135,16 +137,17 @@ class TensorBatches:
         if self.progress is None:
             return {}
         trained = self.progress()
-        return {"epoch": self.sampler.epoch, "trained_batches": trained, "batches_per_step": self.group}
+        return {"epoch": self.sampler.epoch, "trained_batches": trained, "batches_per_call": self.group}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not state:
             return
-        saved = state.get("batches_per_step", 1)
-        if saved != self.group:  # the skip count is in items of `saved` batches
+        # "batches_per_step": the same setting in checkpoints written before it was renamed.
+        saved = state.get("batches_per_call", state.get("batches_per_step", 1))
+        if saved != self.group:
             raise DataError(
-                f"this checkpoint stopped mid-epoch with data.batches_per_step={saved}; "
-                f"resume with data.batches_per_step={saved} (the config has {self.group})"
+                f"this checkpoint stopped mid-epoch with data.batches_per_call={saved}; "
+                f"resume with data.batches_per_call={saved} (the config has {self.group})"
             )
         self._resume_at = (state["epoch"], state["trained_batches"])
 
@@ -222,8 +225,13 @@ def missing_data_message(root: str | Path) -> str:
 class MNISTDataModule(L.LightningDataModule):
     """MNIST train/val from the 60k training images (split fixed by split_seed), test = the 10k test set.
 
-    Each training item is a list of `batches_per_step` consecutive batches (the last one of an
-    epoch may hold fewer): the batches and their order are the same for any value.
+    Each training item is a list of `batches_per_call` consecutive batches (the last one of an
+    epoch may hold fewer), and the module takes one optimizer step per batch: the batches, their
+    order and the trained weights are the same for any value; larger values pay Lightning's
+    per-call hooks less often.
+
+    What callbacks and other code read: `split(name)`, the (images, labels) tensors of "train",
+    "val" or "test", loaded on first use.
     """
 
     def __init__(
@@ -237,7 +245,7 @@ class MNISTDataModule(L.LightningDataModule):
         seed: int = 0,
         split_seed: int = 0,
         on_device: bool | None = None,
-        batches_per_step: int = 16,
+        batches_per_call: int = 16,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -259,6 +267,12 @@ class MNISTDataModule(L.LightningDataModule):
             raise DataError(f"{missing_data_message(root)} (download failed: {one_line(err)})") from err
         finally:
             socket.setdefaulttimeout(previous_timeout)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The (images, labels) of split "train", "val" or "test", loaded on first use."""
+        if name not in self.splits:
+            self.setup("test" if name == "test" else "fit")
+        return self.splits[name]
 
     def setup(self, stage: str | None = None) -> None:
         """Load what the stage needs, once: train/val for fit and validate, the test set for test."""
@@ -326,16 +340,12 @@ class MNISTDataModule(L.LightningDataModule):
             )
         return TensorBatches(images, labels, sampler, progress, group, batch_size)
 
-    def _trained_batches(self) -> int:
-        """Items (groups of batches) of the current training epoch that have been trained on."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-
     def train_dataloader(self):
-        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        trainer = self.trainer
+        overfit = trainer is not None and trainer.overfit_batches > 0
         hp = self.hparams
-        return self._loader(
-            "train", hp.batch_size, not overfit, progress=self._trained_batches, group=hp.batches_per_step
-        )
+        progress = (lambda: batches_trained_this_epoch(trainer)) if trainer is not None else None
+        return self._loader("train", hp.batch_size, not overfit, progress=progress, group=hp.batches_per_call)
 
     def val_dataloader(self):
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
-from sae.io import one_line
+from sae.console import UserError
+from sae.lightning_internals import CheapHookName, count_optimizer_steps
 from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, objective_terms
 from sae.metrics import (
     FractionOfVarianceUnexplained,
@@ -23,24 +23,17 @@ from sae.model import SparseAutoencoder, layer_names
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
-# The hyperparameters that shape the network: a checkpoint's weights fit only the same values
-# (resuming with others is refused), and only runs that share them can be stacked.
-ARCHITECTURE = (
-    "input_dim",
-    "hidden_dims",
-    "latent_dim",
-    "activation",
-    "latent_activation",
-    "output_activation",
-    "sparsity_layers",
-)
 
 
-class SparseAutoencoderModule(L.LightningModule):
+class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     """Loss = reconstruction (mse|bce) + beta * sum over covered layers of sum_j KL(rho || rho_hat_j).
 
     Every constructor argument is a plain value and is saved as a hyperparameter, so a checkpoint
     rebuilds its own model (evaluate.py needs no overrides) and loads with weights_only=True.
+
+    What callbacks read (and nothing else of the module): `hparams`, `encode(images)` and
+    `reconstruct(images)` for a whole split, `input_filters()`, and the latent codes that
+    validation_step and test_step return for their batch.
     """
 
     def __init__(
@@ -81,8 +74,6 @@ class SparseAutoencoderModule(L.LightningModule):
         )
         # Fresh metric objects per split, so validation during fit never mixes into test.
         self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
-        # The latest whole-split per-unit rho_hat of the latent, for figures and histograms.
-        self.last_rho_hat: dict[str, Tensor] = {}
         # Training terms (loss, recon, kl) of each step since they were last logged, on the device.
         self.automatic_optimization = False  # training_step takes one optimizer step per batch
         self._window = torch.empty(0, 3)
@@ -90,15 +81,6 @@ class SparseAutoencoderModule(L.LightningModule):
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
-
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning records the running hook's name here around every hook call, dozens of times
-        # per training step; nn.Module's __setattr__ checks each for parameters and submodules,
-        # which costs about a tenth of a step of this small model. A str is neither.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
         layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
@@ -115,21 +97,34 @@ class SparseAutoencoderModule(L.LightningModule):
     def forward(self, x: Tensor):
         return self.net(x)
 
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Latent codes of a whole split (in chunks, on the module's device)."""
+        return self.net.encode_all(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.net(images.to(self.device)).recon
+
+    def input_filters(self) -> Tensor:
+        """The first layer's weights, one row of input_dim per unit (what each unit looks at)."""
+        return self.net.encoder[0][0].weight.detach()
+
     def training_step(self, batch: list | tuple[Tensor, Tensor], batch_idx: int) -> None:
         """One optimizer step per batch: `batch` is one (images, labels) batch or a list of them.
 
-        MNISTDataModule hands over `data.batches_per_step` batches per call. Lightning's hooks
-        around each call cost about as much as a whole step of this small model, so they run once
-        per group, while each batch still gets its own zero_grad, backward (manual_backward, so
-        precision plugins and callbacks' backward hooks apply) and optimizer step: the training is
-        the same as one batch per call.
+        MNISTDataModule hands over `data.batches_per_call` batches per call, so that Lightning's
+        hooks around each call run once per group, while each batch still gets its own zero_grad,
+        backward and optimizer step: the training is the same as one batch per call. The steps go
+        through Lightning's manual_backward and optimizer wrapper (precision plugins, callbacks'
+        step hooks) unless those would add nothing (plain_steps_are_equivalent).
         """
         batches = [batch] if isinstance(batch[0], Tensor) else batch
         if len(batches) > 1 and self.trainer.world_size > 1:
             # DDP averages gradients only in the first backward after each forward it wraps: the
             # other steps of the call would train each process apart, silently.
             raise ValueError(
-                "data.batches_per_step must be 1 with several processes (DDP): see accelerator=ddp"
+                "data.batches_per_call must be 1 with several processes (DDP): see accelerator=ddp"
             )
         optimizer = self.optimizers()
         hp = self.hparams
@@ -182,9 +177,9 @@ class SparseAutoencoderModule(L.LightningModule):
         """Write the training terms, averaged over the steps since the last write, to the loggers.
 
         Every `trainer.log_every_n_steps` optimizer steps, at that step (the x-axis of the
-        validation metrics and figures too). The values go to the loggers directly rather than
-        through `self.log`, which costs about a step of this small model per key; one host sync
-        per window. The same window tells which step, if any, went NaN or inf. Returns the mean loss.
+        validation metrics and figures too). The values go to the loggers directly: `self.log`
+        per key and step would cost more than the step itself; here there is one host sync per
+        window. The same window tells which step, if any, went NaN or inf. Returns the mean loss.
         """
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
@@ -259,22 +254,15 @@ class SparseAutoencoderModule(L.LightningModule):
         values.update(rho_hat_summary(rho_hats["latent"], hp.dead_threshold, hp.saturation_level))
         if split == "test":  # thresholds are part of these metrics' definitions: record them alongside
             values.update(l0_threshold=hp.l0_threshold, saturation_level=hp.saturation_level)
-        self.last_rho_hat[split] = rho_hats["latent"]
         self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
         self.log_dict({f"{split}/{k}": v for k, v in values.items()})
         self._log_step_axis()
 
     def _reset_split(self, split: str) -> None:
         """Fresh states at the start of each pass (under the pass's own grad/inference mode)."""
-        metrics = self.split_metrics[split]
-        for m in [
-            metrics["mse"],
-            metrics["bce"],
-            metrics["fvu"],
-            metrics["l0"],
-            *metrics["rho_hat"].values(),
-        ]:
-            m.reset()
+        for metric in self.split_metrics[split].modules():
+            if isinstance(metric, Metric):
+                metric.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_split("val")
@@ -305,8 +293,8 @@ STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_st
 def plain_steps_are_equivalent(trainer: L.Trainer) -> bool:
     """Whether `loss.backward(); optimizer.step()` does all that Lightning's manual_backward and
     optimizer step would: full precision on one device, and no callback or module hook that
-    runs around a step. Lightning's wrappers cost about 0.2 ms a step (a tenth of a CPU step of
-    the default model), so the module uses the plain calls when nothing is lost.
+    runs around a step. The wrappers' cost is a visible share of a CPU step of the default model
+    (docs/performance.md), so the module uses the plain calls when nothing is lost.
     """
     from lightning.pytorch.plugins.precision import Precision
     from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -323,46 +311,5 @@ def plain_steps_are_equivalent(trainer: L.Trainer) -> bool:
     )
 
 
-def count_optimizer_steps(trainer: L.Trainer, n: int) -> None:
-    """Advance trainer.global_step by n optimizer steps taken outside Lightning's optimizer wrapper."""
-    trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(n)
-
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The training loss became NaN or inf; the message names the step and the last finite values."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint path that is missing, unreadable, or not one of this module's checkpoints."""
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A sae training checkpoint as a dict, loaded with weights_only=True (a crafted pickle cannot
-    run code); a missing, unreadable or foreign file is a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {one_line(err)}") from err
-    if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a sae training checkpoint (no hyper_parameters/state_dict)")
-    return ckpt
-
-
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[SparseAutoencoderModule, dict]:
-    """Rebuild the module from a checkpoint's own hyperparameters and weights.
-
-    Returns the module and the data settings it was trained with (the DataModule's saved
-    hyperparameters, empty if there were none).
-    """
-    ckpt = read_checkpoint(path, map_location)
-    try:
-        module = SparseAutoencoderModule(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {one_line(err)}") from err
-    return module, dict(ckpt.get("datamodule_hyper_parameters") or {})

@@ -98,7 +98,7 @@ def _tiles(ax, images: np.ndarray, ncols: int, titles: list[str] | None = None, 
         )
 
 
-def reconstructions(images: Tensor, recon: Tensor) -> Figure:
+def reconstruction_grid(images: Tensor, recon: Tensor) -> Figure:
     """Test digits (top row) above their reconstructions (bottom row)."""
     n = len(images)
     fig = _figure(12, 2.4)
@@ -159,27 +159,24 @@ def class_heatmap(codes: Tensor, labels: Tensor) -> Figure:
     return fig
 
 
-@torch.no_grad()
-def run_figures(net: torch.nn.Module, images: Tensor, labels: Tensor, rho: float) -> dict[str, Figure]:
-    """All per-run figures from a model and a (test) split of 28x28 images, by file name stem."""
-    net = net.eval()
-    device = next(net.parameters()).device
-    codes = net.encode_all(images).cpu()
-    images, labels = images.cpu(), labels.cpu()
-    rho_hat = codes.mean(dim=0)
-    first = net.encoder[0][0].weight.detach().cpu()
-    sample = slice(0, 16)
-    recon = net(images[sample].to(device)).recon.cpu()
-    figures = {
+def run_figures(
+    images: Tensor, labels: Tensor, codes: Tensor, reconstructions: Tensor, filters: Tensor, rho: float
+) -> dict[str, Figure]:
+    """All per-run figures of a (test) split of 28x28 images, by file name stem.
+
+    codes: the latent codes of every image; reconstructions: those of the first few images;
+    filters: the first layer's weights, one row per hidden unit.
+    """
+    shown = images[: len(reconstructions)]
+    return {
         "latent_histogram": activation_histogram(codes, rho),
         "code_heatmap": code_heatmap(codes[:64], labels[:64]),
-        "unit_means": unit_mean_bars(rho_hat, rho),
-        "reconstructions": reconstructions(images[sample], recon),
-        "encoder_filters": encoder_filters(first),
+        "unit_means": unit_mean_bars(codes.mean(dim=0), rho),
+        "reconstructions": reconstruction_grid(shown, reconstructions),
+        "encoder_filters": encoder_filters(filters),
         "unit_patterns": unit_patterns(images, codes),
         "class_heatmap": class_heatmap(codes, labels),
     }
-    return figures
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
@@ -235,7 +232,7 @@ def pareto_figure(rows: list[dict], label_keys: list[str], reference: dict[str, 
                 s=250,
                 color="crimson",
                 zorder=4,
-                label=f"reference notebook ({reference[metric]:g}, {reference['test/mse']:g})",
+                label=f"reference notebook, published ({reference[metric]:g}, {reference['test/mse']:g})",
             )
         ax.set(xlabel=xlabel, ylabel="test MSE (lower = better)")
         ax.set_title(f"Reconstruction vs {metric}")

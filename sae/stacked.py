@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
+from sae.checkpoints import ARCHITECTURE
 from sae.data import BatchIndexSampler
 from sae.loss import objective_terms
-from sae.module import ARCHITECTURE, SparseAutoencoderModule
+from sae.module import SparseAutoencoderModule
 
 STACK_KEYS = (*ARCHITECTURE, "recon_loss")  # what jobs must share: the network and the loss's form
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses

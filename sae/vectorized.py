@@ -24,14 +24,15 @@ import lightning as L
 import torch
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from sae.config import validate_train_config
-from sae.io import one_line
-from sae.module import SparseAutoencoderModule, count_optimizer_steps
+from sae.console import one_line
+from sae.lightning_internals import count_optimizer_steps
+from sae.module import SparseAutoencoderModule
 from sae.stacked import StackedTraining
+from sae.training import build_data_and_module, train
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ class JobRecord:
     stacked_seconds: float = 0.0
     stacked_jobs: int = 1
 
+    def attach(self, module: SparseAutoencoderModule, datamodule: L.LightningDataModule) -> ReplayModule:
+        """The replaying stand-in for `module` (same hyperparameters and initial weights); the data
+        module then serves one training item per epoch."""
+        replay = ReplayModule(**module.hparams)
+        replay.record = self
+        replay.load_state_dict(module.state_dict())
+        datamodule.train_dataloader = lambda: [0]  # one training call per epoch; validation as usual
+        return replay
+
 
 class ReplayModule(SparseAutoencoderModule):
     """A SparseAutoencoderModule whose training epochs are replayed from a JobRecord.
@@ -78,7 +88,7 @@ class ReplayModule(SparseAutoencoderModule):
     module's and Lightning's own.
     """
 
-    record: JobRecord  # set by attach_replay (not a constructor argument: not a hyperparameter)
+    record: JobRecord  # set by JobRecord.attach (not a constructor argument: not a hyperparameter)
 
     def training_step(self, batch, batch_idx: int) -> None:
         epoch = self.current_epoch
@@ -90,18 +100,6 @@ class ReplayModule(SparseAutoencoderModule):
         self._end_call(written)
         self.net.load_state_dict(self.record.weights[epoch])
         self.optimizers().optimizer.load_state_dict(self.record.optimizer_states[epoch])
-
-
-def attach_replay(
-    record: JobRecord, module: SparseAutoencoderModule, datamodule: L.LightningDataModule
-) -> ReplayModule:
-    """The replaying stand-in for `module` (same hyperparameters and initial weights); the data
-    module then serves one training item per epoch."""
-    replay = ReplayModule(**module.hparams)
-    replay.record = record
-    replay.load_state_dict(module.state_dict())
-    datamodule.train_dataloader = lambda: [0]  # one training call per epoch; validation as usual
-    return replay
 
 
 def stackable(cfg: DictConfig) -> bool:
@@ -135,16 +133,12 @@ def stacked_device(cfg: DictConfig) -> torch.device:
 def train_group(cfgs: list[DictConfig]) -> list[JobRecord]:
     """Train the jobs of one group as one stacked model; their records, in order."""
     start = time.perf_counter()
-    built = []
-    for cfg in cfgs:  # as train(cfg) builds them: seeded, data module, then model
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        built.append((instantiate(cfg.data), instantiate(cfg.model)))
+    built = [build_data_and_module(cfg) for cfg in cfgs]  # as train(cfg) builds them
     datamodule = built[0][0]
-    datamodule.setup("fit")
     stacked = StackedTraining([m for _, m in built], stacked_device(cfgs[0]))
     records = [JobRecord(stacked_jobs=len(cfgs)) for _ in cfgs]
     seeds = [cfg.seed for cfg in cfgs]
-    images = datamodule.splits["train"][0]
+    images = datamodule.split("train")[0]
     for epoch, terms in stacked.fit(images, cfgs[0].batch_size, seeds, cfgs[0].epochs):
         terms = terms.cpu()
         for j, record in enumerate(records):
@@ -167,8 +161,6 @@ def launch(
     initial_job_idx: int,
 ) -> list[JobReturn]:
     """hydra/launcher=vectorized: stack what can be stacked, then run every job through run_job."""
-    from train import train  # the pipeline every job's replay goes through
-
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)

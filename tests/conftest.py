@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +72,8 @@ def real_mnist_root() -> Path:
     return Path(root)
 
 
-# Quiet, quick settings for in-process runs on the synthetic data.
-FAST = [
+# Quiet, quick settings for every run on the synthetic data, in-process or as a subprocess.
+QUICK_RUN = [
     "accelerator=cpu",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
@@ -86,6 +89,23 @@ def compose_config(name: str, overrides: list[str], **kwargs) -> DictConfig:
         return compose(name, overrides=overrides, **kwargs)
 
 
-def compose_train(overrides: list[str], output_dir: Path, mnist_root: Path) -> DictConfig:
+def compose_train(overrides: list[str], output_dir: Path, data_root: Path) -> DictConfig:
     """conf/train.yaml with the quick settings and this test's folders."""
-    return compose_config("train", [*FAST, f"data.root={mnist_root}", f"output_dir={output_dir}", *overrides])
+    return compose_config(
+        "train", [*QUICK_RUN, f"data.root={data_root}", f"output_dir={output_dir}", *overrides]
+    )
+
+
+def train_command(data_root: Path, *overrides: str) -> list[str]:
+    """`python train.py` with the quick settings, as a subprocess runs it."""
+    return [sys.executable, str(ROOT / "train.py"), *QUICK_RUN, f"data.root={data_root}", *overrides]
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python <script> args...` from the repository root, its output captured (not checked)."""
+    command = [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())

@@ -24,7 +24,7 @@ def raw_images(root, prefix):
 
 def test_splits_sizes_dtype_and_scaling(mnist_root):
     dm = make(mnist_root)
-    (xtr, ytr), (xva, _), (xte, _) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    (xtr, ytr), (xva, _), (xte, _) = dm.split("train"), dm.split("val"), dm.split("test")
     assert (len(xtr), len(xva), len(xte)) == (N_TRAIN - 100, 100, N_TEST)
     assert xtr.dtype == torch.float32 and xtr.shape[1] == 784 and ytr.dtype == torch.int64
     assert 0.0 <= float(xtr.min()) and float(xtr.max()) == 1.0
@@ -44,9 +44,9 @@ def test_test_stage_reads_only_the_test_set(mnist_root):
 
 def test_split_is_fixed_by_split_seed_not_seed(mnist_root):
     a, b = make(mnist_root, seed=1), make(mnist_root, seed=2)
-    assert torch.equal(a.splits["val"][0], b.splits["val"][0])
+    assert torch.equal(a.split("val")[0], b.split("val")[0])
     c = make(mnist_root, split_seed=5)
-    assert not torch.equal(a.splits["val"][0], c.splits["val"][0])
+    assert not torch.equal(a.split("val")[0], c.split("val")[0])
 
 
 def epoch_batches(dm, epoch):
@@ -58,7 +58,7 @@ def epoch_batches(dm, epoch):
 
 
 def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_root):
-    dm = make(mnist_root, seed=3, batches_per_step=1)
+    dm = make(mnist_root, seed=3, batches_per_call=1)
     e0, e1 = epoch_batches(dm, 0), epoch_batches(dm, 1)
     n = N_TRAIN - 100
     assert [len(x) for x, _ in e0] == [64] * (n // 64) + [n % 64]
@@ -66,7 +66,7 @@ def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_roo
     # Every training image exactly once per epoch, in a new order.
     for batches in (e0, e1):
         seen = torch.cat([x for x, _ in batches])
-        torch.testing.assert_close(seen.sum(0), dm.splits["train"][0].sum(0))
+        torch.testing.assert_close(seen.sum(0), dm.split("train")[0].sum(0))
     assert not torch.equal(e0[0][0], e1[0][0])
     again = epoch_batches(make(mnist_root, seed=3), 1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again, strict=True))
@@ -76,9 +76,9 @@ def test_training_batches_reshuffle_each_epoch_and_reproduce_with_seed(mnist_roo
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_grouped_batches_are_the_batches_one_by_one(mnist_root, num_workers):
-    """batches_per_step only groups the epoch's batches: same batches, same order, last group short."""
-    one = make(mnist_root, seed=2, batch_size=64, batches_per_step=1)
-    three = make(mnist_root, seed=2, batch_size=64, batches_per_step=3, num_workers=num_workers)
+    """batches_per_call only groups the epoch's batches: same batches, same order, last group short."""
+    one = make(mnist_root, seed=2, batch_size=64, batches_per_call=1)
+    three = make(mnist_root, seed=2, batch_size=64, batches_per_call=3, num_workers=num_workers)
     loader = three.train_dataloader()
     loader.sampler.set_epoch(1)
     groups = list(loader)
@@ -89,21 +89,21 @@ def test_grouped_batches_are_the_batches_one_by_one(mnist_root, num_workers):
 
 
 def test_mid_epoch_state_resumes_only_with_the_same_grouping(mnist_root):
-    three = make(mnist_root, batches_per_step=3).train_dataloader()
+    three = make(mnist_root, batches_per_call=3).train_dataloader()
     three.progress = lambda: 1  # one call of the epoch trained
     state = three.state_dict()
-    assert state == {"epoch": 0, "trained_batches": 1, "batches_per_step": 3}
-    again = make(mnist_root, batches_per_step=3).train_dataloader()
+    assert state == {"epoch": 0, "trained_batches": 1, "batches_per_call": 3}
+    again = make(mnist_root, batches_per_call=3).train_dataloader()
     again.load_state_dict(state)
     assert [len(g) for g in again] == [3, 2]  # the rest of the epoch's 8 batches
-    with pytest.raises(DataError, match=r"stopped mid-epoch with data.batches_per_step=3; resume with data"):
-        make(mnist_root, batches_per_step=2).train_dataloader().load_state_dict(state)
+    with pytest.raises(DataError, match=r"stopped mid-epoch with data.batches_per_call=3; resume with data"):
+        make(mnist_root, batches_per_call=2).train_dataloader().load_state_dict(state)
 
 
 def test_eval_batches_are_in_order(mnist_root):
     dm = make(mnist_root, eval_batch_size=30)
     x = torch.cat([b[0] for b in dm.test_dataloader()])
-    assert torch.equal(x, dm.splits["test"][0])
+    assert torch.equal(x, dm.split("test")[0])
 
 
 def test_sampler_shards_across_ranks():
@@ -166,12 +166,13 @@ def test_val_size_out_of_range(mnist_root):
         make(mnist_root, val_size=N_TRAIN)
 
 
+@pytest.mark.slow
 def test_real_mnist(real_mnist_root):
     dm = make(real_mnist_root, val_size=5000)
-    sizes = {k: len(x) for k, (x, _) in dm.splits.items()}
+    sizes = {k: len(dm.split(k)[0]) for k in ("train", "val", "test")}
     assert sizes == {"train": 55000, "val": 5000, "test": 10000}
-    x = dm.splits["train"][0]
+    x = dm.split("train")[0]
     assert x.shape[1] == 784 and float(x.min()) == 0.0 and float(x.max()) == 1.0
     # MNIST's published mean pixel intensity is about 0.1307.
     assert float(x.mean()) == pytest.approx(0.1307, abs=2e-3)
-    assert torch.bincount(dm.splits["test"][1]).tolist()[:2] == [980, 1135]
+    assert torch.bincount(dm.split("test")[1]).tolist()[:2] == [980, 1135]

@@ -1,6 +1,6 @@
-"""The README's multirun recipes on the installed launchers and sweeper (the `sweep` extra).
+"""The multirun recipes of docs/sweeps.md on the installed launchers and sweeper (the `sweep` extra).
 
-Each runs train.py as the README does, on the synthetic data with a few batches per job, and
+Each runs train.py as docs/sweeps.md does, on the synthetic data with a few batches per job, and
 checks the job folders and the sweep summary the run leaves.
 """
 
@@ -8,22 +8,22 @@ import csv
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from evaluate import evaluate
-from tests.conftest import ROOT, compose_config
-from tests.test_resume import SUBPROCESS_RUN
+from sae.evaluation import evaluate
+from tests.conftest import ROOT, compose_config, train_command
 
-QUICK = [*SUBPROCESS_RUN, "epochs=1"]
+pytestmark = pytest.mark.slow  # every test here starts train.py
+
+ONE_EPOCH = ["debug=limit", "epochs=1"]
 
 
 def multirun(tmp_path, mnist_root, *overrides: str, multirun_flag: bool = True):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), *QUICK, f"data.root={mnist_root}"]
-    command += [f"hydra.sweep.dir={sweep}", *overrides] + (["-m"] if multirun_flag else [])
+    command = train_command(mnist_root, *ONE_EPOCH, "data.batches_per_call=3", f"hydra.sweep.dir={sweep}")
+    command += [*overrides] + (["-m"] if multirun_flag else [])
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     summary = sweep / "summary.csv"
     assert summary.is_file(), proc.stderr[-3000:]
@@ -86,9 +86,8 @@ def test_ddp_preset_trains_one_run_in_two_processes(mnist_root, tmp_path):
     """accelerator=ddp on two CPU processes: one run folder, and whole-split test metrics (synced
     across the processes) that a single-process evaluate.py of its checkpoint reproduces."""
     run = tmp_path / "run"
-    quick = [o for o in QUICK if not o.startswith("data.batches_per_step")]
-    command = [sys.executable, str(ROOT / "train.py"), *quick, f"data.root={mnist_root}"]
-    command += [f"hydra.run.dir={run}", "accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    command = train_command(mnist_root, *ONE_EPOCH, f"hydra.run.dir={run}", "accelerator=ddp")
+    command += ["trainer.accelerator=cpu", "trainer.devices=2"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "train_ddp_process_1.log").is_file()  # Lightning re-ran the command for rank 1 ...

@@ -10,11 +10,13 @@ from sae.loss import kl_sparsity, reconstruction_loss, sparsity_penalty
 
 
 def test_kl_hand_checked_values():
-    # KL(0.05 || 0.5) = 0.05 ln(0.1) + 0.95 ln(1.9) = -0.115129 + 0.609761, by hand.
-    expected = 0.05 * math.log(0.05 / 0.5) + 0.95 * math.log(0.95 / 0.5)
-    assert expected == pytest.approx(0.494632, abs=1e-6)
+    # By hand, with six-figure logarithms:
+    #   KL(0.05 || 0.5) = 0.05 ln 0.1  + 0.95 ln 1.9    = -0.115129 + 0.609761 = 0.494632
+    #   KL(0.05 || 0.2) = 0.05 ln 0.25 + 0.95 ln 1.1875 = -0.069315 + 0.163258 = 0.093943
     got = kl_sparsity(0.05, torch.tensor([0.5], dtype=torch.float64))
-    assert got.item() == pytest.approx(expected, rel=1e-12)
+    assert got.item() == pytest.approx(0.494632, abs=1e-6)
+    both = kl_sparsity(0.05, torch.tensor([0.5, 0.2], dtype=torch.float64))  # summed over units
+    assert both.item() == pytest.approx(0.494632 + 0.093943, abs=1e-6)
     # Zero exactly at the target, for every unit.
     assert kl_sparsity(0.05, torch.full((32,), 0.05, dtype=torch.float64)).item() == pytest.approx(
         0.0, abs=1e-15

@@ -6,7 +6,6 @@ import csv
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import lightning as L
 import pytest
 import torch
 
-from sae.module import CheckpointError, TrainingDiverged
-from tests.conftest import ROOT, compose_train
-from train import train
+from sae.checkpoints import CheckpointError
+from sae.module import TrainingDiverged
+from sae.training import train
+from tests.conftest import ROOT, compose_train, train_command
 
 
 def last_weights(folder) -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
     poison = ["+callbacks.poison._target_=tests.test_resume.PoisonWeights", "+callbacks.poison.at_step=4"]
     cfg = compose_train(["debug=limit", *poison], tmp_path, mnist_root)
     # Written every 3 steps (in calls of 3 batches): the last finite window is steps 0-2.
-    cfg.data.batches_per_step = 3
+    cfg.data.batches_per_call = 3
     cfg.trainer.log_every_n_steps = 3
     with pytest.raises(
         TrainingDiverged, match=r"at step 4 \(epoch 0\); last logged: loss=\d.* \(mean of 3 steps\)"
@@ -115,24 +115,16 @@ class SlowSteps(L.Callback):
         time.sleep(0.05)
 
 
-# The quick settings of compose_train, for a training subprocess.
-SUBPROCESS_RUN = [
-    "accelerator=cpu",
-    "+trainer.enable_progress_bar=false",
-    "data.val_size=100",
-    "data.eval_batch_size=64",
-    "batch_size=50",
-    "debug=limit",
-    "epochs=6",
-    "data.batches_per_step=3",  # 4 calls an epoch (3+3+3+1 batches): mid-epoch stops between calls
-]
+# Epochs of 4 training calls (3+3+3+1 batches): a stop lands between calls, mid-epoch.
+INTERRUPTIBLE = ["debug=limit", "epochs=6", "data.batches_per_call=3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root, tmp_path, sig):
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), *SUBPROCESS_RUN, f"data.root={mnist_root}"]
-    command += [f"hydra.run.dir={run}", "+callbacks.slow._target_=tests.test_resume.SlowSteps"]
+    slow = "+callbacks.slow._target_=tests.test_resume.SlowSteps"
+    command = train_command(mnist_root, *INTERRUPTIBLE, f"hydra.run.dir={run}", slow)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -152,9 +144,8 @@ def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root,
         assert said[0].startswith(f"interrupted at step {step} ")
     assert not (run / "metrics.json").exists()
 
-    same = ["debug=limit", "epochs=6", "data.batches_per_step=3"]
-    resumed = train(compose_train([*same, f"resume={run}"], tmp_path / "again", mnist_root))
-    full = train(compose_train(same, tmp_path / "full", mnist_root))
+    resumed = train(compose_train([*INTERRUPTIBLE, f"resume={run}"], tmp_path / "again", mnist_root))
+    full = train(compose_train(INTERRUPTIBLE, tmp_path / "full", mnist_root))
     a, b = last_weights(tmp_path / "full"), last_weights(run)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
@@ -163,13 +154,15 @@ def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root,
 
 def run_sweep(tmp_path, mnist_root, *overrides: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), *SUBPROCESS_RUN, f"data.root={mnist_root}"]
-    command += [f"hydra.sweep.dir={sweep}", "epochs=2", *overrides, "-m"]
+    command = train_command(
+        mnist_root, *INTERRUPTIBLE, f"hydra.sweep.dir={sweep}", "epochs=2", *overrides, "-m"
+    )
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     with open(sweep / "summary.csv") as f:
         return proc, list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_survives_an_invalid_value(mnist_root, tmp_path):
     proc, rows = run_sweep(tmp_path, mnist_root, "rho=1.5,0.05")
     assert proc.returncode != 0  # the command says that a job failed
@@ -178,6 +171,7 @@ def test_sweep_survives_an_invalid_value(mnist_root, tmp_path):
     assert float(rows[1]["test/mse"]) > 0
 
 
+@pytest.mark.slow
 def test_sweep_survives_a_job_that_diverges(mnist_root, tmp_path):
     poison = "+callbacks.poison._target_=tests.test_resume.PoisonWeights"
     proc, rows = run_sweep(tmp_path, mnist_root, poison, "+callbacks.poison.at_step=4,1000")

@@ -1,13 +1,11 @@
 """Stacked training (the vectorized launcher's core) against separate train.py runs."""
 
-import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from sae.stacked import StackedTraining
+from sae.training import build_data_and_module, train
 from tests.conftest import compose_train
-from train import train
 
 # Jobs that differ in everything a sweep varies but the architecture.
 JOBS = [
@@ -23,13 +21,6 @@ def job_config(job, tmp_path, mnist_root, name):
     return compose_train(overrides, tmp_path / name, mnist_root)
 
 
-def build_like_train(cfg):
-    """The data module and model exactly as train(cfg) builds them (seeded first)."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    return datamodule, instantiate(cfg.model)
-
-
 def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path):
     separate = []
     for i, job in enumerate(JOBS):
@@ -38,13 +29,15 @@ def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path
         ckpt = torch.load(tmp_path / f"run{i}" / "checkpoints" / "last.ckpt", weights_only=True)
         separate.append(ckpt)
 
-    built = [build_like_train(job_config(job, tmp_path, mnist_root, f"s{i}")) for i, job in enumerate(JOBS)]
+    built = [
+        build_data_and_module(job_config(job, tmp_path, mnist_root, f"s{i}")) for i, job in enumerate(JOBS)
+    ]
     datamodule = built[0][0]
     datamodule.setup("fit")
     modules = [m for _, m in built]
     stacked = StackedTraining(modules)
     cfg = job_config(JOBS[0], tmp_path, mnist_root, "s")
-    epochs = list(stacked.fit(datamodule.splits["train"][0], cfg.batch_size, [j["seed"] for j in JOBS], 2))
+    epochs = list(stacked.fit(datamodule.split("train")[0], cfg.batch_size, [j["seed"] for j in JOBS], 2))
     assert [e for e, _ in epochs] == [0, 1] and epochs[0][1].shape == (10, 3, 3)  # steps, jobs, terms
     stacked.unstack()
 
@@ -61,7 +54,7 @@ def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path
 
 
 def test_jobs_of_another_architecture_are_refused(mnist_root, tmp_path):
-    a = build_like_train(job_config(JOBS[0], tmp_path, mnist_root, "a"))[1]
-    b = build_like_train(compose_train(["latent_dim=16"], tmp_path / "b", mnist_root))[1]
+    a = build_data_and_module(job_config(JOBS[0], tmp_path, mnist_root, "a"))[1]
+    b = build_data_and_module(compose_train(["latent_dim=16"], tmp_path / "b", mnist_root))[1]
     with pytest.raises(ValueError, match="different latent_dim cannot be stacked"):
         StackedTraining([a, b])

@@ -2,14 +2,13 @@
 
 import csv
 import json
-import subprocess
-import sys
 
+import pytest
 import yaml
 from PIL import Image
 
 from sae.sweep import write_summary
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 
 def fake_job(sweep, name, overrides, metrics=None, status=None):
@@ -74,7 +73,21 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
 
     md = (sweep / "summary.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| job | beta | lr | status |")
+    # Only what differs between jobs: lr (0.001 in every job) and the probe's accuracy (0.9 in
+    # every job that has one) move to a line above the table; summary.csv keeps them.
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "job",
+        "beta",
+        "status",
+        "val/loss",
+        "test/mse",
+        "test/rho_hat_mean",
+        "test/l0",
+        "error",
+    ]
+    assert "not in the table: `lr` 0.001, `test/probe_accuracy` 0.9." in md
+    assert {"lr", "test/probe_accuracy"} <= set(table[0])
     # Sorted by the optimized metric, val/loss, lowest first; jobs without it last.
     assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["1", "0", "2", "10"]
     assert "sorted by `val/loss`" in md and "`test/mse` 0.01387" in md
@@ -83,14 +96,10 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     assert png.size == (1400, 600)
 
 
+@pytest.mark.slow
 def test_evaluate_rebuilds_the_summary_from_job_folders(tmp_path):
     sweep = fabricated_sweep(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path}/out"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("evaluate.py", f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path}/out", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "4 jobs (2 ok)" in proc.stdout
     for name in ("summary.csv", "summary.md", "pareto.png"):
@@ -98,10 +107,5 @@ def test_evaluate_rebuilds_the_summary_from_job_folders(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), f"sweep_dir={empty}", f"hydra.run.dir={tmp_path}/out2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("evaluate.py", f"sweep_dir={empty}", f"hydra.run.dir={tmp_path}/out2", timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: sweep_dir=")

@@ -3,30 +3,24 @@
 import csv
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from evaluate import evaluate
-from tests.conftest import ROOT, compose_config, compose_train
-from train import train
+from sae.evaluation import evaluate
+from sae.training import train
+from tests.conftest import ROOT, compose_config, compose_train, train_command
 
-# Quick settings a stacked group accepts (whole epochs: no batch limits).
-QUICK = [
-    "accelerator=cpu",
-    "+trainer.enable_progress_bar=false",
-    "data.val_size=100",
-    "data.eval_batch_size=64",
-    "batch_size=50",
-    "epochs=2",
-]
+pytestmark = pytest.mark.slow  # every test here starts train.py
+
+# Whole epochs: a stacked group refuses limited batches.
+TWO_EPOCHS = "epochs=2"
 
 
 def vectorized_sweep(tmp_path, mnist_root, *overrides):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), *QUICK, f"data.root={mnist_root}"]
-    command += [f"hydra.sweep.dir={sweep}", "hydra/launcher=vectorized", *overrides, "-m"]
+    command = train_command(mnist_root, TWO_EPOCHS, f"hydra.sweep.dir={sweep}", "hydra/launcher=vectorized")
+    command += [*overrides, "-m"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     with open(sweep / "summary.csv") as f:
         rows = {r["job"]: r for r in csv.DictReader(f)}
@@ -46,7 +40,7 @@ def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
 
     for job, (beta, seed) in {"0": ("1e-3", 0), "3": ("5e-2", 1)}.items():
         alone = tmp_path / f"alone{job}"
-        overrides = ["epochs=2", f"beta={beta}", f"seed={seed}", "lr=3e-3"]  # with conftest.FAST
+        overrides = [TWO_EPOCHS, f"beta={beta}", f"seed={seed}", "lr=3e-3"]
         expected = train(compose_train(overrides, alone, mnist_root))
         got = json.loads((sweep / job / "metrics.json").read_text())
         for key in ("val/loss", "test/mse", "test/fvu", "test/rho_hat_mean", "test/l0", "test/kl"):

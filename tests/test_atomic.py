@@ -2,9 +2,7 @@
 
 import pytest
 
-from sae.io import write_atomic
-from sae.pipeline import AtomicCheckpointIO, build_trainer
-from tests.conftest import compose_train
+from sae.atomic import write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
@@ -22,8 +20,3 @@ def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
 
     write_atomic(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
-
-
-def test_trainer_writes_checkpoints_through_the_atomic_writer(mnist_root, tmp_path):
-    trainer = build_trainer(compose_train([], tmp_path, mnist_root))
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -1,0 +1,120 @@
+"""`train(cfg)`: the whole training pipeline, from a composed config to metrics.json.
+
+`python train.py` calls it through a thin Hydra wrapper, the tests call it in-process, and the
+vectorized launcher calls it for every job (with the job's epochs replayed from a stacked fit).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig
+
+from sae.atomic import write_json_atomic
+from sae.checkpoints import checkpoint_to_resume
+from sae.config import validate_train_config, without_retired_keys
+from sae.console import format_metrics
+from sae.data import MNISTDataModule
+from sae.module import SparseAutoencoderModule
+
+if TYPE_CHECKING:
+    from sae.vectorized import JobRecord
+
+
+def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
+    """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents.
+
+    With `replay` (the vectorized launcher) the training epochs come from a stacked run's record
+    instead of being computed here; everything else is the same.
+    """
+    validate_train_config(cfg)
+    resume_from = checkpoint_to_resume(cfg)
+    if cfg.get("resume"):  # continue the run in its own folder: checkpoints, TensorBoard, metrics
+        cfg.output_dir = str(Path(cfg.resume).resolve())
+        print(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
+    output_dir = Path(cfg.output_dir)
+    if cfg.get("threads"):  # e.g. a share of the cores when several jobs run at once
+        torch.set_num_threads(cfg.threads)
+    datamodule, module = build_data_and_module(cfg)
+    if replay is not None:
+        module = replay.attach(module, datamodule)
+    # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
+    trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    tested = None
+    if checkpoint is not None:
+        tested = checkpoint.best_model_path or checkpoint.last_model_path or None
+    metrics: dict[str, Any] = run_test(trainer, module, datamodule, ckpt_path=tested)
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
+    metrics["fit/seconds"] = fit_seconds
+    metrics["fit/epochs"] = trainer.current_epoch
+    metrics["fit/threads"] = torch.get_num_threads()
+    if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
+        metrics["fit/seconds"] += replay.stacked_seconds
+        metrics["fit/stacked_jobs"] = replay.stacked_jobs
+    metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
+    metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
+    if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        print(format_metrics(metrics))
+    return metrics
+
+
+def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoencoderModule]:
+    """The data module and the model of a training config, seeded first: a run's initial weights
+    and batch order depend only on its seed (the vectorized launcher builds its jobs here too)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return instantiate(without_retired_keys(cfg.data, "data")), instantiate(cfg.model)
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """A Trainer from cfg.trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # The module writes train/* every log_every_n_steps optimizer steps, however many batches each
+    # training call holds; Lightning's warning compares that number with the calls per epoch.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than")
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    cheap_cuda_checks_without_gpus()
+    return trainer
+
+
+def cheap_cuda_checks_without_gpus() -> None:
+    """Undo Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 on a machine that has no GPU.
+
+    Lightning sets it at import so that asking whether CUDA is available cannot spoil fork().
+    torch.optim.Adam asks on every step, and with no GPU the NVML route loads the NVML library
+    again on each ask (with the CUDA builds of torch that pip installs by default): a visible
+    share of a CPU step (docs/performance.md). With no GPU there is nothing for fork to spoil.
+    """
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_count() == 0:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+
+
+def run_test(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """Test metrics (and whatever the callbacks log at test time) as plain floats."""
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    axes = ("step", "epoch")  # where the loggers put the metrics, not metrics themselves
+    return {k: float(v) for k, v in results[0].items() if k not in axes}
