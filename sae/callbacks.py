@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch import Tensor
 
-from sae.atomic import write_json_atomic
+from sae.atomic import write_atomic, write_json_atomic
 from sae.lightning_internals import tensorboard_file_writer
 from sae.probe import linear_probe_accuracy
 
@@ -122,7 +122,7 @@ class RunFigures(L.Callback):
         tb = tensorboard(trainer)
         for name, fig in figures.items():
             path = self.dirpath / f"{name}.png"
-            fig.savefig(path)
+            write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))
             plt.close(fig)
             if tb is not None:  # the saved PNG itself: rendering the figure again costs as much
                 image = np.asarray(Image.open(path).convert("RGB"))
@@ -186,6 +186,14 @@ class HParamsSummary(L.Callback):
         tb.experiment.flush()
 
 
+def resumes_mid_epoch(loader) -> bool:
+    """Whether a training loader records where in an epoch it is (sae.data.TensorBatches does;
+    worker DataLoaders and the vectorized launcher's replay do not)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )
+
+
 class SaveOnInterrupt(L.Callback):
     """Ctrl+C or SIGTERM during fit: stop at the next batch boundary and write checkpoints/last.ckpt.
 
@@ -227,10 +235,17 @@ class SaveOnInterrupt(L.Callback):
         if not fitting or not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
+        where = f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if resumes_mid_epoch(trainer.train_dataloader):
+            trainer.save_checkpoint(path)
+            said = f"{where}: saved {path}"
+        else:  # a checkpoint here would resume at the wrong batch: keep the last epoch's
+            said = (
+                f"{where}: the training data cannot resume mid-epoch, so {path} stays at the end of "
+                "the last completed epoch"
+            )
         print(
-            f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}): saved {path}; "
-            f"continue with: python train.py resume={self.dirpath.parent}",
+            f"{said}; continue with: python train.py resume={self.dirpath.parent}",
             file=sys.stderr,
             flush=True,
         )

@@ -213,6 +213,10 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
             "try a lower lr or beta; checkpoints/last.ckpt holds the last completed epoch"
         )
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The epochs the run is set to train: resume= continues to them unless told otherwise.
+        checkpoint["epochs"] = self.trainer.max_epochs
+
     def on_train_start(self) -> None:
         self._plain_steps = plain_steps_are_equivalent(self.trainer)
 

@@ -7,7 +7,6 @@ vectorized launcher calls it for every job (with the job's epochs replayed from 
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig
 
 from sae.atomic import write_json_atomic
-from sae.checkpoints import checkpoint_to_resume
+from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
 from sae.config import validate_train_config, without_retired_keys
 from sae.console import format_metrics
 from sae.data import MNISTDataModule
 from sae.module import SparseAutoencoderModule
+from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
 
 if TYPE_CHECKING:
     from sae.vectorized import JobRecord
@@ -36,11 +36,28 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
     instead of being computed here; everything else is the same.
     """
     validate_train_config(cfg)
-    resume_from = checkpoint_to_resume(cfg)
-    if cfg.get("resume"):  # continue the run in its own folder: checkpoints, TensorBoard, metrics
-        cfg.output_dir = str(Path(cfg.resume).resolve())
+    resumed_with = {}
+    if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
+        resumed_with = resume_with_run_settings(cfg, command_override_keys(cfg))
+    resume_from = checkpoint_to_resume(cfg)  # checked before anything is written
+    # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
+    output_dir = Path(cfg.resume if cfg.get("resume") else cfg.output_dir).resolve()
+    with writing_run_folder(output_dir):
+        metrics = _train(cfg, output_dir, resume_from, replay, resumed_with)
+    return metrics
+
+
+def _train(
+    cfg: DictConfig,
+    output_dir: Path,
+    resume_from: str | None,
+    replay: JobRecord | None,
+    resumed_with: dict[str, Any],
+) -> dict[str, Any]:
+    if cfg.get("resume"):
+        cfg.output_dir = str(output_dir)
+        remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
         print(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
-    output_dir = Path(cfg.output_dir)
     if cfg.get("threads"):  # e.g. a share of the cores when several jobs run at once
         torch.set_num_threads(cfg.threads)
     datamodule, module = build_data_and_module(cfg)
@@ -49,9 +66,10 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    fit_seconds = time.perf_counter() - start
+    # Time in the training loop (with its validation), summed over the run's resumes: the Timer's
+    # state travels in the checkpoints. Read now: testing a checkpoint restores its callbacks' state.
+    fit_seconds = fit_timer(trainer).time_elapsed("train")
 
     checkpoint = trainer.checkpoint_callback
     tested = None
@@ -68,10 +86,26 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
         metrics["fit/stacked_jobs"] = replay.stacked_jobs
     metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
     metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
+    if resumed_with:  # settings the resume changed (e.g. more epochs)
+        metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(format_metrics(metrics))
     return metrics
+
+
+def command_override_keys(cfg: DictConfig) -> list[str] | None:
+    """The keys the command line set, from Hydra's record of it; None when train(cfg) is called
+    with a config Hydra did not run (then every value of cfg counts as meant)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("hydra") is not None:  # composed with return_hydra_config=True
+        overrides = cfg.hydra.overrides.task
+    elif HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+    else:
+        return None
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoencoderModule]:
@@ -87,6 +121,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("max_time"):  # with max_time, Lightning adds a Timer of its own
+        callbacks.append(Timer())  # fit/seconds (duration None: it measures, never stops)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # The module writes train/* every log_every_n_steps optimizer steps, however many batches each
     # training call holds; Lightning's warning compares that number with the calls per epoch.
@@ -94,6 +130,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     cheap_cuda_checks_without_gpus()
     return trainer
+
+
+def fit_timer(trainer: L.Trainer) -> Timer:
+    return next(c for c in trainer.callbacks if isinstance(c, Timer))
 
 
 def cheap_cuda_checks_without_gpus() -> None:

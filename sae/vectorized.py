@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from sae.config import validate_train_config
-from sae.console import one_line
+from sae.console import one_line, run_command
 from sae.lightning_internals import count_optimizer_steps
 from sae.module import SparseAutoencoderModule
 from sae.stacked import StackedTraining
@@ -195,7 +195,8 @@ def launch(
         if i in records:
 
             def task(job_cfg: DictConfig, record: JobRecord = records[i]):
-                metrics = train(job_cfg, replay=record)
+                # As train.py's main: errors for Hydra to record, SIGTERM ends the sweep with 143.
+                metrics = run_command(lambda: train(job_cfg, replay=record))
                 return metrics.get(job_cfg.optimized_metric)
 
         returns.append(

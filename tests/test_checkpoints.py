@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from sae.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from sae.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
 from sae.training import build_trainer
 from tests.conftest import compose_train
 
 
 def test_trainer_writes_checkpoints_through_the_atomic_writer(mnist_root, tmp_path):
     trainer = build_trainer(compose_train([], tmp_path, mnist_root))
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
 
 
 def test_load_checkpoint_errors_are_one_line(tmp_path):

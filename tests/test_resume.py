@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -13,10 +15,11 @@ import lightning as L
 import pytest
 import torch
 
-from sae.checkpoints import CheckpointError
+from sae.checkpoints import CheckpointError, SafeCheckpointIO
+from sae.config import ConfigError
 from sae.module import TrainingDiverged
 from sae.training import train
-from tests.conftest import ROOT, compose_train, train_command
+from tests.conftest import QUICK_RUN, ROOT, compose_config, compose_train, train_command
 
 
 def last_weights(folder) -> dict[str, torch.Tensor]:
@@ -51,8 +54,54 @@ def test_resume_refuses_a_missing_run_or_another_architecture(mnist_root, tmp_pa
         train(compose_train([f"resume={tmp_path / 'nowhere'}"], tmp_path / "a", mnist_root))
     train(compose_train(["debug=limit", "epochs=1"], tmp_path / "part", mnist_root))
     cfg = compose_train([f"resume={tmp_path / 'part'}", "latent_dim=64"], tmp_path / "b", mnist_root)
+    with pytest.raises(ConfigError, match="latent_dim=64 differs from the run's latent_dim=32"):
+        train(cfg)
+    cfg = compose_train(
+        ["ckpt_path=" + str(tmp_path / "part/checkpoints/last.ckpt"), "latent_dim=64"],
+        tmp_path / "c",
+        mnist_root,
+    )
     with pytest.raises(CheckpointError, match="latent_dim=32, the config asks for latent_dim=64"):
         train(cfg)
+
+
+def compose_command(overrides: list[str], output_dir: Path, data_root: Path):
+    """The config of `python train.py <quick settings> <overrides>`, with Hydra's record of which
+    keys the command set (what resume= reads to tell a meant change from a default)."""
+    where = [f"data.root={data_root}", f"output_dir={output_dir}"]
+    return compose_config("train", [*QUICK_RUN, *where, *overrides], return_hydra_config=True)
+
+
+def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
+    run = tmp_path / "run"
+    train(compose_train(["debug=limit", "epochs=1", "rho=0.1", "lr=0.01", "seed=3"], run, mnist_root))
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epochs"] == 1  # the epochs the run was set to train
+    ckpt["epochs"] = 3  # as if it had been set to train 3 and was stopped after the first
+    torch.save(ckpt, last)
+
+    # resume=DIR alone (debug=limit's preset says epochs=2): the run's epochs, rho, lr and seed.
+    resumed = train(compose_command(["debug=limit", f"resume={run}"], tmp_path / "r", mnist_root))
+    assert resumed["fit/epochs"] == 3 and "resumed_with" not in resumed
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["hyper_parameters"]["rho"], ckpt["hyper_parameters"]["lr"]) == (0.1, 0.01)
+    assert ckpt["datamodule_hyper_parameters"]["seed"] == 3
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01  # what the optimizer used
+
+    # More epochs: applied, and recorded.
+    more = train(compose_command(["debug=limit", "epochs=4", f"resume={run}"], tmp_path / "m", mnist_root))
+    assert more["fit/epochs"] == 4 and more["resumed_with"] == "epochs=4"
+
+    # An override that would change what is trained is refused, naming the key.
+    refused = {
+        "lr=1e-5": "lr=1e-05 differs from the run's lr=0.01",
+        "model.hidden_dims=[64]": "hidden_dims=[64]",
+    }
+    for override, message in refused.items():
+        cfg = compose_command(["debug=limit", f"resume={run}", override], tmp_path / "x", mnist_root)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train(cfg)
 
 
 class PoisonWeights(L.Callback):
@@ -178,3 +227,80 @@ def test_sweep_survives_a_job_that_diverges(mnist_root, tmp_path):
     assert proc.returncode != 0
     assert [r["status"] for r in rows] == ["failed", "ok"]
     assert rows[0]["error"].startswith("the training loss became NaN or inf at step 4")
+
+
+class _RunsCodeOnLoad:
+    """Unpickling this calls Path.touch(marker): what a crafted checkpoint would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def checkpoint_state(run: Path) -> tuple[dict, str]:
+    """last.ckpt of a run, and the key of its ModelCheckpoint state."""
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt, next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))
+
+
+def test_resume_loads_only_the_run_folders_checkpoints_and_weights_only(mnist_root, tmp_path, monkeypatch):
+    """A path recorded in last.ckpt that points elsewhere (here at a crafted pickle) is never loaded,
+    even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set: the run tests a checkpoint of its own folder."""
+    run = tmp_path / "run"
+    train(compose_train(["debug=limit", "epochs=1"], run, mnist_root))
+    marker, evil = tmp_path / "code-ran", tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": _RunsCodeOnLoad(marker), "state_dict": {}}, evil)
+    ckpt, key = checkpoint_state(run)
+    ckpt["callbacks"][key]["best_model_path"] = str(evil)
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="cannot load .*evil.ckpt as a PyTorch checkpoint"):
+        SafeCheckpointIO().load_checkpoint(evil)  # what Lightning's loading goes through
+    resumed = train(
+        compose_train(["debug=limit", "epochs=1", f"resume={run}"], tmp_path / "again", mnist_root)
+    )
+    assert not marker.exists()
+    assert Path(resumed["ckpt_path"]).parent == (run / "checkpoints").resolve()
+
+
+def test_a_copied_or_moved_run_resumes_from_its_own_files(mnist_root, tmp_path):
+    original = tmp_path / "original"
+    first = train(compose_train(["debug=limit", "epochs=2"], original, mnist_root))
+    before = {p: p.read_bytes() for p in original.rglob("*.ckpt")}
+
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    again = train(compose_train(["debug=limit", "epochs=2", f"resume={copy}"], tmp_path / "c", mnist_root))
+    assert Path(again["ckpt_path"]).parent == (copy / "checkpoints").resolve()  # the copy's best
+    assert again["val/loss"] == first["val/loss"]  # the best score travels with the folder
+    assert again["test/mse"] == pytest.approx(first["test/mse"], abs=1e-7)
+    # fit/seconds is the run's training time as last.ckpt recorded it (before its own save), not
+    # the few seconds of a resume that had nothing left to train.
+    recorded = checkpoint_state(copy)[0]["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert again["fit/seconds"] == pytest.approx(recorded) and recorded > 0.25 * first["fit/seconds"]
+    assert {p: p.read_bytes() for p in original.rglob("*.ckpt")} == before  # the original untouched
+
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)
+    more = train(compose_train(["debug=limit", "epochs=3", f"resume={moved}"], tmp_path / "m", mnist_root))
+    assert more["fit/epochs"] == 3 and Path(more["ckpt_path"]).parent == (moved / "checkpoints").resolve()
+    assert more["fit/seconds"] > first["fit/seconds"]  # summed over the resumes
+
+
+def test_resume_without_last_ckpt_says_how_to_continue_and_leftovers_are_removed(mnist_root, tmp_path):
+    run = tmp_path / "run"
+    train(compose_train(["debug=limit", "epochs=1"], run, mnist_root))
+    checkpoints = run / "checkpoints"
+    (checkpoints / "last.ckpt").unlink()  # as if killed while writing the first last.ckpt
+    best = next(checkpoints.glob("best-*.ckpt"))
+    cfg = compose_train(["debug=limit", "epochs=2", f"resume={run}"], tmp_path / "again", mnist_root)
+    with pytest.raises(CheckpointError, match=f"no .*last.ckpt, but {best.name} is there .*: cp {best} "):
+        train(cfg)
+    shutil.copy(best, checkpoints / "last.ckpt")  # what the message says to do
+    leftover = checkpoints / ".last.ckpt.x1y2.tmp"  # what a kill during a save leaves
+    leftover.write_bytes(b"half a checkpoint")
+    assert train(cfg)["fit/epochs"] == 2
+    assert not leftover.exists()

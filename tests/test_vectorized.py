@@ -2,8 +2,11 @@
 
 import csv
 import json
+import os
+import signal
 import subprocess
 
+import lightning as L
 import pytest
 import torch
 
@@ -22,8 +25,10 @@ def vectorized_sweep(tmp_path, mnist_root, *overrides):
     command = train_command(mnist_root, TWO_EPOCHS, f"hydra.sweep.dir={sweep}", "hydra/launcher=vectorized")
     command += [*overrides, "-m"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    with open(sweep / "summary.csv") as f:
-        rows = {r["job"]: r for r in csv.DictReader(f)}
+    rows = {}
+    if (sweep / "summary.csv").is_file():  # not after SIGTERM, which ends the sweep at once
+        with open(sweep / "summary.csv") as f:
+            rows = {r["job"]: r for r in csv.DictReader(f)}
     return proc, sweep, rows
 
 
@@ -91,3 +96,34 @@ def test_failing_and_diverging_jobs_do_not_spoil_the_others(mnist_root, tmp_path
     for lr in ("0.001", "1e+30"):
         assert by_setting[(lr, "1.5")]["error"] == "rho=1.5 must be a number in (0, 1)"
     assert float(by_setting[("0.001", "0.05")]["test/mse"]) > 0
+
+
+class TermAtStep(L.Callback):
+    """Sends this process SIGTERM once training reaches a given optimizer step, as preemption would."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.sent = at_step, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.at_step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_job_stopped_by_sigterm_in_its_replay_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
+    # Three epochs of 10 steps; SIGTERM once job 0's replay has taken the second epoch's steps.
+    term = ["+callbacks.term._target_=tests.test_vectorized.TermAtStep", "+callbacks.term.at_step=15"]
+    proc, sweep, _ = vectorized_sweep(tmp_path, mnist_root, "epochs=3", "beta=1e-3,5e-2", *term)
+    assert proc.returncode == 143, proc.stderr[-3000:]  # as the basic launcher ends after SIGTERM
+    said = [line for line in proc.stderr.splitlines() if line.startswith("interrupted at step")]
+    assert said and "cannot resume mid-epoch" in said[0], proc.stderr[-3000:]
+    stopped = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] % 10 == 0  # an epoch's end, not the middle of one
+
+    settings = ["epochs=3", "beta=1e-3"]
+    train(compose_train([*settings, f"resume={sweep / '0'}"], tmp_path / "again", mnist_root))
+    train(compose_train(settings, tmp_path / "alone", mnist_root))
+    a, b = weights(tmp_path / "alone"), weights(sweep / "0")
+    assert torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)

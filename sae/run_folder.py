@@ -1,0 +1,108 @@
+"""One writer per run folder: a lock that a second train.py is refused by, and a killed run does
+not leave behind.
+
+Two processes writing one run folder (the same hydra.run.dir twice, or `resume=` while the run is
+still going) would leave checkpoints of different settings side by side and files from whichever
+finished last. The lock is `fcntl.flock` on `<folder>/.lock`: the operating system releases it
+when the holding process ends, however it ends, so there is nothing stale to clean up. Within one
+process the lock is re-entrant (the Hydra callback takes it before Hydra writes `.hydra/`, and
+`train(cfg)` takes it again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from sae.console import UserError, one_line
+
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, in this process
+
+
+class FolderInUse(UserError, RuntimeError):
+    """Another process is writing the run folder."""
+
+
+def lock_run_folder(folder: str | Path) -> bool:
+    """Take the folder's writer lock, or raise FolderInUse; False if this process already holds it.
+
+    Processes other than rank 0 of a multi-process (DDP) run share rank 0's folder and lock.
+    """
+    if not _is_rank_zero():
+        return False
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUse(
+            f"{folder} is being written by another process (it holds {folder / LOCK_FILE}); wait for it "
+            "to finish, or write elsewhere (another hydra.run.dir / hydra.sweep.dir)"
+        ) from None
+    _held[folder] = fd
+    return True
+
+
+def unlock_run_folder(folder: str | Path) -> None:
+    fd = _held.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextmanager
+def writing_run_folder(folder: str | Path) -> Iterator[None]:
+    """Hold the folder's lock for the block (released after it, unless it was held before)."""
+    taken = lock_run_folder(folder)
+    try:
+        yield
+    finally:
+        if taken:
+            unlock_run_folder(folder)
+
+
+def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes (`.<name>.*.tmp`) in folder.
+
+    Only safe while holding the folder's lock: then no write of ours is in progress there.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+class RunFolderLock(Callback):
+    """Hydra callback: lock a single run's folder, or a sweep's folder, before Hydra writes into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._lock(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._lock(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _lock(folder: str) -> None:
+        try:
+            lock_run_folder(folder)
+        except FolderInUse as err:  # before any job runs: one line, as for a config error
+            sys.exit(f"error: {one_line(err, limit=400)}")
