@@ -83,6 +83,16 @@ QUICK_RUN = [
 ]
 
 
+# For tests about training and checkpoints only: no loggers, probe, figures or TensorBoard views.
+LEAN = [
+    "logger=none",
+    "~callbacks.linear_probe",
+    "~callbacks.run_figures",
+    "~callbacks.epoch_visuals",
+    "~callbacks.hparams_summary",
+]
+
+
 def compose_config(name: str, overrides: list[str], **kwargs) -> DictConfig:
     """conf/<name>.yaml as Hydra composes it for the command line with these overrides."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

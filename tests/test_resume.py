@@ -19,7 +19,7 @@ from sae.checkpoints import CheckpointError, SafeCheckpointIO
 from sae.config import ConfigError
 from sae.module import TrainingDiverged
 from sae.training import train
-from tests.conftest import QUICK_RUN, ROOT, compose_config, compose_train, train_command
+from tests.conftest import LEAN, QUICK_RUN, ROOT, compose_config, compose_train, train_command
 
 
 def last_weights(folder) -> dict[str, torch.Tensor]:
@@ -28,7 +28,7 @@ def last_weights(folder) -> dict[str, torch.Tensor]:
 
 def test_resume_ends_where_an_uninterrupted_run_ends(mnist_root, tmp_path):
     def run(name: str, *overrides: str) -> dict:
-        return train(compose_train(["debug=limit", *overrides], tmp_path / name, mnist_root))
+        return train(compose_train([*LEAN, "debug=limit", *overrides], tmp_path / name, mnist_root))
 
     full = run("full", "epochs=4")
     run("part", "epochs=2")  # as if stopped after its second epoch
@@ -52,7 +52,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(mnist_root, tmp_path):
 def test_resume_refuses_a_missing_run_or_another_architecture(mnist_root, tmp_path):
     with pytest.raises(CheckpointError, match="resume=.*nowhere: no .*last.ckpt"):
         train(compose_train([f"resume={tmp_path / 'nowhere'}"], tmp_path / "a", mnist_root))
-    train(compose_train(["debug=limit", "epochs=1"], tmp_path / "part", mnist_root))
+    train(compose_train([*LEAN, "debug=limit", "epochs=1"], tmp_path / "part", mnist_root))
     cfg = compose_train([f"resume={tmp_path / 'part'}", "latent_dim=64"], tmp_path / "b", mnist_root)
     with pytest.raises(ConfigError, match="latent_dim=64 differs from the run's latent_dim=32"):
         train(cfg)
@@ -74,7 +74,7 @@ def compose_command(overrides: list[str], output_dir: Path, data_root: Path):
 
 def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
     run = tmp_path / "run"
-    train(compose_train(["debug=limit", "epochs=1", "rho=0.1", "lr=0.01", "seed=3"], run, mnist_root))
+    train(compose_train([*LEAN, "debug=limit", "epochs=1", "rho=0.1", "lr=0.01", "seed=3"], run, mnist_root))
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["epochs"] == 1  # the epochs the run was set to train
@@ -82,7 +82,7 @@ def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
     torch.save(ckpt, last)
 
     # resume=DIR alone (debug=limit's preset says epochs=2): the run's epochs, rho, lr and seed.
-    resumed = train(compose_command(["debug=limit", f"resume={run}"], tmp_path / "r", mnist_root))
+    resumed = train(compose_command([*LEAN, "debug=limit", f"resume={run}"], tmp_path / "r", mnist_root))
     assert resumed["fit/epochs"] == 3 and "resumed_with" not in resumed
     ckpt = torch.load(last, weights_only=True)
     assert (ckpt["hyper_parameters"]["rho"], ckpt["hyper_parameters"]["lr"]) == (0.1, 0.01)
@@ -90,7 +90,9 @@ def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01  # what the optimizer used
 
     # More epochs: applied, and recorded.
-    more = train(compose_command(["debug=limit", "epochs=4", f"resume={run}"], tmp_path / "m", mnist_root))
+    more = train(
+        compose_command([*LEAN, "debug=limit", "epochs=4", f"resume={run}"], tmp_path / "m", mnist_root)
+    )
     assert more["fit/epochs"] == 4 and more["resumed_with"] == "epochs=4"
 
     # An override that would change what is trained is refused, naming the key.
@@ -99,7 +101,7 @@ def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
         "model.hidden_dims=[64]": "hidden_dims=[64]",
     }
     for override, message in refused.items():
-        cfg = compose_command(["debug=limit", f"resume={run}", override], tmp_path / "x", mnist_root)
+        cfg = compose_command([*LEAN, "debug=limit", f"resume={run}", override], tmp_path / "x", mnist_root)
         with pytest.raises(ConfigError, match=re.escape(message)):
             train(cfg)
 
@@ -147,7 +149,7 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(m
 
 def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
     poison = ["+callbacks.poison._target_=tests.test_resume.PoisonWeights", "+callbacks.poison.at_step=4"]
-    cfg = compose_train(["debug=limit", *poison], tmp_path, mnist_root)
+    cfg = compose_train([*LEAN, "debug=limit", *poison], tmp_path, mnist_root)
     # Written every 3 steps (in calls of 3 batches): the last finite window is steps 0-2.
     cfg.data.batches_per_call = 3
     cfg.trainer.log_every_n_steps = 3
@@ -165,7 +167,7 @@ class SlowSteps(L.Callback):
 
 
 # Epochs of 4 training calls (3+3+3+1 batches): a stop lands between calls, mid-epoch.
-INTERRUPTIBLE = ["debug=limit", "epochs=6", "data.batches_per_call=3"]
+INTERRUPTIBLE = [*LEAN, "debug=limit", "epochs=6", "data.batches_per_call=3"]
 
 
 @pytest.mark.slow
@@ -249,7 +251,7 @@ def test_resume_loads_only_the_run_folders_checkpoints_and_weights_only(mnist_ro
     """A path recorded in last.ckpt that points elsewhere (here at a crafted pickle) is never loaded,
     even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set: the run tests a checkpoint of its own folder."""
     run = tmp_path / "run"
-    train(compose_train(["debug=limit", "epochs=1"], run, mnist_root))
+    train(compose_train([*LEAN, "debug=limit", "epochs=1"], run, mnist_root))
     marker, evil = tmp_path / "code-ran", tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": _RunsCodeOnLoad(marker), "state_dict": {}}, evil)
     ckpt, key = checkpoint_state(run)
@@ -260,7 +262,7 @@ def test_resume_loads_only_the_run_folders_checkpoints_and_weights_only(mnist_ro
     with pytest.raises(CheckpointError, match="cannot load .*evil.ckpt as a PyTorch checkpoint"):
         SafeCheckpointIO().load_checkpoint(evil)  # what Lightning's loading goes through
     resumed = train(
-        compose_train(["debug=limit", "epochs=1", f"resume={run}"], tmp_path / "again", mnist_root)
+        compose_train([*LEAN, "debug=limit", "epochs=1", f"resume={run}"], tmp_path / "again", mnist_root)
     )
     assert not marker.exists()
     assert Path(resumed["ckpt_path"]).parent == (run / "checkpoints").resolve()
@@ -268,12 +270,14 @@ def test_resume_loads_only_the_run_folders_checkpoints_and_weights_only(mnist_ro
 
 def test_a_copied_or_moved_run_resumes_from_its_own_files(mnist_root, tmp_path):
     original = tmp_path / "original"
-    first = train(compose_train(["debug=limit", "epochs=2"], original, mnist_root))
+    first = train(compose_train([*LEAN, "debug=limit", "epochs=2"], original, mnist_root))
     before = {p: p.read_bytes() for p in original.rglob("*.ckpt")}
 
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
-    again = train(compose_train(["debug=limit", "epochs=2", f"resume={copy}"], tmp_path / "c", mnist_root))
+    again = train(
+        compose_train([*LEAN, "debug=limit", "epochs=2", f"resume={copy}"], tmp_path / "c", mnist_root)
+    )
     assert Path(again["ckpt_path"]).parent == (copy / "checkpoints").resolve()  # the copy's best
     assert again["val/loss"] == first["val/loss"]  # the best score travels with the folder
     assert again["test/mse"] == pytest.approx(first["test/mse"], abs=1e-7)
@@ -285,18 +289,20 @@ def test_a_copied_or_moved_run_resumes_from_its_own_files(mnist_root, tmp_path):
 
     moved = tmp_path / "moved"
     shutil.move(original, moved)
-    more = train(compose_train(["debug=limit", "epochs=3", f"resume={moved}"], tmp_path / "m", mnist_root))
+    more = train(
+        compose_train([*LEAN, "debug=limit", "epochs=3", f"resume={moved}"], tmp_path / "m", mnist_root)
+    )
     assert more["fit/epochs"] == 3 and Path(more["ckpt_path"]).parent == (moved / "checkpoints").resolve()
     assert more["fit/seconds"] > first["fit/seconds"]  # summed over the resumes
 
 
 def test_resume_without_last_ckpt_says_how_to_continue_and_leftovers_are_removed(mnist_root, tmp_path):
     run = tmp_path / "run"
-    train(compose_train(["debug=limit", "epochs=1"], run, mnist_root))
+    train(compose_train([*LEAN, "debug=limit", "epochs=1"], run, mnist_root))
     checkpoints = run / "checkpoints"
     (checkpoints / "last.ckpt").unlink()  # as if killed while writing the first last.ckpt
     best = next(checkpoints.glob("best-*.ckpt"))
-    cfg = compose_train(["debug=limit", "epochs=2", f"resume={run}"], tmp_path / "again", mnist_root)
+    cfg = compose_train([*LEAN, "debug=limit", "epochs=2", f"resume={run}"], tmp_path / "again", mnist_root)
     with pytest.raises(CheckpointError, match=f"no .*last.ckpt, but {best.name} is there .*: cp {best} "):
         train(cfg)
     shutil.copy(best, checkpoints / "last.ckpt")  # what the message says to do

@@ -9,7 +9,7 @@ import pytest
 
 from sae.run_folder import FolderInUse, lock_run_folder, unlock_run_folder, writing_run_folder
 from sae.training import train
-from tests.conftest import ROOT, compose_train, run_script
+from tests.conftest import LEAN, ROOT, compose_train, run_script
 
 HOLD = """
 import sys, time
@@ -32,7 +32,7 @@ def hold_lock(folder) -> subprocess.Popen:
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(mnist_root, tmp_path):
     run = tmp_path / "run"
     holder = hold_lock(run)
-    cfg = compose_train(["debug=limit", "epochs=1"], run, mnist_root)
+    cfg = compose_train([*LEAN, "debug=limit", "epochs=1"], run, mnist_root)
     with pytest.raises(FolderInUse, match=f"{run} is being written by another process") as err:
         train(cfg)
     assert "\n" not in str(err.value)

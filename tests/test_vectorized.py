@@ -12,7 +12,7 @@ import torch
 
 from sae.evaluation import evaluate
 from sae.training import train
-from tests.conftest import ROOT, compose_config, compose_train, train_command
+from tests.conftest import LEAN, ROOT, compose_config, compose_train, train_command
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
@@ -120,7 +120,7 @@ def test_a_job_stopped_by_sigterm_in_its_replay_resumes_to_the_uninterrupted_run
     stopped = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] % 10 == 0  # an epoch's end, not the middle of one
 
-    settings = ["epochs=3", "beta=1e-3"]
+    settings = [*LEAN, "epochs=3", "beta=1e-3"]
     train(compose_train([*settings, f"resume={sweep / '0'}"], tmp_path / "again", mnist_root))
     train(compose_train(settings, tmp_path / "alone", mnist_root))
     a, b = weights(tmp_path / "alone"), weights(sweep / "0")
