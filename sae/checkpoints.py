@@ -7,6 +7,9 @@ hyperparameters as such), so a crafted pickle cannot run code.
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +99,25 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """A training checkpoint as a dict, loaded weights-only; a missing, unreadable or foreign file
     is a one-line CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("**/*.ckpt"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass one of its .ckpt files{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"cannot load {path} as a PyTorch checkpoint: it is not a file torch.save writes"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"cannot load {path} as a PyTorch checkpoint: it holds Python objects{what} that loading "
+            "would run as code; this project's checkpoints hold tensors and plain values only, so refused"
+        ) from err
     except Exception as err:
         raise CheckpointError(f"cannot load {path} as a PyTorch checkpoint: {one_line(err)}") from err
     if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():

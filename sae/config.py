@@ -17,6 +17,9 @@ from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
 
 MNIST_TRAIN_IMAGES = 60000
+FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
+MAX_LR = FLOAT32_MAX * 0.1
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything uses
 
 # Group settings that follow a top-level knob. The YAML sets each to `${knob}`: the knob is the one
 # spelling a researcher uses, and what sweeps, the HParams entry, metrics, the sweep summary and the
@@ -95,11 +98,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     check_one_spelling(cfg)
     rho, beta, lr = cfg.rho, cfg.beta, cfg.lr
     _check(_is_number(rho) and 0 < rho < 1, "rho", rho, "a number in (0, 1)")
-    _check(_is_number(beta) and beta >= 0, "beta", beta, "a number >= 0")
-    _check(_is_number(lr) and lr > 0, "lr", lr, "a number > 0")
+    _check(_is_number(beta) and 0 <= beta <= FLOAT32_MAX, "beta", beta, f"a number in [0, {FLOAT32_MAX:.3g}]")
+    # Adam divides lr by 1 - beta1 = 0.1 at the first step, in float32.
+    _check(_is_number(lr) and 0 < lr <= MAX_LR, "lr", lr, f"a number in (0, {MAX_LR:.3g}]")
     for key in ("latent_dim", "epochs", "batch_size"):
         _check(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
-    _check(cfg.seed is None or _is_int(cfg.seed), "seed", cfg.seed, "an integer (or null)")
+    seed_ok = cfg.seed is None or (_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED)
+    _check(seed_ok, "seed", cfg.seed, f"an integer in [0, {MAX_SEED}] (or null)")
     threads = cfg.get("threads")
     ok = threads is None or (_is_int(threads) and threads >= 1)
     _check(ok, "threads", threads, "an integer >= 1 (or null)")
@@ -151,6 +156,13 @@ def validate_train_config(cfg: DictConfig) -> None:
             "(accelerator=ddp sets it)"
         )
 
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not _gpu_count():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but torch sees no GPU: use accelerator=cpu, or "
+            "accelerator=auto (a GPU when there is one)"
+        )
+
     data = cfg.data
     for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_call", 1)):
         _check(_is_int(data[key]) and data[key] >= low, f"data.{key}", data[key], f"an integer >= {low}")
@@ -158,3 +170,42 @@ def validate_train_config(cfg: DictConfig) -> None:
     val_size = data.val_size
     allowed = f"an integer in [0, {MNIST_TRAIN_IMAGES}): images held out of the training set"
     _check(_is_int(val_size) and 0 <= val_size < MNIST_TRAIN_IMAGES, "data.val_size", val_size, allowed)
+    check_memory(cfg)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_memory(cfg: DictConfig) -> None:
+    """Refuse a run whose model or latent codes cannot fit in this machine's memory, before it trains.
+
+    The largest allocations grow with the layer widths: the weights with their gradients and Adam
+    state, and (with the linear probe) the latent codes of every training image, which the probe
+    standardises into copies.
+    """
+    widths = [cfg.model.input_dim, *cfg.model.hidden_dims, cfg.latent_dim]
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) * 2  # encoder, decoder
+    needed = params * 4 * 4  # float32 weights, gradients and Adam's two moments
+    if "linear_probe" in (cfg.get("callbacks") or {}):
+        needed += 3 * MNIST_TRAIN_IMAGES * cfg.latent_dim * 4
+    available = _memory_bytes()
+    if available and needed > 0.8 * available:
+        raise ConfigError(
+            f"latent_dim={cfg.latent_dim} (hidden_dims={list(cfg.model.hidden_dims)}) needs about "
+            f"{needed / 2**30:.1f} GiB (weights, Adam state and the probe's codes), more than this "
+            f"machine's {available / 2**30:.1f} GiB: choose smaller layers, or drop the probe "
+            "(~callbacks.linear_probe)"
+        )
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (0 where the system does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

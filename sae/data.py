@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -30,6 +31,9 @@ MNIST_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 DOWNLOAD_TIMEOUT_S = 20
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+FIX = "copy it again, or delete it and let torchvision download it (data.download=true)"
 
 
 class DataError(UserError, RuntimeError):
@@ -178,47 +182,87 @@ def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     """Read one MNIST split as (float images in [0, 1] flattened to 784, int64 labels)."""
     raw = Path(root) / "MNIST" / "raw"
     prefix = "train" if train else "t10k"
-    if not all((raw / f"{prefix}-{kind}-ubyte").is_file() for kind in ("images-idx3", "labels-idx1")):
-        raise DataError(missing_data_message(root))
-    counts = [check_idx_file(raw / f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
-    if counts[0] != counts[1]:
-        raise DataError(f"MNIST files in {raw} do not match: {counts[0]} {prefix} images, {counts[1]} labels")
+    images_file, labels_file = (raw / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
+    count = check_split_files(images_file, labels_file, root)
     try:
         ds = MNIST(str(root), train=train, download=False)
-    except (RuntimeError, AssertionError, ValueError) as err:
+    except (RuntimeError, AssertionError, ValueError, OSError) as err:
         raise DataError(f"cannot read MNIST from {raw}: {one_line(err)}") from err
-    images = ds.data.reshape(len(ds.data), -1).to(torch.float32).div_(255.0)
-    return images, ds.targets.to(torch.int64)
+    labels = ds.targets.to(torch.int64)
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < NUM_CLASSES:
+        raise DataError(
+            f"{labels_file} holds labels {int(labels.min())}..{int(labels.max())}; MNIST's are 0..9 "
+            f"({count} labels); {FIX}"
+        )
+    return ds.data.reshape(len(ds.data), -1).to(torch.float32).div_(255.0), labels
 
 
-def check_idx_file(path: Path) -> int:
-    """Check an MNIST IDX file's header against its size; return its item count.
+def check_mnist_files(root: str | Path, val_size: int) -> None:
+    """Check the four files from their headers and labels, and that the validation split leaves
+    training images: cheap, so done before training (and before evaluate.py's test pass)."""
+    raw = Path(root) / "MNIST" / "raw"
+    for prefix in ("train", "t10k"):
+        images_file, labels_file = (raw / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
+        count = check_split_files(images_file, labels_file, root)
+        labels = np.frombuffer(labels_file.read_bytes(), dtype=np.uint8, offset=8)
+        if len(labels) and labels.max() >= NUM_CLASSES:
+            raise DataError(f"{labels_file} holds labels up to {labels.max()}; MNIST's are 0..9; {FIX}")
+        if prefix == "train" and not 0 <= val_size < count:
+            raise DataError(
+                f"data.val_size={val_size} must be in [0, {count}): {images_file} holds {count} images, "
+                "and training needs at least one"
+            )
+
+
+def check_split_files(images_file: Path, labels_file: Path, root: str | Path) -> int:
+    """Check one split's image and label files from their headers alone; return the image count."""
+    missing = [p.name for p in (images_file, labels_file) if not p.is_file()]
+    if missing:
+        raise DataError(missing_data_message(root, missing))
+    shape, labels_shape = check_idx_file(images_file), check_idx_file(labels_file)
+    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE):
+        dims = "x".join(map(str, shape[1:])) or "no"
+        raise DataError(f"{images_file} holds {dims} images; MNIST's are 28x28; {FIX}")
+    if len(labels_shape) != 1 or labels_shape[0] != shape[0]:
+        prefix = images_file.name.split("-")[0]
+        raise DataError(
+            f"MNIST files in {images_file.parent} do not match: {shape[0]} {prefix} images, "
+            f"{labels_shape[0]} labels"
+        )
+    return shape[0]
+
+
+def check_idx_file(path: Path) -> list[int]:
+    """Check an MNIST IDX file's header against its size; return its shape (count first).
 
     torchvision reads a truncated or corrupt file into an assertion or reshape error that names
     no file; this names the file and says what to do.
     """
-    fix = "copy it again, or delete it and let torchvision download it (data.download=true)"
-    with open(path, "rb") as f:
-        header = f.read(16)
-    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+        size = path.stat().st_size
+    except OSError as err:  # e.g. no read permission
+        raise DataError(f"cannot read {path}: {err.strerror or err}; check its permissions") from err
     dims = {0x801: 1, 0x803: 3}.get(int.from_bytes(header[:4], "big")) if len(header) >= 8 else None
     if dims is None:
-        raise DataError(f"{path} is not an MNIST IDX file (unknown header); {fix}")
+        raise DataError(f"{path} is not an MNIST IDX file (unknown header); {FIX}")
     shape = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     expected = 4 + 4 * dims + math.prod(shape)
     if size != expected:
         raise DataError(
             f"{path} is truncated or corrupt: its header promises {'x'.join(map(str, shape))} bytes of data "
-            f"({expected} bytes in all), the file has {size}; {fix}"
+            f"({expected} bytes in all), the file has {size}; {FIX}"
         )
-    return shape[0]
+    return shape
 
 
-def missing_data_message(root: str | Path) -> str:
+def missing_data_message(root: str | Path, missing: list[str] | None = None) -> str:
     raw = Path(root) / "MNIST" / "raw"
+    missing = missing or [name for name in MNIST_FILES if not (raw / name).is_file()] or list(MNIST_FILES)
     return (
-        f"MNIST not found under data root {str(root)!r}: expected {', '.join(MNIST_FILES)} in {raw}; "
-        "put them there, or point data.root=... (or SAE_DATA_DIR) at a folder holding MNIST/raw"
+        f"MNIST not found under data root {str(root)!r}: {', '.join(missing)} missing in {raw}; "
+        "put the files there, or point data.root=... (or SAE_DATA_DIR) at a folder holding MNIST/raw"
     )
 
 
@@ -253,9 +297,14 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_indices: Tensor | None = None
 
     def prepare_data(self) -> None:
+        """Have the four files (downloading them if allowed), and check them before any pass runs."""
         root = self.hparams.root
-        if all((Path(root) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
-            return
+        if not all((Path(root) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+            self._download()
+        check_mnist_files(root, self.hparams.val_size)
+
+    def _download(self) -> None:
+        root = self.hparams.root
         if not self.hparams.download:
             raise DataError(f"{missing_data_message(root)} (data.download=false)")
         previous_timeout = socket.getdefaulttimeout()
@@ -281,7 +330,7 @@ class MNISTDataModule(L.LightningDataModule):
         if "train" in wanted and "train" not in self.splits:
             images, labels = load_mnist_split(hp.root, train=True)
             if not 0 <= hp.val_size < len(images):
-                raise ValueError(
+                raise DataError(
                     f"data.val_size={hp.val_size} must be in [0, {len(images)}) for {len(images)} images"
                 )
             generator = torch.Generator().manual_seed(hp.split_seed)

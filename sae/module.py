@@ -207,10 +207,15 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         if bool(finite.all()):
             return
         step = self._window_start + int((~finite).nonzero()[0])
+        checkpoint = self.trainer.checkpoint_callback
+        kept = (
+            "checkpoints/last.ckpt holds the last completed epoch"
+            if checkpoint is not None and getattr(checkpoint, "last_model_path", "")
+            else "no checkpoint was written (no epoch completed)"
+        )
         raise TrainingDiverged(
             f"the training loss became NaN or inf at step {step} (epoch {self.current_epoch}); "
-            f"last logged: {self._last_finite or 'none yet'}; "
-            "try a lower lr or beta; checkpoints/last.ckpt holds the last completed epoch"
+            f"last logged: {self._last_finite or 'none yet'}; try a lower lr or beta; {kept}"
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

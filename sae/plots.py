@@ -18,6 +18,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 DPI = 100
+MAX_UNITS = 64  # per-unit tiles and tick labels shown at most (figures keep their size)
+MAX_TILES = 128
 RHO_STYLE = {"color": "crimson", "linestyle": "--", "linewidth": 1.5}
 
 
@@ -65,7 +67,8 @@ def unit_mean_bars(rho_hat: Tensor, rho: float) -> Figure:
     ax = fig.add_subplot()
     units = np.arange(len(rho_hat))
     ax.bar(units, rho_hat.numpy(), color="steelblue", width=0.8)
-    ax.set_xticks(units)
+    if len(units) <= MAX_UNITS:  # one label per unit while they stay readable
+        ax.set_xticks(units)
     ax.set_xlim(-0.6, len(units) - 0.4)
     ax.axhline(rho, **RHO_STYLE, label=f"target rho = {rho:g}")
     ax.axhline(float(rho_hat.mean()), color="black", linewidth=1, label=f"mean = {float(rho_hat.mean()):.4f}")
@@ -116,27 +119,33 @@ def reconstruction_grid(images: Tensor, recon: Tensor) -> Figure:
 
 
 def encoder_filters(weight: Tensor) -> Figure:
-    """First-layer encoder weights, one 28x28 tile per hidden unit (blue negative, red positive)."""
+    """First-layer encoder weights, one 28x28 tile per hidden unit (blue negative, red positive);
+    at most MAX_TILES units (those with the largest weights), so wide layers keep a readable size."""
     n = weight.shape[0]
-    ncols = 16 if n > 64 else 8
-    fig = _figure(12, 12 * int(np.ceil(n / ncols)) / ncols + 0.6)
+    shown = weight.norm(dim=1).topk(min(n, MAX_TILES)).indices.sort().values
+    ncols = 16 if len(shown) > 64 else 8
+    fig = _figure(12, 12 * int(np.ceil(len(shown) / ncols)) / ncols + 0.6)
     ax = fig.add_subplot()
-    _tiles(ax, weight.numpy(), ncols, cmap="RdBu_r")
-    ax.set_title(f"First-layer encoder filters ({n} units, each scaled to its own range)")
+    _tiles(ax, weight[shown].numpy(), ncols, cmap="RdBu_r")
+    which = f"{n} units" if len(shown) == n else f"{len(shown)} of {n} units, the largest weights"
+    ax.set_title(f"First-layer encoder filters ({which}, each scaled to its own range)")
     return fig
 
 
 def unit_patterns(images: Tensor, codes: Tensor, top_k: int = 20) -> Figure:
-    """For each latent unit, the mean of the test digits that activate it most."""
+    """For each latent unit, the mean of the test digits that activate it most; at most MAX_UNITS
+    units (the most active), so wide latents keep a readable size."""
     k = min(top_k, len(images))
-    top = codes.topk(k, dim=0).indices  # (k, units)
-    patterns = images[top].mean(dim=0)  # (units, 784)
     n = codes.shape[1]
+    shown = codes.mean(dim=0).topk(min(n, MAX_UNITS)).indices.sort().values
+    top = codes[:, shown].topk(k, dim=0).indices  # (k, units shown)
+    patterns = images[top].mean(dim=0)  # (units shown, 784)
     ncols = 8
-    fig = _figure(12, 12 * int(np.ceil(n / ncols)) * (38 / 30) / ncols + 0.6)
+    fig = _figure(12, 12 * int(np.ceil(len(shown) / ncols)) * (38 / 30) / ncols + 0.6)
     ax = fig.add_subplot()
-    _tiles(ax, patterns.numpy(), ncols, titles=[f"unit {j}" for j in range(n)])
-    ax.set_title(f"What each latent unit responds to: mean of its top {k} test digits")
+    _tiles(ax, patterns.numpy(), ncols, titles=[f"unit {int(j)}" for j in shown])
+    which = "" if len(shown) == n else f" ({len(shown)} of {n} units, the most active)"
+    ax.set_title(f"What each latent unit responds to: mean of its top {k} test digits{which}")
     return fig
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sae.atomic import CannotWrite, cannot_write_message
 from sae.console import UserError, one_line
 
 LOCK_FILE = ".lock"
@@ -42,8 +43,11 @@ def lock_run_folder(folder: str | Path) -> bool:
     folder = Path(folder).resolve()
     if folder in _held:
         return False
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only folder, a full disk: say so before anything runs
+        raise CannotWrite(cannot_write_message(folder / LOCK_FILE, err)) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -104,5 +108,5 @@ class RunFolderLock(Callback):
     def _lock(folder: str) -> None:
         try:
             lock_run_folder(folder)
-        except FolderInUse as err:  # before any job runs: one line, as for a config error
+        except UserError as err:  # before any job runs: one line, as for a config error
             sys.exit(f"error: {one_line(err, limit=400)}")

@@ -7,6 +7,7 @@ interrupted or ran on another machine can be summarised too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -200,9 +201,11 @@ def _label_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _job_exception(job_return: JobReturn) -> BaseException:
-    """The exception a failed job raised (JobReturn.return_value re-raises it)."""
+    """The exception a failed job raised: JobReturn.return_value re-raises it (and writes a line to
+    stderr that the sweep's own report already gives, hence the redirect)."""
     try:
-        job_return.return_value  # noqa: B018
+        with contextlib.redirect_stderr(io.StringIO()):
+            job_return.return_value  # noqa: B018
     except Exception as err:
         return err
     return RuntimeError("the job failed")

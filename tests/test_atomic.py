@@ -1,8 +1,13 @@
 """Files are replaced whole or not at all: metrics, summaries and checkpoints."""
 
+import errno
+import json
+import os
+import tempfile
+
 import pytest
 
-from sae.atomic import write_atomic
+from sae.atomic import CannotWrite, write_atomic, write_json_atomic, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
@@ -20,3 +25,40 @@ def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
 
     write_atomic(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_full_disk_is_said_in_one_line_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("{}")
+
+    def disk_full(f) -> None:
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(
+        CannotWrite, match=f"cannot write {path}: the disk is full .*; free some space"
+    ) as err:
+        write_atomic(path, disk_full)
+    assert "\n" not in str(err.value) and path.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize(
+    "code, reason", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")]
+)
+def test_a_folder_that_cannot_be_written_is_said_in_one_line(tmp_path, monkeypatch, code, reason):
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)  # as root, chmod would not stop us
+    with pytest.raises(
+        CannotWrite, match=f"cannot write {tmp_path / 'summary.md'}: {reason}; write elsewhere"
+    ):
+        write_text_atomic(tmp_path / "summary.md", "x")
+
+
+def test_json_results_are_strict_json(tmp_path):
+    write_json_atomic(tmp_path / "m.json", {"test/bce": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"test/bce": None, "x": [1.0, None], "ok": 0.5}

@@ -1,6 +1,7 @@
 """Bad config values fail before any data is read or a model is built, with one line naming them."""
 
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.config import MIRRORS, RENAMED, ConfigError, validate_train_config
@@ -11,8 +12,8 @@ BAD = [
     ("rho=1.5", "rho=1.5 must be a number in (0, 1)"),
     ("rho=0", "rho=0 must be a number in (0, 1)"),
     ("rho=abc", "rho='abc' must be a number in (0, 1)"),
-    ("beta=-1e-3", "beta=-0.001 must be a number >= 0"),
-    ("lr=0", "lr=0 must be a number > 0"),
+    ("beta=-1e-3", "beta=-0.001 must be a number in [0, 3.4e+38]"),
+    ("lr=0", "lr=0 must be a number in (0, 3.4e+37]"),
     ("latent_dim=0", "latent_dim=0 must be an integer >= 1"),
     ("epochs=2.5", "epochs=2.5 must be an integer >= 1"),
     ("batch_size=-3", "batch_size=-3 must be an integer >= 1"),
@@ -20,7 +21,7 @@ BAD = [
     ("model.recon_loss=mae", "model.recon_loss='mae' must be one of mse, bce"),
     ("model.activation=swish", "model.activation='swish' must be one of relu, sigmoid"),
     ("model.hidden_dims=[128,0]", "model.hidden_dims=[128, 0] must be integers >= 1"),
-    ("seed=abc", "seed='abc' must be an integer (or null)"),
+    ("seed=abc", "seed='abc' must be an integer in [0, 4294967295] (or null)"),
     ("model.l0_threshold=2", "model.l0_threshold=2 must be a number in [0, 1]"),
     ("data.eval_batch_size=0", "data.eval_batch_size=0 must be an integer >= 1"),
     ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
@@ -43,7 +44,17 @@ BAD = [
     ("data.batch_size=64", "data.batch_size=64: data.batch_size follows the top-level knob batch_size"),
     ("trainer.max_epochs=3", "trainer.max_epochs=3: trainer.max_epochs follows the top-level knob epochs"),
     ("data.batches_per_step=4", "data.batches_per_step was renamed data.batches_per_call: set data.batch"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1: trainer.max_epochs follows the top-level knob epochs"),
+    # Values the libraries or the training precision cannot take, refused before anything runs.
+    ("seed=-1", "seed=-1 must be an integer in [0, 4294967295] (or null)"),
+    ("seed=4294967296", "seed=4294967296 must be an integer in [0, 4294967295] (or null)"),
+    ("lr=1e300", "lr=1e+300 must be a number in (0, 3.4e+37]"),
+    ("lr=3e38", "lr=3e+38 must be a number in (0, 3.4e+37]"),
+    ("beta=1e39", "beta=1e+39 must be a number in [0, 3.4e+38]"),
+    ("latent_dim=10000000", "latent_dim=10000000 (hidden_dims=[128]) needs about"),
 ]
+if torch.cuda.device_count() == 0:
+    BAD.append(("accelerator=gpu", "trainer.accelerator=gpu but torch sees no GPU: use accelerator=cpu"))
 
 
 def test_defaults_and_presets_are_valid(mnist_root, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae.data import BatchIndexSampler, DataError, MNISTDataModule
-from tests.conftest import N_TEST, N_TRAIN, write_idx_labels
+from tests.conftest import N_TEST, N_TRAIN, write_idx_images, write_idx_labels
 
 
 def make(root, **kw) -> MNISTDataModule:
@@ -161,9 +161,56 @@ def test_images_and_labels_must_agree(mnist_root, tmp_path):
         make(tmp_path)
 
 
-def test_val_size_out_of_range(mnist_root):
-    with pytest.raises(ValueError, match="data.val_size=600"):
-        make(mnist_root, val_size=N_TRAIN)
+def test_val_size_that_leaves_no_training_images_is_named_before_reading(mnist_root):
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=N_TRAIN)
+    with pytest.raises(
+        DataError, match=f"data.val_size={N_TRAIN} must be in \\[0, {N_TRAIN}\\): .* holds {N_TRAIN}"
+    ):
+        dm.prepare_data()  # from the file's header, before any split is read or pass runs
+
+
+@pytest.mark.parametrize(
+    "prefix, damage, message",
+    [
+        ("train", "images", "holds 32x32 images; MNIST's are 28x28"),
+        ("train", "labels", "holds labels up to 10; MNIST's are 0..9"),
+        ("t10k", "labels", "holds labels up to 255; MNIST's are 0..9"),
+    ],
+    ids=["image-size", "train-label-10", "test-label-255"],
+)
+def test_valid_idx_files_with_other_content_are_named(mnist_root, tmp_path, prefix, damage, message):
+    raw = copy_of(mnist_root, tmp_path)
+    n = N_TRAIN if prefix == "train" else N_TEST
+    if damage == "images":
+        path = raw / f"{prefix}-images-idx3-ubyte"
+        write_idx_images(path, np.zeros((n, 32, 32)))
+    else:
+        path = raw / f"{prefix}-labels-idx1-ubyte"
+        write_idx_labels(path, np.full(n, 10 if prefix == "train" else 255))
+    dm = MNISTDataModule(root=str(tmp_path), download=False, val_size=100)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_an_unreadable_or_missing_file_is_named(mnist_root, tmp_path, monkeypatch):
+    raw = copy_of(mnist_root, tmp_path)
+    locked = raw / "t10k-images-idx3-ubyte"
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)  # as root, chmod would not stop us
+    dm = MNISTDataModule(root=str(tmp_path), download=False, val_size=100)
+    with pytest.raises(DataError, match=f"cannot read {locked}: Permission denied; check its permissions"):
+        dm.prepare_data()
+    monkeypatch.undo()
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte missing in"):
+        dm.prepare_data()
 
 
 @pytest.mark.slow
