@@ -9,14 +9,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from sae.console import run_command
+from sae.console import JobFailed, run_command
 from sae.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | JobFailed | None:
     metrics = run_command(lambda: train(cfg))
-    return metrics.get(cfg.optimized_metric)
+    return metrics if isinstance(metrics, JobFailed) else metrics.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

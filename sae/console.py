@@ -2,15 +2,18 @@
 
 An error the researcher can fix (a bad config value, missing data, a foreign checkpoint, a run
 that diverged) is a `UserError`: the entry scripts print its message as one line, without a
-traceback, and exit non-zero. In a sweep the error is re-raised instead, so that Hydra marks
-the job failed and the sweep goes on with the others.
+traceback, and exit non-zero. In a sweep the job prints the same line and fails alone; the sweep
+goes on with the others and ends with a count of the failed jobs.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -38,10 +41,25 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def run_command(command: Callable[[], T]) -> T:
+@dataclass
+class JobFailed:
+    """What a sweep job whose error the user can fix returns instead of raising: the sweep goes on,
+    sae.sweep marks the job failed with `error`, and the sweep ends with a count of failures."""
+
+    error: str
+
+    def __str__(self) -> str:  # what a sweeper that expects a number (Optuna) reports
+        return f"failed: {self.error}"
+
+
+def run_command(command: Callable[[], T]) -> T | JobFailed:
     """Run an entry script's work; a UserError (or a config object Hydra cannot build) exits with
     one line, SIGTERM (preemption, scancel) with 143 after the interrupted run has saved itself.
-    Inside a multirun the error is raised on, for Hydra to mark the job failed."""
+
+    In a sweep the job instead prints one line, keeps the traceback in its log file, and returns
+    JobFailed: Hydra would print every failure's traceback and stop the sweep at the first batch
+    with one. Other exceptions (bugs) are raised as they are, traceback and all.
+    """
     from hydra.errors import InstantiationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -50,10 +68,29 @@ def run_command(command: Callable[[], T]) -> T:
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt and said how to resume
         sys.exit(128 + signal.SIGTERM)
     except (UserError, InstantiationException) as err:
-        if _in_multirun():
-            raise  # Hydra records the job as failed and the sweep goes on with the others
         kind = err.kind if isinstance(err, UserError) else "config error"
-        sys.exit(f"{kind}: {one_line(err, limit=400)}")
+        line = one_line(err, limit=400)
+        if not _in_multirun():
+            sys.exit(f"{kind}: {line}")
+        job = _job()
+        _append_traceback(Path(job.runtime.output_dir) / f"{job.job.name}.log", err)
+        overrides = " ".join(job.overrides.task)
+        print(f"job {job.job.num} ({overrides}) failed: {kind}: {line}", file=sys.stderr, flush=True)
+        return JobFailed(line)
+
+
+def _job():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get()
+
+
+def _append_traceback(log_file: Path, err: BaseException) -> None:
+    try:
+        with open(log_file, "a") as f:
+            f.write("".join(traceback.format_exception(err)))
+    except OSError:
+        pass  # the one line has been printed; the log is a convenience
 
 
 def _in_multirun() -> bool:

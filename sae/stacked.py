@@ -1,4 +1,5 @@
-"""Many training runs of one architecture as one stacked model: the core of the vectorized launcher.
+"""Many training runs of one architecture as one stacked model: the core of the vectorized launcher
+(StackedTraining, train_group), and the module that replays a job's recorded epochs (ReplayModule).
 
 A sweep over rho, beta, lr and seed trains small networks that leave a GPU (and a CPU's vector
 units) mostly idle, one run at a time. Here the parameters of J runs are stacked along a leading
@@ -11,17 +12,26 @@ ends with, up to float rounding (tests/test_stacked.py checks it against train.p
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from sae.checkpoints import ARCHITECTURE
 from sae.data import BatchIndexSampler
+from sae.lightning_internals import count_optimizer_steps
 from sae.loss import objective_terms
 from sae.module import SparseAutoencoderModule
+from sae.training import build_data_and_module
+
+log = logging.getLogger(__name__)
 
 STACK_KEYS = (*ARCHITECTURE, "recon_loss")  # what jobs must share: the network and the loss's form
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
@@ -118,3 +128,77 @@ class StackedTraining:
             weights, optimizer_state = self.job_state(j)
             module.net.load_state_dict(weights)
             module.stacked_optimizer_state = optimizer_state
+
+
+@dataclass
+class JobRecord:
+    """What the stacked phase leaves for one job: per-epoch (steps, 3) loss terms, and weights and
+    Adam state at each epoch end."""
+
+    terms: list[Tensor] = field(default_factory=list)
+    weights: list[dict[str, Tensor]] = field(default_factory=list)
+    optimizer_states: list[dict] = field(default_factory=list)
+    stacked_seconds: float = 0.0
+    stacked_jobs: int = 1
+
+    def attach(self, module: SparseAutoencoderModule, datamodule: L.LightningDataModule) -> ReplayModule:
+        """The replaying stand-in for `module` (same hyperparameters and initial weights); the data
+        module then serves one training item per epoch."""
+        replay = ReplayModule(**module.hparams)
+        replay.record = self
+        replay.load_state_dict(module.state_dict())
+        datamodule.train_dataloader = lambda: [0]  # one training call per epoch; validation as usual
+        return replay
+
+
+class ReplayModule(SparseAutoencoderModule):
+    """A SparseAutoencoderModule whose training epochs are replayed from a JobRecord.
+
+    Each epoch is one training call: it feeds the epoch's recorded per-step terms through the
+    module's own window logging and divergence check (one optimizer step at a time, so the step
+    counter, the train/* windows and a NaN's step are those of the run it stands for), then loads
+    the epoch-end weights and Adam state. Validation, checkpoints and everything after are the
+    module's and Lightning's own.
+    """
+
+    record: JobRecord  # set by JobRecord.attach (not a constructor argument: not a hyperparameter)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        epoch = self.current_epoch
+        written = None
+        for terms in self.record.terms[epoch].to(self.device):
+            count_optimizer_steps(self.trainer, 1)  # the optimizer step this row was recorded at
+            if (mean_loss := self._after_step(terms)) is not None:
+                written = mean_loss
+        self._end_call(written)
+        self.net.load_state_dict(self.record.weights[epoch])
+        self.optimizers().optimizer.load_state_dict(self.record.optimizer_states[epoch])
+
+
+def stacked_device(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def train_group(cfgs: list[DictConfig]) -> list[JobRecord]:
+    """Train the jobs of one group as one stacked model; their records, in order."""
+    start = time.perf_counter()
+    built = [build_data_and_module(cfg) for cfg in cfgs]  # as train(cfg) builds them
+    datamodule = built[0][0]
+    stacked = StackedTraining([m for _, m in built], stacked_device(cfgs[0]))
+    records = [JobRecord(stacked_jobs=len(cfgs)) for _ in cfgs]
+    seeds = [cfg.seed for cfg in cfgs]
+    images = datamodule.split("train")[0]
+    for epoch, terms in stacked.fit(images, cfgs[0].batch_size, seeds, cfgs[0].epochs):
+        terms = terms.cpu()
+        for j, record in enumerate(records):
+            weights, optimizer_state = stacked.job_state(j)
+            record.terms.append(terms[:, j])
+            record.weights.append(weights)
+            record.optimizer_states.append(optimizer_state)
+        seconds = time.perf_counter() - start
+        log.info(f"stacked {len(cfgs)} jobs: epoch {epoch + 1}/{cfgs[0].epochs} ({seconds:.1f} s)")
+    for record in records:
+        record.stacked_seconds = time.perf_counter() - start
+    return records

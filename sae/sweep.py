@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sae.atomic import write_atomic, write_json_atomic, write_text_atomic
-from sae.console import one_line
+from sae.console import JobFailed, one_line
 
 # The reference notebook's published result (test MSE, mean latent activation). Its own loop, run
 # here for 10 epochs on the 60k training images, gives test MSE 0.0176, not 0.01387.
@@ -218,6 +219,8 @@ class SweepSummaryCallback(Callback):
         output_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
             status = {"status": "failed", "error": one_line(_job_exception(job_return))}
+        elif isinstance(job_return.return_value, JobFailed):
+            status = {"status": "failed", "error": job_return.return_value.error}
         else:
             status = {"status": "ok", "error": ""}
         write_json_atomic(output_dir / STATUS_FILE, status)
@@ -226,4 +229,10 @@ class SweepSummaryCallback(Callback):
             write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_summary(config.hydra.sweep.dir)
+        rows = write_summary(config.hydra.sweep.dir)
+        failed = [r["job"] for r in rows if r["status"] != "ok"]
+        if failed:  # the failures' lines were printed as they happened; the command exits non-zero
+            sys.exit(
+                f"{len(failed)} of {len(rows)} jobs failed or did not finish (jobs {', '.join(failed)}): "
+                f"see {Path(config.hydra.sweep.dir) / 'summary.md'}"
+            )

@@ -26,7 +26,7 @@ from sae.module import SparseAutoencoderModule
 from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
 
 if TYPE_CHECKING:
-    from sae.vectorized import JobRecord
+    from sae.stacked import JobRecord
 
 
 def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:

@@ -222,10 +222,20 @@ def run_sweep(tmp_path, mnist_root, *overrides: str) -> tuple[subprocess.Complet
 @pytest.mark.slow
 def test_sweep_survives_an_invalid_value(mnist_root, tmp_path):
     proc, rows = run_sweep(tmp_path, mnist_root, "rho=1.5,0.05")
-    assert proc.returncode != 0  # the command says that a job failed
+    assert proc.returncode == 1  # the command says that a job failed
     assert [(r["rho"], r["status"]) for r in rows] == [("1.5", "failed"), ("0.05", "ok")]
     assert rows[0]["error"] == "rho=1.5 must be a number in (0, 1)"
     assert float(rows[1]["test/mse"]) > 0
+    # One line for the failed job as it happens, a count at the end; the traceback is in its log.
+    said = proc.stderr.strip().splitlines()
+    failures = [line for line in said if line.startswith("job ")]
+    assert len(failures) == 1 and failures[0].startswith("job 0 (") and " rho=1.5) failed: " in failures[0]
+    assert failures[0].endswith("failed: config error: " + rows[0]["error"])
+    assert (
+        said[-1] == f"1 of 2 jobs failed or did not finish (jobs 0): see {tmp_path / 'sweep' / 'summary.md'}"
+    )
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in (tmp_path / "sweep" / "0" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -1,17 +1,36 @@
 """Hydra finds launchers in the hydra_plugins namespace; the work is in sae.vectorized.
 
 Hydra imports every hydra_plugins module when it starts, in any Hydra application of the
-environment, so this one stays light: torch and the project are imported only to launch.
+environment, so this one stays light: torch and the project are imported only to launch. The
+launcher's config is registered here, in Hydra's ConfigStore, so that any application (not only
+this project's train.py) can select it with `hydra/launcher=vectorized`; applications it cannot
+stack run as Hydra's basic launcher runs them.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra executes plugin modules without registering them
+# in sys.modules, and dataclasses then cannot resolve string annotations.
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+
+@dataclass
+class VectorizedLauncherConf:
+    """hydra/launcher=vectorized: jobs of a sweep that differ only in rho, beta, lr and seed train
+    as one stacked model in this process; each job's folder then ends up as a separate run's would
+    (sae/vectorized.py)."""
+
+    _target_: str = "hydra_plugins.sae_vectorized_launcher.vectorized_launcher.VectorizedLauncher"
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="vectorized", node=VectorizedLauncherConf, provider="sae"
+)
 
 
 class VectorizedLauncher(Launcher):

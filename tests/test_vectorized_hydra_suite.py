@@ -1,0 +1,68 @@
+"""hydra/launcher=vectorized is a Hydra launcher like any other: Hydra's own conformance suites for
+launcher plugins (the ones its basic and joblib launchers pass), on applications that are not this
+project's, whose jobs it cannot stack and so runs as the basic launcher would."""
+
+import hydra.version
+import pytest
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.test_utils.launcher_common_tests import (
+    BatchedSweeperTestSuite,
+    IntegrationTestSuite,
+    LauncherTestSuite,
+)
+from hydra.version import VersionBase
+
+from hydra_plugins.sae_vectorized_launcher.vectorized_launcher import VectorizedLauncher
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def hydra_default_version_base():
+    """The suites' applications leave version_base unset (Hydra 1.1 behaviour: jobs run in their own
+    folder); the other tests compose with version_base 1.3, which Hydra keeps process-wide. (Hydra's
+    hydra_restore_singletons fixture, which the suites use, puts it back afterwards.)"""
+    VersionBase.instance().setbase(hydra.version.__compat_version__)
+
+
+def test_hydra_discovers_the_launcher():
+    assert VectorizedLauncher.__name__ in [p.__name__ for p in Plugins.instance().discover(Launcher)]
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("vectorized", [])])
+class TestVectorizedLauncher(LauncherTestSuite):
+    pass
+
+
+@pytest.mark.parametrize(
+    "launcher_name, overrides", [("vectorized", ["hydra/sweeper=basic", "hydra.sweeper.max_batch_size=2"])]
+)
+class TestVectorizedLauncherBatched(BatchedSweeperTestSuite):
+    pass
+
+
+@pytest.mark.slow  # each case starts a Hydra application as a subprocess
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags",
+    [
+        (
+            {},
+            [
+                "-m",
+                "hydra/job_logging=hydra_debug",
+                "hydra/job_logging=disabled",
+                "hydra/launcher=vectorized",
+            ],
+        )
+    ],
+)
+class TestVectorizedLauncherIntegration(IntegrationTestSuite):
+    def generate_custom_cmd(self):
+        """The applications run from a scratch folder. Hydra finds launcher plugins by scanning the
+        hydra_plugins folders on sys.path, and `pip install -e` puts none there for this project
+        (an installed copy, or the repository root on PYTHONPATH, does): the repository root."""
+
+        def with_plugin_on_path(cmd: list[str], filename: str) -> list[str]:
+            return ["env", f"PYTHONPATH={ROOT}", *cmd]
+
+        return with_plugin_on_path
