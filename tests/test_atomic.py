@@ -3,7 +3,9 @@
 import errno
 import json
 import os
+import shutil
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -62,3 +64,19 @@ def test_json_results_are_strict_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"test/bce": None, "x": [1.0, None], "ok": 0.5}
+
+
+def test_torch_saves_error_on_a_full_disk_is_said_as_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a full disk as its own RuntimeError; the free space tells what it was."""
+
+    def torch_on_a_full_disk(f) -> None:
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file"
+        )
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    with pytest.raises(CannotWrite, match="last.ckpt: the disk is full \\(0.0 MiB free\\)"):
+        write_atomic(tmp_path / "last.ckpt", torch_on_a_full_disk)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):  # with space left, the error as it is
+        write_atomic(tmp_path / "last.ckpt", torch_on_a_full_disk)
