@@ -10,10 +10,10 @@ not there yet for callbacks of that epoch.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -25,19 +25,24 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch import Tensor
 
-from sae.atomic import write_atomic, write_json_atomic
+from sae.atomic import write_atomic
 from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import linear_probe_accuracy
+from sae.probe import LinearClassifier, fit_linear_classifier
 
-# The metrics the TensorBoard HParams tab shows next to each run's settings.
+# The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
+# (the best by val/loss), the same numbers as the run's metrics.json.
 HPARAMS_METRICS = (
-    "val/loss",
+    "test/loss",
     "test/mse",
     "test/fvu",
+    "test/kl",
     "test/rho_hat_mean",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
     "test/l0",
     "test/dead_fraction",
     "test/probe_accuracy",
+    "test/probe_accuracy_reconstructions",
 )
 
 
@@ -50,12 +55,18 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 class LinearProbe(L.Callback):
-    """At test time, logs the accuracy of a logistic-regression probe on the latent codes.
+    """At test time, logs what a logistic-regression classifier reads off the codes and pixels.
 
-    `test/probe_accuracy` fits on the codes of the training split and scores on the test codes;
-    `test/probe_accuracy_pixels` is the same probe on raw pixels, the baseline the codes are
-    compared with. It depends only on the data, so it is cached in `cache_dir` (keyed by a hash
-    of the data and the probe settings) and computed once per data set, not once per run.
+    - `test/probe_accuracy`: fitted on the latent codes of the training split, scored on the
+      test split's codes: how much class information the code keeps.
+    - `test/probe_accuracy_pixels`: fitted on the training split's pixels, scored on the test
+      images: the baseline for the line above.
+    - `test/probe_accuracy_reconstructions`: that same pixel classifier scored on the test
+      images' reconstructions: how much of what a downstream model needs survives the
+      autoencoder (the analogue of "loss recovered" in SAE work on language models).
+
+    The pixel classifier depends only on the data, so it is cached in `cache_dir` (keyed by a
+    hash of the data and the probe settings) and fitted once per data set, not once per run.
     """
 
     def __init__(self, max_iter: int = 100, weight_decay: float = 1e-4, cache_dir: str | None = None) -> None:
@@ -63,36 +74,40 @@ class LinearProbe(L.Callback):
         self.weight_decay = weight_decay
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
-    def _probe(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> float:
-        return linear_probe_accuracy(*train, *test, max_iter=self.max_iter, weight_decay=self.weight_decay)
+    def _fit(self, x: Tensor, y: Tensor) -> LinearClassifier:
+        return fit_linear_classifier(x, y, max_iter=self.max_iter, weight_decay=self.weight_decay)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
         (train_x, train_y), (test_x, test_y) = data.split("train"), data.split("test")
-        codes = (pl_module.encode(train_x), train_y), (pl_module.encode(test_x), test_y)
-        pl_module.log("test/probe_accuracy", self._probe(*codes))
-        pl_module.log("test/probe_accuracy_pixels", self._pixel_accuracy(train_x, train_y, test_x, test_y))
+        codes = self._fit(pl_module.encode(train_x), train_y)
+        pl_module.log("test/probe_accuracy", codes.accuracy(pl_module.encode(test_x), test_y))
+        pixels = self._pixel_classifier(train_x, train_y, test_x, test_y)
+        test_x = test_x.to(pixels.weight.device)
+        pl_module.log("test/probe_accuracy_pixels", pixels.accuracy(test_x, test_y.to(test_x.device)))
+        recon = pl_module.reconstruct(test_x).to(test_x.device)
+        pl_module.log("test/probe_accuracy_reconstructions", pixels.accuracy(recon, test_y.to(test_x.device)))
 
-    def _pixel_accuracy(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
+    def _pixel_classifier(
+        self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
+    ) -> LinearClassifier:
         digest = hashlib.sha256(f"{self.max_iter}|{self.weight_decay}".encode())
         for t in (train_x, train_y, test_x, test_y):
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        key = digest.hexdigest()[:32]
-        path = self.cache_dir / "pixel_probe.json" if self.cache_dir else None
-        cache = {}
+        path = self.cache_dir / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if self.cache_dir else None
         if path is not None and path.is_file():
             try:
-                cache = json.loads(path.read_text())
-            except (OSError, ValueError):
-                cache = {}  # unreadable cache: recompute and overwrite
-        if key not in cache:
-            cache[key] = self._probe((train_x, train_y), (test_x, test_y))
-            if path is not None:
-                try:
-                    write_json_atomic(path, cache)
-                except OSError:
-                    pass  # a read-only cache folder only costs the recomputation
-        return cache[key]
+                saved = torch.load(path, map_location=train_x.device, weights_only=True)
+                return LinearClassifier(**{k: saved[k] for k in LinearClassifier._fields})
+            except Exception:  # noqa: BLE001 -- an unreadable cache only costs the refit below
+                pass
+        classifier = self._fit(train_x, train_y)
+        if path is not None:
+            try:
+                write_atomic(path, lambda f: torch.save(classifier._asdict(), f))
+            except OSError:
+                pass  # a read-only cache folder only costs the refit
+        return classifier
 
 
 class RunFigures(L.Callback):
@@ -110,13 +125,19 @@ class RunFigures(L.Callback):
 
         images, labels = trainer.datamodule.split("test")
         sample = images[:16]
+        hp = pl_module.hparams
         figures = run_figures(
             images.cpu(),
             labels.cpu(),
             codes=pl_module.encode(images).cpu(),
             reconstructions=pl_module.reconstruct(sample).cpu(),
             filters=pl_module.input_filters().cpu(),
-            rho=pl_module.hparams.rho,
+            rho=hp.rho,
+            l0_threshold=hp.l0_threshold,
+            densities={name: d.cpu() for name, (_, d) in pl_module.unit_activity("test").items()},
+            decoded_units=pl_module.decoded_units().cpu(),
+            rare_below=hp.rare_density,
+            dense_above=hp.dense_density,
         )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tb = tensorboard(trainer)
@@ -161,17 +182,21 @@ class EpochVisuals(L.Callback):
 
 
 class HParamsSummary(L.Callback):
-    """Registers the run in TensorBoard's HParams tab with the knobs researchers compare.
+    """Registers the run in TensorBoard's HParams tab with the knobs researchers compare, and
+    records how the run ended.
 
-    The metric values are the run's own scalars with these tags (val/loss per epoch, test/* at
-    the end), which TensorBoard joins by tag; nothing is written as a placeholder metric, and
-    there is no `hp_metric`.
+    The metric values are the run's own scalars with these tags (test/* of the tested
+    checkpoint), which TensorBoard joins by tag; nothing is written as a placeholder metric, and
+    there is no `hp_metric`. The session's status is written when the run ends: success after the
+    test, failure when training raises (a NaN loss, a crash), aborted on Ctrl+C or SIGTERM; a run
+    killed outright has none ("unknown" in TensorBoard).
     """
 
     def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS_METRICS) -> None:
         # Lists (hidden sizes, covered layers) become strings: HParams takes scalars only.
         self.params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
         self.metrics = list(metrics)
+        self._open = False  # a session started in this process and not yet ended
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -179,11 +204,44 @@ class HParamsSummary(L.Callback):
         tb = tensorboard(trainer)
         if tb is None:
             return
-        experiment, start, end = hparams(self.params, dict.fromkeys(self.metrics, 0.0))
+        experiment, start, _ = hparams(self.params, dict.fromkeys(self.metrics, 0.0))
         writer = tensorboard_file_writer(tb.experiment)
-        for summary in (experiment, start, end):
+        for summary in (experiment, start):
             writer.add_summary(summary)
         tb.experiment.flush()
+        self._open = True
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end(trainer, "STATUS_SUCCESS")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        stopped = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        self._end(trainer, "STATUS_ABORTED" if stopped else "STATUS_FAILURE")
+
+    def _end(self, trainer: L.Trainer, status: str) -> None:
+        tb = tensorboard(trainer)
+        if not self._open or tb is None:
+            return
+        tensorboard_file_writer(tb.experiment).add_summary(session_end_summary(status))
+        tb.experiment.flush()
+        self._open = False
+
+
+def session_end_summary(status: str):
+    """The HParams plugin's session-end record with `status` (e.g. STATUS_FAILURE), as a Summary."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+    info = SessionEndInfo(status=Status.Value(status), end_time_secs=time.time())
+    content = HParamsPluginData(session_end_info=info, version=PLUGIN_DATA_VERSION)
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString())
+    )
+    return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
 
 
 def resumes_mid_epoch(loader) -> bool:

@@ -125,6 +125,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+# Module settings that older checkpoints carry and the module no longer takes: metric definitions
+# since replaced (dead = never active, by firing frequency), not part of the trained model.
+RETIRED_HPARAMS = ("dead_threshold", "saturation_level")
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SparseAutoencoderModule, dict]:
@@ -134,8 +139,9 @@ def load_checkpoint(
     module's saved hyperparameters, empty if there were none).
     """
     ckpt = read_checkpoint(path, map_location)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in RETIRED_HPARAMS}
     try:
-        module = SparseAutoencoderModule(**ckpt["hyper_parameters"])
+        module = SparseAutoencoderModule(**hparams)
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {one_line(err)}") from err

@@ -134,9 +134,16 @@ def validate_train_config(cfg: DictConfig) -> None:
             f"not in this model's layers {', '.join(names)}"
         )
 
-    for key in ("dead_threshold", "saturation_level", "l0_threshold"):
+    for key in ("l0_threshold", "rare_density", "dense_density"):
         value = model[key]
         _check(_is_number(value) and 0 <= value <= 1, f"model.{key}", value, "a number in [0, 1]")
+    also = model.l0_also_at
+    _check(
+        isinstance(also, ListConfig | list) and all(_is_number(t) and 0 <= t <= 1 for t in also),
+        "model.l0_also_at",
+        also,
+        "a list of numbers in [0, 1], e.g. [0.05, 0.5]",
+    )
 
     # The module takes its optimizer steps itself (one per batch, several batches per call).
     trainer = cfg.get("trainer") or {}

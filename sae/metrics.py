@@ -7,38 +7,51 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-class UnitMeanActivation(Metric):
-    """Per-unit mean activation (rho_hat) over every sample seen, not a mean of batch means."""
+class UnitActivity(Metric):
+    """Per unit, over every sample seen: the mean activation (rho_hat) and the firing frequency
+    (the fraction of samples on which the unit is active) at each of several thresholds.
+
+    A unit is active on a sample when its activation is strictly above the threshold: 0 for
+    ReLU and TopK codes (exact zeros), a small level such as 0.1 for sigmoid codes (never 0).
+    The mean number of active units per sample (L0) is the sum of the firing frequencies.
+    """
 
     full_state_update = False
 
-    def __init__(self, num_units: int) -> None:
+    def __init__(self, num_units: int, thresholds: tuple[float, ...] | list[float] = (0.0,)) -> None:
         super().__init__()
+        self.thresholds = tuple(float(t) for t in thresholds)
         self.add_state("total", torch.zeros(num_units, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "active", torch.zeros(len(self.thresholds), num_units, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, activations: Tensor) -> None:
-        self.total += activations.detach().sum(dim=0, dtype=torch.float64)
+        activations = activations.detach()
+        self.total += activations.sum(dim=0, dtype=torch.float64)
+        for i, threshold in enumerate(self.thresholds):
+            self.active[i] += (activations > threshold).sum(dim=0, dtype=torch.float64)
         self.count += activations.shape[0]
 
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float()
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """(rho_hat of each unit, firing frequency of each unit at each threshold (thresholds x units))."""
+        return (self.total / self.count).float(), (self.active / self.count).float()
 
 
-def rho_hat_summary(rho_hat: Tensor, dead_threshold: float, saturation_level: float) -> dict[str, Tensor]:
-    """Mean, min, max of per-unit rho_hat; fraction of units dead (below) and saturated (above)."""
+def rho_hat_summary(rho_hat: Tensor) -> dict[str, Tensor]:
+    """Mean, min and max over units of the per-unit mean activation."""
+    return {"rho_hat_mean": rho_hat.mean(), "rho_hat_min": rho_hat.min(), "rho_hat_max": rho_hat.max()}
+
+
+def density_summary(density: Tensor, rare_below: float, dense_above: float) -> dict[str, Tensor]:
+    """Fractions of units by firing frequency: dead (never active), rare (active on fewer than
+    `rare_below` of the samples, dead ones included) and dense (on more than `dense_above`)."""
     return {
-        "rho_hat_mean": rho_hat.mean(),
-        "rho_hat_min": rho_hat.min(),
-        "rho_hat_max": rho_hat.max(),
-        "dead_fraction": (rho_hat < dead_threshold).float().mean(),
-        "saturated_fraction": (rho_hat > saturation_level).float().mean(),
+        "dead_fraction": (density == 0).float().mean(),
+        "rare_fraction": (density < rare_below).float().mean(),
+        "dense_fraction": (density > dense_above).float().mean(),
     }
-
-
-def active_units(codes: Tensor, threshold: float) -> Tensor:
-    """Per sample, how many units exceed threshold: the L0 of a sigmoid code, whose values are never 0."""
-    return (codes > threshold).sum(dim=1).float()
 
 
 class FractionOfVarianceUnexplained(Metric):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,  # slope 0.01 below 0: a unit that stops firing still gets gradients
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
@@ -17,10 +18,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+# Activations that are positive exactly when their input is: a unit of such a layer is active
+# when its output is above 0. Other layers' units count as active above a threshold.
+ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu")
+
+
 class AutoencoderOutput(NamedTuple):
     recon: Tensor
     code: Tensor
-    activations: dict[str, Tensor]  # the layers the sparsity penalty covers, by name
+    activations: dict[str, Tensor]  # hidden layers by name: those the penalty covers, or all
 
 
 def layer_names(num_hidden: int) -> list[str]:
@@ -88,14 +94,17 @@ class SparseAutoencoder(nn.Module):
         device = next(self.parameters()).device
         return torch.cat([self.encode(part.to(device)) for part in images.split(chunk)])
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
+    def forward(self, x: Tensor, all_layers: bool = False) -> AutoencoderOutput:
+        """`activations` holds the layers the sparsity penalty covers, or with all_layers every
+        hidden layer (what the whole-split metrics measure)."""
+        wanted = self._names if all_layers else self.sparsity_layers
         covered: dict[str, Tensor] = {}
         h = x
         # Walk block by block so every hidden activation is available without hooks.
         # The output block is not a named hidden layer, hence strict=False (it runs below).
         for name, block in zip(self._names, [*self.encoder, *self.decoder], strict=False):
             h = block(h)
-            if name in self.sparsity_layers:
+            if name in wanted:
                 covered[name] = h
             if name == "latent":
                 code = h

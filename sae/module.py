@@ -13,13 +13,8 @@ from torchmetrics import MeanMetric, Metric
 from sae.console import UserError
 from sae.lightning_internals import CheapHookName, count_optimizer_steps
 from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, objective_terms
-from sae.metrics import (
-    FractionOfVarianceUnexplained,
-    UnitMeanActivation,
-    active_units,
-    rho_hat_summary,
-)
-from sae.model import SparseAutoencoder, layer_names
+from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
+from sae.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
@@ -32,8 +27,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     rebuilds its own model (evaluate.py needs no overrides) and loads with weights_only=True.
 
     What callbacks read (and nothing else of the module): `hparams`, `encode(images)` and
-    `reconstruct(images)` for a whole split, `input_filters()`, and the latent codes that
-    validation_step and test_step return for their batch.
+    `reconstruct(images)` for a whole split, `input_filters()`, `decoded_units()`,
+    `unit_activity(split)` after a pass, and the latent codes that validation_step and test_step
+    return for their batch.
     """
 
     def __init__(
@@ -49,14 +45,15 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         rho: float = 0.05,
         beta: float = 5e-3,
         lr: float = 1e-3,
-        dead_threshold: float = 1e-3,
-        saturation_level: float = 0.5,
         l0_threshold: float = 0.1,
+        l0_also_at: Sequence[float] = (0.05, 0.5),
+        rare_density: float = 1e-3,
+        dense_density: float = 0.5,
     ) -> None:
         super().__init__()
         if recon_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
-        hidden_dims, sparsity_layers = list(hidden_dims), list(sparsity_layers)
+        hidden_dims, sparsity_layers, l0_also_at = list(hidden_dims), list(sparsity_layers), list(l0_also_at)
         # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
@@ -82,15 +79,29 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
 
+    def activity_threshold(self, layer: str) -> float:
+        """Above what a unit of `layer` counts as active: 0 for ReLU-like layers (positive exactly
+        when their input is), else `l0_threshold` (a sigmoid code is never exactly 0)."""
+        hp = self.hparams
+        activation = hp.latent_activation if layer == "latent" else hp.activation
+        return 0.0 if activation in ZERO_THRESHOLD_ACTIVATIONS else float(hp.l0_threshold)
+
     def _make_metrics(self, widths: dict[str, int]) -> nn.ModuleDict:
-        layers = dict.fromkeys(["latent", *self.hparams.sparsity_layers])
+        """Per split: reconstruction errors, and each hidden layer's unit activity (the latent's
+        also at the extra L0 thresholds)."""
+        activity = {
+            name: UnitActivity(
+                width,
+                [self.activity_threshold(name), *(self.hparams.l0_also_at if name == "latent" else [])],
+            )
+            for name, width in widths.items()
+        }
         return nn.ModuleDict(
             {
                 "mse": MeanMetric(),
                 "bce": MeanMetric(),
                 "fvu": FractionOfVarianceUnexplained(self.hparams.input_dim),
-                "l0": MeanMetric(),
-                "rho_hat": nn.ModuleDict({n: UnitMeanActivation(widths[n]) for n in layers}),
+                "activity": nn.ModuleDict(activity),
             }
         )
 
@@ -105,6 +116,23 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         return self.net(images.to(self.device)).recon
+
+    @torch.no_grad()
+    def decoded_units(self) -> Tensor:
+        """Per latent unit, decode(that unit at 1, the others 0) - decode(all 0): what it writes."""
+        off = torch.zeros(1, self.hparams.latent_dim, device=self.device)
+        on = torch.eye(self.hparams.latent_dim, device=self.device)
+        return self.net.decoder(on) - self.net.decoder(off)
+
+    def unit_activity(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per hidden layer, over the split's last pass: (rho_hat, firing frequency at the layer's
+        activity threshold), one value per unit."""
+        return {
+            name: (rho_hat, density[0])
+            for name, (rho_hat, density) in (
+                (n, m.compute()) for n, m in self.split_metrics[split]["activity"].items()
+            )
+        }
 
     def input_filters(self) -> Tensor:
         """The first layer's weights, one row of input_dim per unit (what each unit looks at)."""
@@ -183,7 +211,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         """
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
-        values = dict(zip(("loss", self.hparams.recon_loss, "kl"), means.tolist(), strict=True))
+        values = dict(zip(("loss", self.hparams.recon_loss, "kl_batch"), means.tolist(), strict=True))
         terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
         self._last_finite = f"{terms} (mean of {self._window_len} steps)"
         self._window_len = 0
@@ -232,37 +260,50 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._stop_if_diverged()
 
     def _eval_step(self, split: str, x: Tensor) -> Tensor:
-        out = self.net(x)
+        out = self.net(x, all_layers=True)
         metrics = self.split_metrics[split]
         # Per-sample means, averaged over samples: exactly the per-pixel mean over the split.
         metrics["mse"].update(F.mse_loss(out.recon, x, reduction="none").mean(dim=1))
         if self.hparams.recon_loss == "bce":
             metrics["bce"].update(F.binary_cross_entropy(out.recon, x, reduction="none").mean(dim=1))
         metrics["fvu"].update(out.recon, x)
-        metrics["l0"].update(active_units(out.code, self.hparams.l0_threshold))
-        for name, m in metrics["rho_hat"].items():
-            m.update(out.code if name == "latent" else out.activations[name])
+        for name, m in metrics["activity"].items():
+            m.update(out.activations[name])
         return out.code
 
     def _log_split(self, split: str) -> None:
-        """Loss terms from whole-split statistics: the KL uses rho_hat over the split, not per batch."""
+        """Loss terms from whole-split statistics: the KL uses rho_hat over the split, not per batch.
+
+        Unit activity per layer: metrics without a layer in their name are the latent's
+        (`val/dead_fraction`); the other hidden layers' carry it (`val/encoder_1/dead_fraction`).
+        """
+        hp = self.hparams
         metrics = self.split_metrics[split]
-        rho_hats = {name: m.compute() for name, m in metrics["rho_hat"].items()}
-        recon = metrics[self.hparams.recon_loss].compute()
-        kl = sum(kl_sparsity(self.hparams.rho, rho_hats[n]) for n in self.hparams.sparsity_layers)
+        activity = {name: m.compute() for name, m in metrics["activity"].items()}
+        recon = metrics[hp.recon_loss].compute()
+        kl = sum(kl_sparsity(hp.rho, activity[n][0]) for n in hp.sparsity_layers)
+        rho_hat, density = activity["latent"]
         values = {
-            "loss": recon + self.hparams.beta * kl,
+            "loss": recon + hp.beta * kl,
             "mse": metrics["mse"].compute(),
             "kl": kl,
             "fvu": metrics["fvu"].compute(),
-            "l0": metrics["l0"].compute(),
+            "l0": density[0].sum(),
         }
-        if self.hparams.recon_loss == "bce":
+        values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
+        if hp.recon_loss == "bce":
             values["bce"] = recon
-        hp = self.hparams
-        values.update(rho_hat_summary(rho_hats["latent"], hp.dead_threshold, hp.saturation_level))
+        values.update(rho_hat_summary(rho_hat))
+        values.update(density_summary(density[0], hp.rare_density, hp.dense_density))
+        for name, (_, layer_density) in activity.items():
+            if name != "latent":
+                fractions = density_summary(layer_density[0], hp.rare_density, hp.dense_density)
+                values[f"{name}/dead_fraction"] = fractions["dead_fraction"]
+                values[f"{name}/dense_fraction"] = fractions["dense_fraction"]
         if split == "test":  # thresholds are part of these metrics' definitions: record them alongside
-            values.update(l0_threshold=hp.l0_threshold, saturation_level=hp.saturation_level)
+            values.update(
+                l0_threshold=hp.l0_threshold, rare_density=hp.rare_density, dense_density=hp.dense_density
+            )
         self.log(f"{split}/loss", values.pop("loss"), prog_bar=True)
         self.log_dict({f"{split}/{k}": v for k, v in values.items()})
         self._log_step_axis()

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -21,20 +22,25 @@ DPI = 100
 MAX_UNITS = 64  # per-unit tiles and tick labels shown at most (figures keep their size)
 MAX_TILES = 128
 RHO_STYLE = {"color": "crimson", "linestyle": "--", "linewidth": 1.5}
+THRESHOLD_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.5}
+UNIT_MEAN_RANGE = (1e-4, 1.0)  # fixed, so that runs' unit_means figures compare side by side
+DEAD_COLOUR = "crimson"
 
 
 def _figure(width: float, height: float) -> Figure:
     return plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def activation_histogram(codes: Tensor, rho: float) -> Figure:
-    """All latent activations on the test set: a sparse code piles up near 0."""
+def activation_histogram(codes: Tensor, l0_threshold: float) -> Figure:
+    """All latent activations on the test set, with the level above which a code counts as active
+    (the L0 threshold). rho is a target for a unit's mean, not for single values: see unit_means."""
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
-    sns.histplot(codes.flatten().numpy(), bins=50, binrange=(0, 1), ax=ax, color="steelblue")
+    top = max(1.0, float(codes.max()))
+    sns.histplot(codes.flatten().numpy(), bins=50, binrange=(0, top), ax=ax, color="steelblue")
     ax.set_yscale("log")
-    ax.axvline(rho, **RHO_STYLE, label=f"rho = {rho:g}")
-    ax.set(xlabel="latent activation", ylabel="count (log scale)", xlim=(0, 1))
+    ax.axvline(l0_threshold, **THRESHOLD_STYLE, label=f"active above {l0_threshold:g} (L0 threshold)")
+    ax.set(xlabel="latent activation", ylabel="count (log scale)", xlim=(0, top))
     ax.set_title(f"Latent activations on the test set ({codes.shape[0]} digits x {codes.shape[1]} units)")
     ax.legend()
     return fig
@@ -62,43 +68,75 @@ def code_heatmap(codes: Tensor, labels: Tensor) -> Figure:
 
 
 def unit_mean_bars(rho_hat: Tensor, rho: float) -> Figure:
-    """Per-unit mean activation (rho_hat) against the target rho."""
+    """Per-unit mean activation (rho_hat) against the target rho, on a fixed log axis."""
     fig = _figure(10, 4.5)
     ax = fig.add_subplot()
     units = np.arange(len(rho_hat))
-    ax.bar(units, rho_hat.numpy(), color="steelblue", width=0.8)
+    low, high = UNIT_MEAN_RANGE
+    ax.bar(units, rho_hat.clamp(low, high).numpy(), color="steelblue", width=0.8, bottom=0)
     if len(units) <= MAX_UNITS:  # one label per unit while they stay readable
         ax.set_xticks(units)
     ax.set_xlim(-0.6, len(units) - 0.4)
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
     ax.axhline(rho, **RHO_STYLE, label=f"target rho = {rho:g}")
     ax.axhline(float(rho_hat.mean()), color="black", linewidth=1, label=f"mean = {float(rho_hat.mean()):.4f}")
-    ax.set(xlabel="latent unit", ylabel="mean activation on the test set (rho_hat)")
-    ax.set_title("Per-unit mean activation")
+    ax.set(xlabel="latent unit", ylabel="mean activation on the test set (rho_hat, log)")
+    ax.set_title(f"Per-unit mean activation (min {float(rho_hat.min()):.3g}, max {float(rho_hat.max()):.3g})")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend()
     return fig
 
 
-def _tiles(ax, images: np.ndarray, ncols: int, titles: list[str] | None = None, cmap: str = "gray") -> None:
-    """Draw 28x28 images as one mosaic on ax, each scaled to its own range, titles above each."""
+def _tiles(
+    ax,
+    images: np.ndarray,
+    ncols: int,
+    titles: list[str] | None = None,
+    cmap: str = "gray",
+    limit: float | None = None,
+    marked: list[bool] | None = None,
+):
+    """Draw 28x28 images as one mosaic on ax, titles above each. Each image is scaled to its own
+    range, or with `limit` all share the scale [-limit, limit] (centred at 0). Marked tiles get a
+    frame. Returns the image artist (for a colour bar)."""
     n = len(images)
     nrows = int(np.ceil(n / ncols))
     pad_x, pad_y = 2, (10 if titles else 2)
     height, width = nrows * (28 + pad_y), ncols * (28 + pad_x) - pad_x
     mosaic = np.full((height, width), np.nan)
     for i, img in enumerate(images):
-        lo, hi = img.min(), img.max()
-        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        if limit is None:
+            lo, hi = img.min(), img.max()
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         r, c = divmod(i, ncols)
         top, left = r * (28 + pad_y) + pad_y, c * (28 + pad_x)
         mosaic[top : top + 28, left : left + 28] = img.reshape(28, 28)
-    ax.imshow(mosaic, cmap=cmap, interpolation="nearest")
+    shared = {} if limit is None else {"vmin": -limit, "vmax": limit}
+    artist = ax.imshow(mosaic, cmap=cmap, interpolation="nearest", **shared)
     ax.set_axis_off()
     for i, title in enumerate(titles or []):
         r, c = divmod(i, ncols)
         ax.text(
             c * (28 + pad_x) + 14, r * (28 + pad_y) + pad_y - 1.5, title, ha="center", va="bottom", fontsize=8
         )
+    for i, mark in enumerate(marked or []):
+        if mark:
+            r, c = divmod(i, ncols)
+            top, left = r * (28 + pad_y) + pad_y, c * (28 + pad_x)
+            frame = matplotlib.patches.Rectangle(
+                (left - 0.5, top - 0.5), 28, 28, fill=False, edgecolor=DEAD_COLOUR, linewidth=1.5
+            )
+            ax.add_patch(frame)
+    return artist
+
+
+def _symmetric_limit(values: Tensor) -> float:
+    """A colour limit centred at 0 that outliers do not wash out: the 99.5th percentile of |v|."""
+    flat = values.abs().flatten().float()
+    if flat.numel() > 1_000_000:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    return max(float(torch.quantile(flat, 0.995)), 1e-12)
 
 
 def reconstruction_grid(images: Tensor, recon: Tensor) -> Figure:
@@ -118,17 +156,73 @@ def reconstruction_grid(images: Tensor, recon: Tensor) -> Figure:
     return fig
 
 
-def encoder_filters(weight: Tensor) -> Figure:
-    """First-layer encoder weights, one 28x28 tile per hidden unit (blue negative, red positive);
-    at most MAX_TILES units (those with the largest weights), so wide layers keep a readable size."""
+def encoder_filters(weight: Tensor, dead: Tensor | None = None) -> Figure:
+    """First-layer encoder weights, one 28x28 tile per hidden unit, on one diverging scale centred
+    at 0 (blue negative, red positive) with a colour bar; units that never fire on the test set are
+    framed. At most MAX_TILES units (those with the largest weights), so wide layers stay readable."""
     n = weight.shape[0]
     shown = weight.norm(dim=1).topk(min(n, MAX_TILES)).indices.sort().values
     ncols = 16 if len(shown) > 64 else 8
     fig = _figure(12, 12 * int(np.ceil(len(shown) / ncols)) / ncols + 0.6)
     ax = fig.add_subplot()
-    _tiles(ax, weight[shown].numpy(), ncols, cmap="RdBu_r")
+    marked = None if dead is None else [bool(dead[j]) for j in shown]
+    artist = _tiles(
+        ax, weight[shown].numpy(), ncols, cmap="RdBu_r", limit=_symmetric_limit(weight), marked=marked
+    )
+    fig.colorbar(artist, ax=ax, shrink=0.6, label="weight")
     which = f"{n} units" if len(shown) == n else f"{len(shown)} of {n} units, the largest weights"
-    ax.set_title(f"First-layer encoder filters ({which}, each scaled to its own range)")
+    dead_note = "" if dead is None else f"; {int(dead.sum())} never fire on the test set (framed)"
+    ax.set_title(f"First-layer encoder filters ({which}{dead_note})")
+    return fig
+
+
+def decoder_images(images: Tensor) -> Figure:
+    """What each latent unit writes: the decoder's output with only that unit on (at 1) minus its
+    output with every unit off, one tile per unit on a shared diverging scale centred at 0."""
+    n = images.shape[0]
+    shown = torch.arange(min(n, MAX_TILES))
+    ncols = 16 if len(shown) > 64 else 8
+    fig = _figure(12, 12 * int(np.ceil(len(shown) / ncols)) * (38 / 30) / ncols + 0.6)
+    ax = fig.add_subplot()
+    artist = _tiles(
+        ax,
+        images[shown].numpy(),
+        ncols,
+        titles=[f"unit {int(j)}" for j in shown],
+        cmap="RdBu_r",
+        limit=_symmetric_limit(images),
+    )
+    fig.colorbar(artist, ax=ax, shrink=0.6, label="change in pixel value")
+    which = "" if len(shown) == n else f" (the first {len(shown)} of {n} units)"
+    ax.set_title(f"Decoder image of each latent unit: decode(unit on) - decode(all off){which}")
+    return fig
+
+
+def feature_density(
+    densities: dict[str, Tensor], num_samples: int, rare_below: float, dense_above: float
+) -> Figure:
+    """Per layer, how often each unit is active on the test set, on a log axis (the feature-density
+    histogram of SAE work); units never active are counted apart, as "dead"."""
+    fig = _figure(10, 2.6 * len(densities) + 0.6)
+    axes = np.atleast_1d(fig.subplots(len(densities), 1, sharex=True))
+    low = -np.log10(num_samples) - 0.5  # one sample in the split
+    bins = np.linspace(low, 0, 41)
+    for ax, (layer, density) in zip(axes, densities.items(), strict=True):
+        alive = density[density > 0].double()
+        dead = int((density == 0).sum())
+        ax.hist(np.log10(alive.numpy()), bins=bins, color="steelblue", label=f"{len(alive)} units")
+        if dead:
+            ax.bar(low - 0.25, dead, width=0.3, color=DEAD_COLOUR, label=f"{dead} dead (never active)")
+        ax.axvline(np.log10(rare_below), **THRESHOLD_STYLE)
+        ax.axvline(np.log10(dense_above), **THRESHOLD_STYLE)
+        ax.set_ylabel("units")
+        ax.set_title(f"{layer}: {len(density)} units", fontsize=10, loc="left")
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1].set_xlim(low - 0.5, 0.05)
+    axes[-1].set_xlabel(
+        f"log10 firing frequency on the test set (dotted: rare < {rare_below:g}, dense > {dense_above:g})"
+    )
+    fig.suptitle("Feature density: the fraction of test digits on which each unit is active")
     return fig
 
 
@@ -158,6 +252,8 @@ def class_heatmap(codes: Tensor, labels: Tensor) -> Figure:
     sns.heatmap(
         table.numpy(),
         cmap="magma",
+        vmin=0,
+        vmax=max(1.0, float(table.max())),  # sigmoid codes: always [0, 1], so runs compare
         ax=ax,
         xticklabels=classes,
         cbar_kws={"label": "mean activation"},
@@ -169,23 +265,41 @@ def class_heatmap(codes: Tensor, labels: Tensor) -> Figure:
 
 
 def run_figures(
-    images: Tensor, labels: Tensor, codes: Tensor, reconstructions: Tensor, filters: Tensor, rho: float
+    images: Tensor,
+    labels: Tensor,
+    codes: Tensor,
+    reconstructions: Tensor,
+    filters: Tensor,
+    rho: float,
+    l0_threshold: float = 0.1,
+    densities: dict[str, Tensor] | None = None,
+    decoded_units: Tensor | None = None,
+    rare_below: float = 1e-3,
+    dense_above: float = 0.5,
 ) -> dict[str, Figure]:
     """All per-run figures of a (test) split of 28x28 images, by file name stem.
 
     codes: the latent codes of every image; reconstructions: those of the first few images;
-    filters: the first layer's weights, one row per hidden unit.
+    filters: the first layer's weights, one row per hidden unit; densities: each hidden layer's
+    per-unit firing frequency on the split; decoded_units: the decoder image of each latent unit.
     """
     shown = images[: len(reconstructions)]
-    return {
-        "latent_histogram": activation_histogram(codes, rho),
+    first = next(iter(densities.values())) if densities else None
+    dead_filters = first == 0 if first is not None and len(first) == len(filters) else None
+    figures = {
+        "latent_histogram": activation_histogram(codes, l0_threshold),
         "code_heatmap": code_heatmap(codes[:64], labels[:64]),
         "unit_means": unit_mean_bars(codes.mean(dim=0), rho),
         "reconstructions": reconstruction_grid(shown, reconstructions),
-        "encoder_filters": encoder_filters(filters),
+        "encoder_filters": encoder_filters(filters, dead_filters),
         "unit_patterns": unit_patterns(images, codes),
         "class_heatmap": class_heatmap(codes, labels),
     }
+    if densities:
+        figures["feature_density"] = feature_density(densities, len(images), rare_below, dense_above)
+    if decoded_units is not None:
+        figures["decoder_images"] = decoder_images(decoded_units)
+    return figures
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:

@@ -3,12 +3,7 @@
 import pytest
 import torch
 
-from sae.metrics import (
-    FractionOfVarianceUnexplained,
-    UnitMeanActivation,
-    active_units,
-    rho_hat_summary,
-)
+from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
 from sae.plots import pareto_front
 from sae.probe import linear_probe_accuracy
 
@@ -16,23 +11,43 @@ from sae.probe import linear_probe_accuracy
 def test_unit_mean_is_over_samples_not_a_mean_of_batch_means():
     torch.manual_seed(0)
     batches = [torch.rand(n, 4) for n in (7, 1, 30)]  # unequal sizes: batch means would differ
-    metric = UnitMeanActivation(4)
+    metric = UnitActivity(4)
     for b in batches:
         metric.update(b)
     whole = torch.cat(batches).double().mean(0).float()
-    torch.testing.assert_close(metric.compute(), whole)
+    torch.testing.assert_close(metric.compute()[0], whole)
     mean_of_means = torch.stack([b.mean(0) for b in batches]).mean(0)
-    assert not torch.allclose(metric.compute(), mean_of_means, atol=1e-3)
+    assert not torch.allclose(metric.compute()[0], mean_of_means, atol=1e-3)
+
+
+def test_firing_frequency_and_l0_hand_case():
+    # 4 samples x 3 units, in two batches. Above 0: unit 0 on 2 samples, unit 1 never, unit 2 on all.
+    codes = torch.tensor([[0.0, 0.0, 0.2], [0.3, 0.0, 0.05], [0.0, 0.0, 0.7], [0.6, 0.0, 0.125]])
+    metric = UnitActivity(3, thresholds=[0.0, 0.125])
+    metric.update(codes[:1])
+    metric.update(codes[1:])
+    rho_hat, density = metric.compute()
+    torch.testing.assert_close(rho_hat, torch.tensor([0.9 / 4, 0.0, 1.075 / 4]))
+    torch.testing.assert_close(
+        density, torch.tensor([[0.5, 0.0, 1.0], [0.5, 0.0, 0.5]])
+    )  # 0.125 is not above 0.125
+    # L0 (mean active units per sample) is the sum of the frequencies: counted per sample here.
+    per_sample = [[sum(v > t for v in row) for row in codes.tolist()] for t in (0.0, 0.125)]
+    assert density.sum(dim=1).tolist() == pytest.approx([sum(c) / 4 for c in per_sample])
+    fractions = {k: v.item() for k, v in density_summary(density[0], rare_below=0.6, dense_above=0.9).items()}
+    assert fractions == {
+        "dead_fraction": pytest.approx(1 / 3),
+        "rare_fraction": pytest.approx(2 / 3),
+        "dense_fraction": pytest.approx(1 / 3),
+    }
 
 
 def test_rho_hat_summary_hand_case():
     rho_hat = torch.tensor([0.0005, 0.05, 0.1, 0.0])
-    s = {k: v.item() for k, v in rho_hat_summary(rho_hat, dead_threshold=1e-3, saturation_level=0.08).items()}
+    s = {k: v.item() for k, v in rho_hat_summary(rho_hat).items()}
     assert s["rho_hat_mean"] == pytest.approx((0.0005 + 0.05 + 0.1) / 4)
     assert s["rho_hat_min"] == 0.0
     assert s["rho_hat_max"] == pytest.approx(0.1)
-    assert s["dead_fraction"] == 0.5
-    assert s["saturated_fraction"] == 0.25  # only 0.1 is above 0.08
 
 
 def test_fvu_hand_case_in_two_batches():
@@ -53,11 +68,6 @@ def test_fvu_is_one_for_the_mean_and_zero_for_a_copy():
         for a, b in zip(recon.split(7), target.split(7), strict=True):
             metric.update(a, b)
         assert metric.compute().item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_active_units_counts_codes_above_threshold():
-    codes = torch.tensor([[0.05, 0.2, 0.9], [0.1, 0.1, 0.11]])
-    assert active_units(codes, 0.1).tolist() == [2.0, 1.0]  # strictly above
 
 
 def test_probe_separates_separable_codes_and_not_noise():

@@ -48,6 +48,10 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
         kl_divergence(Bernoulli(probs=torch.full_like(q, 0.1)), Bernoulli(probs=q)).sum()
         for q in rho_hat.values()
     )
+    layers = {"encoder_1": net.encoder[0](x)}  # every hidden layer, walked block by block
+    layers["latent"] = net.encoder[1](layers["encoder_1"])
+    layers["decoder_1"] = net.decoder[0](layers["latent"])
+    firing = {k: (v > 0.1).double() for k, v in layers.items()}  # sigmoid layers: active above l0_threshold
     mse = ((out.recon - x) ** 2).mean()
     bce = -(x * out.recon.log() + (1 - x) * (1 - out.recon).log()).mean()
     recon = mse if recon_loss == "mse" else bce
@@ -56,20 +60,57 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
     expected = {
         "val/fvu": ((out.recon - x) ** 2).sum() / sst,
         "val/l0": (out.code > 0.1).sum(1).double().mean(),
-        "val/saturated_fraction": (latent > 0.5).double().mean(),
+        "val/l0@0.05": (out.code > 0.05).sum(1).double().mean(),
+        "val/l0@0.5": (out.code > 0.5).sum(1).double().mean(),
+        "val/rare_fraction": (firing["latent"].mean(0) < 1e-3).double().mean(),
+        "val/dense_fraction": (firing["latent"].mean(0) > 0.5).double().mean(),
         "val/loss": recon + 0.5 * kl,
         "val/mse": mse,
         "val/kl": kl,
         "val/rho_hat_mean": latent.mean(),
         "val/rho_hat_min": latent.min(),
         "val/rho_hat_max": latent.max(),
-        "val/dead_fraction": (latent < 1e-3).double().mean(),
+        "val/dead_fraction": (firing["latent"].sum(0) == 0).double().mean(),
     }
+    for name in ("encoder_1", "decoder_1"):
+        expected[f"val/{name}/dead_fraction"] = (firing[name].sum(0) == 0).double().mean()
+        expected[f"val/{name}/dense_fraction"] = (firing[name].mean(0) > 0.5).double().mean()
+    torch.testing.assert_close(out.code, layers["latent"])
     if recon_loss == "bce":
         expected["val/bce"] = bce
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert got[k] == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+
+
+def test_dead_and_dense_units_of_every_layer_hand_case(mnist_root):
+    """ReLU layers: a unit is dead when it is exactly 0 on every image of the split. Units made
+    dead (negative bias, no weights) and always on (positive bias) are counted as such."""
+    torch.manual_seed(0)
+    module = SparseAutoencoderModule()
+    first, decoder_hidden = module.net.encoder[0][0], module.net.decoder[0][0]
+    with torch.no_grad():
+        for layer, dead, always in (
+            (first, range(0, 10), range(10, 13)),
+            (decoder_hidden, range(5), range(5, 25)),
+        ):
+            layer.weight[list(dead) + list(always)] = 0.0
+            layer.bias[list(dead)] = -1.0
+            layer.bias[list(always)] = 1.0
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100)
+    got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+    x = dm.split("val")[0]
+    with torch.no_grad():
+        h = torch.relu(x @ first.weight.T + first.bias)
+    never = int((h.amax(0) == 0).sum())
+    assert never >= 10  # the ten made dead, and any the random weights left dead
+    assert got["val/encoder_1/dead_fraction"] == pytest.approx(never / 128)
+    assert got["val/encoder_1/dense_fraction"] == pytest.approx(
+        int(((h > 0).double().mean(0) > 0.5).sum()) / 128
+    )
+    assert got["val/encoder_1/dense_fraction"] >= 3 / 128
+    assert got["val/decoder_1/dead_fraction"] >= 5 / 128
+    assert got["val/decoder_1/dense_fraction"] >= 20 / 128
 
 
 def test_every_metric_starts_afresh_each_pass(mnist_root):
@@ -155,7 +196,7 @@ def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
 
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"train/loss", "train/mse", "train/kl", "epoch"} <= set(rows[0])
+    assert {"train/loss", "train/mse", "train/kl_batch", "epoch"} <= set(rows[0])
     logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
     # Every 6 optimizer steps, whatever the calls (of 4 batches) and epochs (of 25 steps): the
     # x-axis is the number of steps taken; 24 -> 30 spans the epoch end, 48 is the last.
@@ -194,3 +235,25 @@ def test_grouping_batches_per_call_trains_the_same_weights(mnist_root, tmp_path)
     for (name, a), b in zip(one.state_dict().items(), eight.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert one.trainer.global_step == eight.trainer.global_step == 50  # optimizer steps, not calls
+
+
+def test_decoded_units_of_a_linear_decoder_are_its_columns():
+    """With identity activations decode(e_j) - decode(0) is the product of the decoder's weights,
+    column j: what the figure of each latent unit's decoder image shows."""
+    torch.manual_seed(0)
+    module = SparseAutoencoderModule(
+        input_dim=12, hidden_dims=[5], latent_dim=3, activation="identity", output_activation="identity"
+    )
+    first, second = module.net.decoder[0][0], module.net.decoder[1][0]
+    expected = (second.weight.double() @ first.weight.double()).T  # (latent, input)
+    torch.testing.assert_close(module.decoded_units().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_with_retired_metric_settings_still_load(tmp_path):
+    module = SparseAutoencoderModule()
+    path = tmp_path / "old.ckpt"
+    hparams = dict(module.hparams, dead_threshold=1e-3, saturation_level=0.5)  # as runs before them wrote
+    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
+    reloaded, _ = load_checkpoint(path)
+    assert "dead_threshold" not in reloaded.hparams
+    torch.testing.assert_close(reloaded.net.encoder[0][0].weight, module.net.encoder[0][0].weight)

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from PIL import Image
 
 from sae.callbacks import RunFigures
-from sae.plots import MAX_UNITS, run_figures
+from sae.plots import DEAD_COLOUR, MAX_UNITS, run_figures
 
 
 @pytest.mark.parametrize("latent_dim", [32, 4096])
@@ -18,7 +19,21 @@ def test_figures_stay_bounded_for_wide_latents(latent_dim):
     torch.manual_seed(0)
     images, labels = torch.rand(200, 784), torch.arange(200) % 10
     codes = torch.rand(200, latent_dim) ** 4
-    figures = run_figures(images, labels, codes, images[:16], torch.randn(latent_dim, 784), rho=0.05)
+    densities = {
+        "encoder_1": torch.rand(128),
+        "latent": (codes > 0.1).float().mean(0),
+        "decoder_1": torch.rand(128),
+    }
+    figures = run_figures(
+        images,
+        labels,
+        codes,
+        images[:16],
+        torch.randn(128, 784),
+        rho=0.05,
+        densities=densities,
+        decoded_units=torch.randn(latent_dim, 784),
+    )
     try:
         for name, fig in figures.items():
             width, height = fig.get_size_inches() * fig.dpi
@@ -36,7 +51,7 @@ def test_figures_stay_bounded_for_wide_latents(latent_dim):
 class FakeModule:
     """What RunFigures reads of a module: its rho, codes, reconstructions and first-layer weights."""
 
-    hparams = SimpleNamespace(rho=0.05)
+    hparams = SimpleNamespace(rho=0.05, l0_threshold=0.1, rare_density=1e-3, dense_density=0.5)
 
     def encode(self, images):
         return torch.rand(len(images), 8)
@@ -46,6 +61,12 @@ class FakeModule:
 
     def input_filters(self):
         return torch.randn(16, 784)
+
+    def decoded_units(self):
+        return torch.randn(8, 784)
+
+    def unit_activity(self, split):
+        return {"encoder_1": (torch.rand(16), torch.rand(16)), "latent": (torch.rand(8), torch.rand(8))}
 
 
 def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -77,3 +98,48 @@ def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     for name in ("latent_histogram", "code_heatmap"):  # drawn before it, and complete
         with Image.open(plots / f"{name}.png") as png:
             png.verify()
+
+
+def test_figures_mark_what_their_titles_and_scales_say():
+    """Dead units are counted and framed, the L0 threshold (not rho) is marked on the activation
+    histogram, and the scales that runs are compared by are fixed."""
+    torch.manual_seed(0)
+    images, labels = torch.rand(300, 784), torch.arange(300) % 10
+    codes = torch.rand(300, 16) ** 4
+    encoder_density = torch.rand(64)
+    encoder_density[[3, 7, 11]] = 0.0  # three dead first-layer units
+    latent_density = (codes > 0.1).float().mean(0)
+    latent_density[0] = 0.0
+    figures = run_figures(
+        images,
+        labels,
+        codes,
+        images[:8],
+        torch.randn(64, 784),
+        rho=0.05,
+        l0_threshold=0.2,
+        densities={"encoder_1": encoder_density, "latent": latent_density},
+        decoded_units=torch.randn(16, 784),
+    )
+    try:
+        assert "3 never fire on the test set (framed)" in figures["encoder_filters"].axes[0].get_title()
+        framed = [p for p in figures["encoder_filters"].axes[0].patches if p.get_edgecolor()[:3] != (0, 0, 0)]
+        assert len(framed) == 3
+        density_axes = figures["feature_density"].axes
+        assert [a.get_title(loc="left") for a in density_axes] == ["encoder_1: 64 units", "latent: 16 units"]
+        dead_colour = to_rgb(DEAD_COLOUR)
+        dead_bars = [p.get_height() for p in density_axes[0].patches if p.get_facecolor()[:3] == dead_colour]
+        assert dead_bars == [3]
+        alive = sum(p.get_height() for p in density_axes[0].patches) - 3
+        assert alive == 61  # every unit that fired is in a bin
+        histogram = figures["latent_histogram"].axes[0]
+        assert [line.get_xdata()[0] for line in histogram.get_lines()] == [0.2]
+        assert figures["unit_means"].axes[0].get_ylim() == pytest.approx((1e-4, 1.0))
+        heatmap_bar = figures["class_heatmap"].axes[1]  # seaborn's colour bar
+        assert heatmap_bar.get_ylim() == pytest.approx((0.0, 1.0))
+        assert figures["decoder_images"].axes[1].get_ylim()[0] == pytest.approx(
+            -figures["decoder_images"].axes[1].get_ylim()[1]
+        )
+    finally:
+        for fig in figures.values():
+            plt.close(fig)

@@ -19,7 +19,15 @@ from sae.checkpoints import CheckpointError, SafeCheckpointIO
 from sae.config import ConfigError
 from sae.module import TrainingDiverged
 from sae.training import train
-from tests.conftest import LEAN, QUICK_RUN, ROOT, compose_config, compose_train, train_command
+from tests.conftest import (
+    LEAN,
+    QUICK_RUN,
+    ROOT,
+    compose_config,
+    compose_train,
+    hparams_end_status,
+    train_command,
+)
 
 
 def last_weights(folder) -> dict[str, torch.Tensor]:
@@ -148,6 +156,7 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(m
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert not (tmp_path / "metrics.json").exists()
+    assert hparams_end_status(tmp_path) == "STATUS_FAILURE"  # TensorBoard's HParams tab says so
 
 
 def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,15 +20,29 @@ from sae.callbacks import HPARAMS_METRICS
 from sae.config import ConfigError
 from sae.evaluation import evaluate
 from sae.training import build_data_and_module, build_trainer, train
-from tests.conftest import CONF, QUICK_RUN, compose_config, compose_train, read_metrics, run_script
+from tests.conftest import (
+    CONF,
+    QUICK_RUN,
+    compose_config,
+    compose_train,
+    hparams_end_status,
+    read_metrics,
+    run_script,
+)
 
 REQUIRED = [
     "test/fvu",
     "test/l0",
+    "test/l0@0.05",
+    "test/l0@0.5",
     "test/l0_threshold",
-    "test/saturated_fraction",
+    "test/rare_fraction",
+    "test/dense_fraction",
+    "test/encoder_1/dead_fraction",
+    "test/decoder_1/dense_fraction",
     "test/probe_accuracy",
     "test/probe_accuracy_pixels",
+    "test/probe_accuracy_reconstructions",
     "test/mse",
     "test/kl",
     "test/loss",
@@ -50,12 +65,13 @@ FIGURES = {  # name: size in pixels (width, height)
     "unit_means": (1000, 450),
     "reconstructions": (1200, 240),
     "class_heatmap": (700, 900),
+    "feature_density": (1000, 840),  # three hidden layers
 }
 
 
 def assert_figures(plots: Path) -> None:
     names = {p.stem for p in plots.glob("*.png")}
-    assert names == set(FIGURES) | {"encoder_filters", "unit_patterns"}
+    assert names == set(FIGURES) | {"encoder_filters", "unit_patterns", "decoder_images"}
     for name, size in FIGURES.items():
         with Image.open(plots / f"{name}.png") as png:
             assert png.size == size, name
@@ -100,12 +116,18 @@ def assert_hparams(folder: Path, expected: dict) -> None:
         "batch_size",
         "recon_loss",
         "sparsity_layers",
+        "val_size",
+        "split_seed",
+        "l0_threshold",
+        "rare_density",
+        "dense_density",
     } <= set(params)
     metric_tags = {m.name.tag for m in experiment.metric_infos}
     assert set(HPARAMS_METRICS) <= metric_tags
     scalars = set(events.Tags()["scalars"])
     assert set(HPARAMS_METRICS) <= scalars  # every HParams metric has a value in this run
     assert "hp_metric" not in scalars
+    assert hparams_end_status(folder) == "STATUS_SUCCESS"  # written at the end, not at the start
     tags = events.Tags()
     assert {"val/latent_activation", "val/rho_hat"} <= set(tags["histograms"])
     assert {"val/reconstructions", "figures/unit_means"} <= set(tags["images"])
@@ -116,6 +138,35 @@ def assert_hparams(folder: Path, expected: dict) -> None:
     assert histograms and {h.step for h in histograms} <= set(means)
     for h in histograms:
         assert h.histogram_value.sum / h.histogram_value.num == pytest.approx(means[h.step], rel=1e-5)
+
+
+def assert_probe_reads_reconstructions(metrics: dict, data_root: Path) -> None:
+    """The pixel classifier's accuracy on the test images and on their reconstructions, recomputed
+    in float64 from the cached classifier and the tested checkpoint's own weights."""
+    (cached,) = Path(os.environ["SAE_CACHE_DIR"]).glob("pixel_probe-*.pt")
+    probe = {k: v.double() for k, v in torch.load(cached, weights_only=True).items()}
+    raw = Path(data_root) / "MNIST" / "raw"
+    images = torch.frombuffer(
+        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
+    )
+    images = images.reshape(-1, 784).double() / 255
+    labels = torch.frombuffer(
+        bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:]), dtype=torch.uint8
+    ).long()
+    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
+    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    h = torch.relu(images @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
+    z = torch.sigmoid(h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"])
+    h = torch.relu(z @ w["decoder.0.0.weight"].T + w["decoder.0.0.bias"])
+    recon = torch.sigmoid(h @ w["decoder.1.0.weight"].T + w["decoder.1.0.bias"])
+
+    def accuracy(x: torch.Tensor) -> float:
+        logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"] + probe["bias"]
+        return (logits.argmax(1) == labels).double().mean().item()
+
+    one = 1 / len(labels)  # a float32 tie may flip one image
+    assert metrics["test/probe_accuracy_pixels"] == pytest.approx(accuracy(images), abs=one)
+    assert metrics["test/probe_accuracy_reconstructions"] == pytest.approx(accuracy(recon), abs=one)
 
 
 def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
@@ -137,7 +188,8 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     )
     hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
     assert (hp["latent_dim"], hp["rho"], hp["beta"]) == (64, 0.1, 5e-3)
-    assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']"})
+    assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']", "val_size": 100})
+    assert_probe_reads_reconstructions(metrics, mnist_root)
 
     ecfg = compose_config(
         "evaluate",
