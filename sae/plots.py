@@ -302,65 +302,276 @@ def run_figures(
     return figures
 
 
-def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
-    """Indices of the points not dominated when both coordinates are minimised, sorted by x."""
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
-    front, best_y = [], float("inf")
-    for i in order:
-        if ys[i] < best_y:
-            front.append(i)
-            best_y = ys[i]
-    return front
+# Sweep figures: one point per setting (its jobs' mean over seeds, error bars their sample std).
 
 
-PARETO_PANELS = (
-    ("test/rho_hat_mean", "mean latent activation, rho_hat (lower = sparser)"),
-    ("test/l0", "L0: active latent units per digit (lower = sparser)"),
+def _value(setting: dict, key: str) -> float | None:
+    value = setting.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    return None
+
+
+def _std(setting: dict, key: str) -> float:
+    return _value(setting, f"{key}_std") or 0.0
+
+
+def _setting_label(setting: dict, knobs: list[str]) -> str:
+    parts = [
+        f"{k}={setting[k]:g}" if isinstance(setting.get(k), float) else f"{k}={setting.get(k)}" for k in knobs
+    ]
+    return ", ".join(parts) or f"jobs {setting.get('jobs', '')}"
+
+
+def _baseline_lines(ax, baselines) -> None:
+    for baseline, style in zip(baselines, (":", "-."), strict=False):
+        ax.axhline(
+            baseline["test/mse"],
+            color="crimson",
+            linestyle=style,
+            linewidth=1.2,
+            label=f"{baseline['name']}: {baseline['test/mse']:g} "
+            f"({baseline['epochs']} epochs, {baseline['train_images'] // 1000}k images)",
+        )
+
+
+def _mark_frontier(ax, xs: list[float], ys: list[float], line: bool) -> None:
+    from sae.sweep import pareto_front
+
+    front = pareto_front(xs, ys)
+    if not front:
+        return
+    fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+    if line:
+        ax.plot(fx, fy, color="darkorange", linewidth=2, zorder=2, label="Pareto frontier")
+    ax.scatter(
+        fx,
+        fy,
+        s=160,
+        facecolors="none",
+        edgecolors="darkorange",
+        linewidths=2,
+        zorder=4,
+        label=None if line else "Pareto frontier (closest to target, best MSE)",
+    )
+
+
+def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
+    """Test MSE against (left) how far each setting's rho_hat is from its target rho, the units'
+    min..max as bars, and (right) L0; the Pareto frontier marked; the notebook's baselines drawn."""
+    fig = _figure(15, 6.5)
+    left, right = fig.subplots(1, 2)
+    points = [s for s in settings if _value(s, "test/mse") is not None]
+    seeds = any(s.get("n", 1) > 1 for s in points)
+
+    on_target = [
+        s for s in points if _value(s, "test/rho_hat_mean") is not None and (_value(s, "rho") or 0) > 0
+    ]
+    xs = [s["test/rho_hat_mean"] / s["rho"] - 1 for s in on_target]
+    ys = [s["test/mse"] for s in on_target]
+    if on_target:
+        spread = [
+            [
+                x - (s.get("test/rho_hat_min", s["test/rho_hat_mean"]) / s["rho"] - 1)
+                for x, s in zip(xs, on_target, strict=True)
+            ],
+            [
+                (s.get("test/rho_hat_max", s["test/rho_hat_mean"]) / s["rho"] - 1) - x
+                for x, s in zip(xs, on_target, strict=True)
+            ],
+        ]
+        left.errorbar(
+            xs,
+            ys,
+            xerr=spread,
+            yerr=[_std(s, "test/mse") for s in on_target],
+            fmt="o",
+            color="steelblue",
+            ecolor="lightsteelblue",
+            capsize=3,
+            zorder=3,
+            label="setting: rho_hat mean, bar = its units' min..max",
+        )
+        _mark_frontier(left, [abs(x) for x in xs], ys, line=False)
+        for s, x, y in zip(on_target, xs, ys, strict=True):
+            left.annotate(
+                _setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    left.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
+    published = next((b for b in baselines if "test/rho_hat_mean" in b), None)
+    if published is not None:
+        left.scatter(
+            [published["test/rho_hat_mean"] / published["rho"] - 1],
+            [published["test/mse"]],
+            marker="*",
+            s=250,
+            color="crimson",
+            zorder=5,
+            label=f"{published['name']} (rho {published['rho']:g})",
+        )
+    _baseline_lines(left, baselines)
+    left.set(
+        xlabel="rho_hat / rho - 1: mean latent activation relative to its target (0 = on target)",
+        ylabel="test MSE (lower = better)",
+    )
+    left.set_title("Reconstruction vs distance to the sparsity target")
+
+    with_l0 = [s for s in points if _value(s, "test/l0") is not None]
+    l0s, mses = [s["test/l0"] for s in with_l0], [s["test/mse"] for s in with_l0]
+    right.errorbar(
+        l0s,
+        mses,
+        xerr=[_std(s, "test/l0") for s in with_l0],
+        yerr=[_std(s, "test/mse") for s in with_l0],
+        fmt="o",
+        color="steelblue",
+        ecolor="lightsteelblue",
+        capsize=3,
+        zorder=3,
+        label="setting",
+    )
+    _mark_frontier(right, l0s, mses, line=True)
+    for s, x, y in zip(with_l0, l0s, mses, strict=True):
+        right.annotate(
+            _setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
+    _baseline_lines(right, baselines)
+    right.set(
+        xlabel="L0: active latent units per digit (lower = sparser)", ylabel="test MSE (lower = better)"
+    )
+    right.set_title("Reconstruction vs L0")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+        ax.legend(fontsize=7, loc="best")
+    repeats = " (mean over seeds; vertical bars: std)" if seeds else ""
+    fig.suptitle(f"Sweep: {len(points)} settings{repeats}")
+    return fig
+
+
+# The panels of sweep_metrics: title, then (metric, label) lines drawn in it.
+SWEEP_PANELS = (
+    ("test MSE", (("test/mse", "test/mse"),)),
+    ("rho_hat: units' min..mean..max", (("test/rho_hat_mean", "mean"),)),
+    ("L0: active latent units per digit", (("test/l0", "test/l0"),)),
+    ("dead units (never active on test)", (("test/dead_fraction", "latent"),)),
+    (
+        "probe accuracy",
+        (
+            ("test/probe_accuracy", "codes"),
+            ("test/probe_accuracy_reconstructions", "pixel classifier on reconstructions"),
+            ("test/probe_accuracy_pixels", "pixel classifier on originals"),
+        ),
+    ),
+)
+MAX_SWEEP_ROWS = 3
+
+
+def sweep_metrics(settings: list[dict], knobs: list[str]) -> Figure:
+    """Each key metric against each swept knob (a row per knob, at most MAX_SWEEP_ROWS), one line
+    per value of the other knobs, error bars the std over seeds; dead units per layer; the rho_hat
+    band from the units' min to max with the target rho."""
+    rows = knobs[:MAX_SWEEP_ROWS] or [None]
+    fig = _figure(22, 3.8 * len(rows) + 0.8)
+    axes = np.atleast_2d(fig.subplots(len(rows), len(SWEEP_PANELS), squeeze=False))
+    layers = sorted(
+        {k.split("/")[1] for s in settings for k in s if k.endswith("/dead_fraction") and k.count("/") == 2}
+    )
+    for r, knob in enumerate(rows):
+        others = [k for k in knobs if k != knob]
+        groups: dict[str, list[dict]] = {}
+        for s in settings:
+            groups.setdefault(_setting_label(s, others) if others else "", []).append(s)
+        for c, (title, lines) in enumerate(SWEEP_PANELS):
+            ax = axes[r, c]
+            if c == 3:
+                lines = lines + tuple((f"test/{layer}/dead_fraction", layer) for layer in layers)
+            for g, (group, members) in enumerate(groups.items()):
+                members = sorted(members, key=lambda s: s.get(knob) if knob else 0)
+                xs = [s.get(knob) for s in members] if knob else list(range(len(members)))
+                colour = f"C{g % 10}"
+                for li, (metric, label) in enumerate(lines):
+                    have = [(x, s) for x, s in zip(xs, members, strict=True) if _value(s, metric) is not None]
+                    if not have:
+                        continue
+                    style = ("-", "--", ":", "-.")[li % 4]
+                    name = ", ".join(p for p in (group, label if len(lines) > 1 else "") if p)
+                    ax.errorbar(
+                        [x for x, _ in have],
+                        [s[metric] for _, s in have],
+                        yerr=[_std(s, metric) for _, s in have],
+                        marker="o",
+                        linestyle=style,
+                        color=colour,
+                        capsize=3,
+                        label=name or None,
+                    )
+                    if metric == "test/rho_hat_mean":
+                        low = [_value(s, "test/rho_hat_min") for _, s in have]
+                        high = [_value(s, "test/rho_hat_max") for _, s in have]
+                        if None not in low and None not in high:
+                            ax.fill_between([x for x, _ in have], low, high, color=colour, alpha=0.15)
+                        if knob == "rho":  # the target moves with x: draw rho_hat = rho
+                            ax.plot([x for x, _ in have], [x for x, _ in have], **RHO_STYLE)
+                        for rho in sorted({s["rho"] for _, s in have if _value(s, "rho") is not None}):
+                            if knob != "rho":
+                                ax.axhline(rho, **RHO_STYLE)
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            if knob is None:
+                ax.set_xticks(range(len(settings)), [_setting_label(s, []) for s in settings], fontsize=7)
+            else:
+                values = [s[knob] for s in settings if _value(s, knob) is not None]
+                if values and min(values) > 0 and max(values) / min(values) >= 10:
+                    ax.set_xscale("log")
+                ax.set_xlabel(knob)
+            if ax.get_legend_handles_labels()[0] and (c in (3, 4) or (c == 0 and others)):
+                ax.legend(fontsize=6, loc="best")
+    seeds = any(s.get("n", 1) > 1 for s in settings)
+    fig.suptitle(
+        "Sweep: key metrics against each swept knob"
+        + (" (mean over seeds, bars: std)" if seeds else "")
+        + "; dashed red: target rho"
+    )
+    return fig
+
+
+HEATMAP_METRICS = (
+    ("test/mse", "test MSE", ".4f"),
+    ("test/rho_hat_mean", "rho_hat mean", ".3f"),
+    ("test/l0", "L0", ".1f"),
+    ("test/encoder_1/dead_fraction", "encoder_1 dead fraction", ".2f"),
+    ("test/probe_accuracy", "probe accuracy", ".3f"),
 )
 
 
-def pareto_figure(rows: list[dict], label_keys: list[str], reference: dict[str, float]) -> Figure:
-    """test/mse against sparsity, one point per finished job, the Pareto frontier drawn."""
-    fig = _figure(14, 6)
-    axes = fig.subplots(1, len(PARETO_PANELS))
-    for ax, (metric, xlabel) in zip(axes, PARETO_PANELS, strict=True):
-        points = [
-            r
-            for r in rows
-            if isinstance(r.get(metric), int | float) and isinstance(r.get("test/mse"), int | float)
-        ]
-        xs, ys = [float(r[metric]) for r in points], [float(r["test/mse"]) for r in points]
-        ax.scatter(xs, ys, s=40, color="steelblue", zorder=3, label="sweep job")
-        front = pareto_front(xs, ys)
-        if front:
-            ax.plot(
-                [xs[i] for i in front],
-                [ys[i] for i in front],
-                color="darkorange",
-                linewidth=2,
-                marker="o",
-                zorder=2,
-                label="Pareto frontier",
-            )
-        for r, x, y in zip(points, xs, ys, strict=True):
-            label = ", ".join(
-                f"{k}={r[k]:g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}" for k in label_keys
-            )
-            ax.annotate(label or r["job"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if metric in reference:
-            ax.scatter(
-                [reference[metric]],
-                [reference["test/mse"]],
-                marker="*",
-                s=250,
-                color="crimson",
-                zorder=4,
-                label=f"reference notebook, published ({reference[metric]:g}, {reference['test/mse']:g})",
-            )
-        ax.set(xlabel=xlabel, ylabel="test MSE (lower = better)")
-        ax.set_title(f"Reconstruction vs {metric}")
-        ax.grid(True, alpha=0.3)
-        ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
-        ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"Sweep: {len(rows)} finished jobs")
+def sweep_heatmaps(settings: list[dict], knob_x: str, knob_y: str) -> Figure:
+    """A two-knob grid as heatmaps, one per key metric (means over seeds)."""
+    xs = sorted({s[knob_x] for s in settings})
+    ys = sorted({s[knob_y] for s in settings})
+    shown = [m for m in HEATMAP_METRICS if any(_value(s, m[0]) is not None for s in settings)]
+    fig = _figure(4.2 * len(shown), 0.45 * len(ys) + 2.4)
+    axes = np.atleast_1d(fig.subplots(1, len(shown)))
+    for ax, (metric, title, fmt) in zip(axes, shown, strict=True):
+        grid = np.full((len(ys), len(xs)), np.nan)
+        relative = metric == "test/rho_hat_mean"  # shown as the distance to each setting's target
+        for s in settings:
+            if _value(s, metric) is not None and (not relative or (_value(s, "rho") or 0) > 0):
+                value = s[metric] / s["rho"] - 1 if relative else s[metric]
+                grid[ys.index(s[knob_y]), xs.index(s[knob_x])] = value
+        limit = float(np.nanmax(np.abs(grid))) if relative and np.isfinite(grid).any() else 1.0
+        colours = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit} if relative else {"cmap": "viridis"}
+        sns.heatmap(
+            grid,
+            annot=len(xs) * len(ys) <= 64,
+            fmt=fmt,
+            **colours,
+            ax=ax,
+            cbar=True,
+            xticklabels=[f"{v:g}" for v in xs],
+            yticklabels=[f"{v:g}" for v in ys],
+            annot_kws={"fontsize": 7},
+        )
+        ax.set(xlabel=knob_x, ylabel=knob_y, title=title)
+    fig.suptitle(f"Sweep grid: {knob_y} x {knob_x} (mean over seeds)")
     return fig

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
-from sae.plots import pareto_front
 from sae.probe import linear_probe_accuracy
+from sae.sweep import pareto_front
 
 
 def test_unit_mean_is_over_samples_not_a_mean_of_batch_means():

@@ -3,11 +3,12 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from sae.sweep import write_summary
+from sae.sweep import frontier_ranks, write_summary
 from tests.conftest import run_script
 
 
@@ -69,7 +70,16 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     assert not any(k.startswith("callbacks") for k in table[0])  # a deletion is not a swept value
     columns = list(table[0])
     # The figures a reader compares come first, right after the overrides and the status.
-    assert columns[:7] == ["job", "beta", "lr", "status", "val/loss", "test/mse", "test/rho_hat_mean"]
+    assert columns[:8] == [
+        "job",
+        "beta",
+        "lr",
+        "status",
+        "frontier",
+        "val/loss",
+        "test/mse",
+        "test/rho_hat_mean",
+    ]
 
     md = (sweep / "summary.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
@@ -80,6 +90,7 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
         "job",
         "beta",
         "status",
+        "frontier",
         "val/loss",
         "test/mse",
         "test/rho_hat_mean",
@@ -88,12 +99,17 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     ]
     assert "not in the table: `lr` 0.001, `test/probe_accuracy` 0.9." in md
     assert {"lr", "test/probe_accuracy"} <= set(table[0])
-    # Sorted by the optimized metric, val/loss, lowest first; jobs without it last.
-    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["1", "0", "2", "10"]
-    assert "sorted by `val/loss`" in md and "`test/mse` 0.01387" in md
+    # The jobs differ in beta, so not by val/loss (the lower beta would win by construction): both
+    # finished jobs are on the L0-MSE frontier (one sparser, one better), then by test MSE.
+    assert [r["frontier"] for r in table] == ["1", "1", "", ""]
+    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["0", "1", "2", "10"]
+    assert "ranked by `frontier`" in md and "Not by `val/loss`" in md
+    assert "published: test MSE 0.01387 (10 epochs, 60k images)" in md
+    assert "run here: test MSE 0.0176 (10 epochs, 60k images)" in md
 
     png = Image.open(sweep / "pareto.png")
-    assert png.size == (1400, 600)
+    assert png.size == (1500, 650)
+    assert (sweep / "sweep_metrics.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -109,3 +125,61 @@ def test_evaluate_rebuilds_the_summary_from_job_folders(tmp_path):
     empty.mkdir()
     proc = run_script("evaluate.py", f"sweep_dir={empty}", f"hydra.run.dir={tmp_path}/out2", timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: sweep_dir=")
+
+
+def test_frontier_ranks_hand_case():
+    rows = [
+        {"test/l0": 2.0, "test/mse": 0.05},  # sparsest: frontier
+        {"test/l0": 4.0, "test/mse": 0.03},  # frontier
+        {"test/l0": 5.0, "test/mse": 0.04},  # beaten by the one above: rank 2
+        {"test/l0": 8.0, "test/mse": 0.02},  # best MSE: frontier
+        {"test/l0": 9.0, "test/mse": 0.045},  # beaten by rows 1 and 2: rank 3
+        {"test/l0": 4.0, "test/mse": 0.03},  # equal to a frontier row: as good
+        {"test/mse": 0.01},  # no L0: unranked
+    ]
+    assert frontier_ranks(rows) == [1, 1, 2, 1, 3, 1, None]
+
+
+def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
+    """Jobs that differ only in seed become one setting: mean, sample std and n per metric, as
+    numpy computes them; a beta x rho grid gets the heatmap figure."""
+    sweep = tmp_path / "sweep"
+    rng = np.random.default_rng(0)
+    values = {}
+    job = 0
+    for beta in (0.001, 0.01):
+        for rho in (0.05, 0.1):
+            for seed in (0, 1, 2):
+                m = {
+                    "test/mse": float(rng.uniform(0.01, 0.03)),
+                    "test/l0": float(rng.uniform(2, 9)),
+                    "test/rho_hat_mean": float(rng.uniform(0.04, 0.12)),
+                    "test/rho_hat_min": 0.01,
+                    "test/rho_hat_max": 0.2,
+                    "test/dead_fraction": 0.0,
+                    "test/encoder_1/dead_fraction": float(rng.uniform(0.2, 0.6)),
+                    "test/probe_accuracy": float(rng.uniform(0.8, 0.9)),
+                    "val/loss": 0.1,
+                }
+                values.setdefault((beta, rho), []).append(m)
+                fake_job(sweep, str(job), [f"beta={beta}", f"rho={rho}", f"seed={seed}"], m, {"status": "ok"})
+                job += 1
+    write_summary(sweep)
+    with open(sweep / "summary_by_setting.csv") as f:
+        settings = list(csv.DictReader(f))
+    assert len(settings) == 4
+    for row in settings:
+        runs = values[(float(row["beta"]), float(row["rho"]))]
+        assert row["n"] == "3" and row["seeds"] == "0 1 2"
+        for metric in ("test/mse", "test/l0", "test/encoder_1/dead_fraction"):
+            column = np.array([r[metric] for r in runs])
+            assert float(row[metric]) == pytest.approx(column.mean(), rel=1e-12)
+            assert float(row[f"{metric}_std"]) == pytest.approx(column.std(ddof=1), rel=1e-12)
+    md = (sweep / "summary.md").read_text()
+    assert "## By setting: mean ± sample std over seeds" in md and "## Every job" in md
+    first = values[(0.001, 0.05)]
+    mean, std = np.mean([r["test/mse"] for r in first]), np.std([r["test/mse"] for r in first], ddof=1)
+    assert f"{mean:.5g} ± {std:.2g}" in md
+    for name in ("pareto", "sweep_metrics", "sweep_heatmaps"):
+        with Image.open(sweep / f"{name}.png") as png:
+            assert len(np.unique(np.asarray(png.convert("L")))) > 10, name
