@@ -350,7 +350,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str) -> str:
     """summary_by_setting.csv, and the Markdown table of settings (mean ± std over their seeds)."""
-    sort_key, ranked_by = ranking(settings, metric)
+    sort_key, _ = ranking(settings, metric)
     knobs = [k for k in override_keys(settings) if k not in ("n", "seeds", "jobs")]
     metrics = [
         m for m in dict.fromkeys(m for s in settings for m in s if "/" in m and not m.endswith("_std"))
@@ -368,7 +368,7 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
     table = [{**s, **{m: _mean_std(s, m) for m in shown}} for s in sorted(settings, key=sort_key)]
     return (
         "## By setting: mean ± sample std over seeds (n jobs each)\n\n"
-        f"Settings {ranked_by.replace('jobs', 'settings')}, on the means. Every metric's mean and std: "
+        "Ranked as the jobs below, on the settings' means. Every metric's mean and std: "
         "summary_by_setting.csv.\n\n" + markdown_table(table, [*varying, "n", *extra, *shown])
     )
 

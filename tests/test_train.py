@@ -367,7 +367,8 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     assert [float(r["beta"]) for r in table] == [1e-3, 5e-3]
     assert {"test/mse", "test/rho_hat_mean", "test/probe_accuracy"} <= set(table[0])
     assert [r["status"] for r in table] == ["ok", "ok"]
-    assert (sweep / "summary.md").is_file() and (sweep / "pareto.png").stat().st_size > 0
+    assert (sweep / "pareto.png").stat().st_size > 0 and (sweep / "sweep_metrics.png").stat().st_size > 0
+    assert "ranked by `frontier`" in (sweep / "summary.md").read_text()  # a beta sweep: not by val/loss
 
     job = read_metrics(jobs[0])
     out = tmp_path / "eval"
