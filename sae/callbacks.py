@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -188,8 +189,9 @@ class HParamsSummary(L.Callback):
     The metric values are the run's own scalars with these tags (test/* of the tested
     checkpoint), which TensorBoard joins by tag; nothing is written as a placeholder metric, and
     there is no `hp_metric`. The session's status is written when the run ends: success after the
-    test, failure when training raises (a NaN loss, a crash), aborted on Ctrl+C or SIGTERM; a run
-    killed outright has none ("unknown" in TensorBoard).
+    test, failure when training raises (a NaN loss, a crash), unknown when Ctrl+C or SIGTERM
+    stopped it (resumable; the HParams plugin has no "aborted"); a run killed outright records
+    none, which TensorBoard shows as unknown too.
     """
 
     def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS_METRICS) -> None:
@@ -217,8 +219,11 @@ class HParamsSummary(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        stopped = isinstance(exception, KeyboardInterrupt | SIGTERMException)
-        self._end(trainer, "STATUS_ABORTED" if stopped else "STATUS_FAILURE")
+        stopped = isinstance(exception, KeyboardInterrupt | SIGTERMException)  # to be resumed
+        try:
+            self._end(trainer, "STATUS_UNKNOWN" if stopped else "STATUS_FAILURE")
+        except Exception as err:  # noqa: BLE001 -- never hide the run's own error behind this one
+            warnings.warn(f"could not record the run's end in TensorBoard's HParams tab: {err}", stacklevel=1)
 
     def _end(self, trainer: L.Trainer, status: str) -> None:
         tb = tensorboard(trainer)

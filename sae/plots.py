@@ -467,10 +467,11 @@ SWEEP_PANELS = (
 MAX_SWEEP_ROWS = 3
 
 
-def sweep_metrics(settings: list[dict], knobs: list[str]) -> Figure:
-    """Each key metric against each swept knob (a row per knob, at most MAX_SWEEP_ROWS), one line
-    per value of the other knobs, error bars the std over seeds; dead units per layer; the rho_hat
-    band from the units' min to max with the target rho."""
+def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str] | None = None) -> Figure:
+    """Each key metric against each numeric swept knob (a row per knob, at most MAX_SWEEP_ROWS),
+    one line per value of the other knobs, error bars the std over seeds; dead units per layer; the
+    rho_hat band from the units' min to max with the target rho. Without a numeric knob, one point
+    per setting, named by `label_knobs` (e.g. model.activation=gelu)."""
     rows = knobs[:MAX_SWEEP_ROWS] or [None]
     fig = _figure(22, 3.8 * len(rows) + 0.8)
     axes = np.atleast_2d(fig.subplots(len(rows), len(SWEEP_PANELS), squeeze=False))
@@ -519,7 +520,8 @@ def sweep_metrics(settings: list[dict], knobs: list[str]) -> Figure:
             ax.set_title(title, fontsize=10)
             ax.grid(True, alpha=0.3)
             if knob is None:
-                ax.set_xticks(range(len(settings)), [_setting_label(s, []) for s in settings], fontsize=7)
+                names = [_setting_label(s, label_knobs or []) for s in settings]
+                ax.set_xticks(range(len(settings)), names, fontsize=7, rotation=20, ha="right")
             else:
                 values = [s[knob] for s in settings if _value(s, knob) is not None]
                 if values and min(values) > 0 and max(values) / min(values) >= 10:

@@ -383,7 +383,7 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
     numeric = [k for k in knobs if all(_is_value(s.get(k)) for s in settings)]
     figures = {
         "pareto": pareto_figure(settings, knobs, BASELINES),
-        "sweep_metrics": sweep_metrics(settings, numeric),
+        "sweep_metrics": sweep_metrics(settings, numeric, knobs),
     }
     if len(numeric) == 2 and len(settings) > 2:
         figures["sweep_heatmaps"] = sweep_heatmaps(settings, *numeric)

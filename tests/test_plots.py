@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from sae.callbacks import RunFigures
-from sae.plots import DEAD_COLOUR, MAX_UNITS, run_figures
+from sae.plots import DEAD_COLOUR, MAX_UNITS, run_figures, sweep_metrics
 
 
 @pytest.mark.parametrize("latent_dim", [32, 4096])
@@ -143,3 +143,27 @@ def test_figures_mark_what_their_titles_and_scales_say():
     finally:
         for fig in figures.values():
             plt.close(fig)
+
+
+def test_a_sweep_over_a_named_option_gets_one_point_per_setting():
+    settings = [
+        {
+            "model.activation": name,
+            "n": 1,
+            "test/mse": mse,
+            "test/l0": 7.0,
+            "test/rho_hat_mean": 0.07,
+            "rho": 0.05,
+        }
+        for name, mse in (("relu", 0.018), ("gelu", 0.019))
+    ]
+    fig = sweep_metrics(settings, [], ["model.activation"])
+    try:
+        mse_axis = fig.axes[0]
+        assert [t.get_text() for t in mse_axis.get_xticklabels()] == [
+            "model.activation=relu",
+            "model.activation=gelu",
+        ]
+        assert list(mse_axis.get_lines()[0].get_ydata()) == [0.018, 0.019]
+    finally:
+        plt.close(fig)

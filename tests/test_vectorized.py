@@ -12,7 +12,7 @@ import torch
 
 from sae.evaluation import evaluate
 from sae.training import train
-from tests.conftest import LEAN, ROOT, compose_config, compose_train, train_command
+from tests.conftest import LEAN, ROOT, compose_config, compose_train, hparams_end_status, train_command
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
@@ -119,6 +119,7 @@ def test_a_job_stopped_by_sigterm_in_its_replay_resumes_to_the_uninterrupted_run
     assert said and "cannot resume mid-epoch" in said[0], proc.stderr[-3000:]
     stopped = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] % 10 == 0  # an epoch's end, not the middle of one
+    assert hparams_end_status(sweep / "0") == "STATUS_UNKNOWN"  # stopped to be resumed: not a success
 
     settings = [*LEAN, "epochs=3", "beta=1e-3"]
     train(compose_train([*settings, f"resume={sweep / '0'}"], tmp_path / "again", mnist_root))
