@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from sae.console import UserError
 from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
+from sae.sparsity import METHODS
 
 MNIST_TRAIN_IMAGES = 60000
 FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
@@ -115,6 +116,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         "activation": ACTIVATIONS,
         "latent_activation": ACTIVATIONS,
         "output_activation": ACTIVATIONS,
+        "sparsity": METHODS,
     }
     for key, allowed in choices.items():
         _check(model[key] in allowed, f"model.{key}", model[key], f"one of {', '.join(allowed)}")

@@ -1,26 +1,19 @@
-"""The sparse-autoencoder objective: reconstruction + beta * KL sparsity penalty."""
+"""The objective: reconstruction + the sparsity method's weighted penalty terms, all named.
+
+One place for every loss term: training, validation, test and stacked training call
+`objective` (one batch) or `split_objective` (whole-split statistics).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RHO_HAT_CLAMP = 1e-6
+from sae.sparsity import SparsityMethod, kl_sparsity  # noqa: F401 -- kl_sparsity: the KL, re-exported
+
 RECONSTRUCTION_LOSSES = ("mse", "bce")
-
-
-def kl_sparsity(rho: float, rho_hat: Tensor) -> Tensor:
-    """Sum over units of KL(rho || rho_hat_j) between Bernoulli distributions.
-
-    rho_hat is clamped to [1e-6, 1 - 1e-6] so that a dead or saturated unit gives a large but
-    finite penalty (and gradient) instead of inf/NaN.
-    """
-    q = rho_hat.clamp(RHO_HAT_CLAMP, 1.0 - RHO_HAT_CLAMP)
-    p = torch.as_tensor(rho, dtype=q.dtype, device=q.device)
-    return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
 
 
 def reconstruction_loss(kind: str, recon: Tensor, target: Tensor) -> Tensor:
@@ -32,17 +25,21 @@ def reconstruction_loss(kind: str, recon: Tensor, target: Tensor) -> Tensor:
     raise ValueError(f"unknown reconstruction loss {kind!r}; expected one of {RECONSTRUCTION_LOSSES}")
 
 
-def sparsity_penalty(rho: float, activations: Mapping[str, Tensor]) -> Tensor:
-    """KL penalty summed over the covered layers; rho_hat_j is unit j's mean over the batch."""
-    return sum(kl_sparsity(rho, a.mean(dim=0)) for a in activations.values())
+def term_names(kind: str, method: SparsityMethod) -> tuple[str, ...]:
+    """The names `objective` returns, in order: loss, the reconstruction, the method's terms."""
+    return ("loss", kind, *method.batch_term_names)
 
 
-def objective_terms(kind: str, out, x: Tensor, rho: float | Tensor, beta: float | Tensor) -> Tensor:
-    """(loss, recon, kl) of one batch: the training objective recon + beta * KL and its two terms.
-
-    `out` is the model's AutoencoderOutput for x; rho and beta may be tensors (one job's values
-    inside a vmap over stacked jobs).
-    """
+def objective(kind: str, method: SparsityMethod, out, x: Tensor) -> dict[str, Tensor]:
+    """One batch's loss and its named terms (`out`: the model's AutoencoderOutput for x)."""
     recon = reconstruction_loss(kind, out.recon, x)
-    kl = sparsity_penalty(rho, out.activations)
-    return torch.stack([recon + beta * kl, recon, kl])
+    terms = method.batch_terms(out.activations)
+    return {"loss": recon + method.penalty(terms), kind: recon, **terms}
+
+
+def split_objective(
+    method: SparsityMethod, recon: Tensor, unit_means: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The loss over a whole split from its statistics: reconstruction error and per-unit means."""
+    terms = method.split_terms(unit_means)
+    return {"loss": recon + method.penalty(terms), **terms}

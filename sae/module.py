@@ -12,16 +12,18 @@ from torchmetrics import MeanMetric, Metric
 
 from sae.console import UserError
 from sae.lightning_internals import CheapHookName, count_optimizer_steps
-from sae.loss import RECONSTRUCTION_LOSSES, kl_sparsity, objective_terms
+from sae.loss import RECONSTRUCTION_LOSSES, objective, split_objective, term_names
 from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
 from sae.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
+from sae.sparsity import make_method
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
 
 
 class SparseAutoencoderModule(CheapHookName, L.LightningModule):
-    """Loss = reconstruction (mse|bce) + beta * sum over covered layers of sum_j KL(rho || rho_hat_j).
+    """Loss = reconstruction (mse|bce) + the sparsity method's penalty (`sparsity`, default kl:
+    beta * sum over covered layers of sum_j KL(rho || rho_hat_j)); see sae.loss and sae.sparsity.
 
     Every constructor argument is a plain value and is saved as a hyperparameter, so a checkpoint
     rebuilds its own model (evaluate.py needs no overrides) and loads with weights_only=True.
@@ -41,6 +43,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         latent_activation: str = "sigmoid",
         output_activation: str = "sigmoid",
         recon_loss: str = "mse",
+        sparsity: str = "kl",
         sparsity_layers: Sequence[str] = ("latent",),
         rho: float = 0.05,
         beta: float = 5e-3,
@@ -57,6 +60,8 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
+        self.method = make_method(sparsity, {"rho": rho, "beta": beta}, sparsity_layers)
+        self.term_names = term_names(recon_loss, self.method)  # what training logs, in order
         self.net = SparseAutoencoder(
             input_dim,
             hidden_dims,
@@ -71,9 +76,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         )
         # Fresh metric objects per split, so validation during fit never mixes into test.
         self.split_metrics = nn.ModuleDict({split: self._make_metrics(widths) for split in ("val", "test")})
-        # Training terms (loss, recon, kl) of each step since they were last logged, on the device.
+        # Training terms (term_names) of each step since they were last logged, on the device.
         self.automatic_optimization = False  # training_step takes one optimizer step per batch
-        self._window = torch.empty(0, 3)
+        self._window = torch.empty(0, len(self.term_names))
         self._window_len = 0
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
@@ -158,8 +163,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         hp = self.hparams
         written = None
         for x, _ in batches:
-            terms = objective_terms(hp.recon_loss, self.net(x), x, hp.rho, hp.beta)
-            loss = terms[0]
+            named = objective(hp.recon_loss, self.method, self.net(x), x)
+            loss = named["loss"]
+            terms = torch.stack(list(named.values()))
             if self._plain_steps:
                 optimizer.optimizer.zero_grad()
                 loss.backward()
@@ -191,11 +197,11 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
             self._window_len = 0
 
     def _record(self, terms: Tensor) -> None:
-        """Keep one step's (loss, recon, kl) in the window on the device: no host sync per step."""
+        """Keep one step's terms (term_names) in the window on the device: no host sync per step."""
         if self._window_len == 0:
             self._window_start = self.global_step - 1  # the optimizer step just taken
         if self._window_len == len(self._window) or self._window.device != terms.device:
-            grown = torch.empty(max(2 * len(self._window), 64), 3, device=terms.device)
+            grown = torch.empty(max(2 * len(self._window), 64), len(self.term_names), device=terms.device)
             grown[: self._window_len] = self._window[: self._window_len]
             self._window = grown
         self._window[self._window_len].copy_(terms)
@@ -211,7 +217,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         """
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
-        values = dict(zip(("loss", self.hparams.recon_loss, "kl_batch"), means.tolist(), strict=True))
+        values = dict(zip(self.term_names, means.tolist(), strict=True))
         terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
         self._last_finite = f"{terms} (mean of {self._window_len} steps)"
         self._window_len = 0
@@ -281,15 +287,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         metrics = self.split_metrics[split]
         activity = {name: m.compute() for name, m in metrics["activity"].items()}
         recon = metrics[hp.recon_loss].compute()
-        kl = sum(kl_sparsity(hp.rho, activity[n][0]) for n in hp.sparsity_layers)
         rho_hat, density = activity["latent"]
-        values = {
-            "loss": recon + hp.beta * kl,
-            "mse": metrics["mse"].compute(),
-            "kl": kl,
-            "fvu": metrics["fvu"].compute(),
-            "l0": density[0].sum(),
-        }
+        values = split_objective(self.method, recon, {name: means for name, (means, _) in activity.items()})
+        values.update(mse=metrics["mse"].compute(), fvu=metrics["fvu"].compute(), l0=density[0].sum())
         values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
         if hp.recon_loss == "bce":
             values["bce"] = recon

@@ -27,13 +27,15 @@ from torch.func import functional_call, stack_module_state, vmap
 from sae.checkpoints import ARCHITECTURE
 from sae.data import BatchIndexSampler
 from sae.lightning_internals import count_optimizer_steps
-from sae.loss import objective_terms
+from sae.loss import objective
 from sae.module import SparseAutoencoderModule
+from sae.sparsity import make_method
 from sae.training import build_data_and_module
 
 log = logging.getLogger(__name__)
 
-STACK_KEYS = (*ARCHITECTURE, "recon_loss")  # what jobs must share: the network and the loss's form
+# What jobs must share: the network and the loss's form (the method's knobs may differ).
+STACK_KEYS = (*ARCHITECTURE, "recon_loss", "sparsity")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
 
 
@@ -49,6 +51,7 @@ class StackedTraining:
         self.modules = list(modules)
         self.device = torch.device(device)
         self.recon_loss = first.recon_loss
+        self.sparsity, self.layers = first.sparsity, list(first.sparsity_layers)
         self.net = modules[0].net  # the function; its own weights are not used
         params, self.buffers = stack_module_state([m.net for m in modules])
         self.params = {k: p.detach().to(self.device).requires_grad_() for k, p in params.items()}
@@ -64,9 +67,10 @@ class StackedTraining:
         self._terms = vmap(self._job_terms)
 
     def _job_terms(self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor) -> Tensor:
-        """(loss, recon, kl) of one job on its batch: the module's training objective."""
+        """One job's training terms on its batch (the module's term_names, stacked): its objective."""
         out = functional_call(self.net, (params, buffers), (x,))
-        return objective_terms(self.recon_loss, out, x, rho, beta)
+        method = make_method(self.sparsity, {"rho": rho, "beta": beta}, self.layers)
+        return torch.stack(list(objective(self.recon_loss, method, out, x).values()))
 
     def step(self, x: Tensor) -> Tensor:
         """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, kl_divergence
 
-from sae.loss import kl_sparsity, reconstruction_loss, sparsity_penalty
+from sae.loss import kl_sparsity, objective, reconstruction_loss, split_objective
+from sae.model import AutoencoderOutput
+from sae.sparsity import make_method
 
 
 def test_kl_hand_checked_values():
@@ -51,14 +53,44 @@ def test_kl_gradient_closed_form():
     torch.testing.assert_close(q.grad, expected)
 
 
-def test_sparsity_penalty_uses_batch_mean_per_unit_and_sums_layers():
+def test_kl_method_uses_batch_mean_per_unit_and_sums_layers():
     a = torch.tensor([[0.1, 0.9], [0.3, 0.5]], dtype=torch.float64)
     b = torch.tensor([[0.2], [0.4], [0.6]], dtype=torch.float64)
     expected = kl_sparsity(0.05, torch.tensor([0.2, 0.7], dtype=torch.float64)) + kl_sparsity(
         0.05, torch.tensor([0.4], dtype=torch.float64)
     )
-    got = sparsity_penalty(0.05, {"latent": a, "encoder_1": b})
-    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    kl = make_method("kl", {"rho": 0.05, "beta": 0.5}, ["latent", "encoder_1"])
+    got = kl.batch_terms({"latent": a, "encoder_1": b, "decoder_1": b})  # decoder_1 is not covered
+    assert list(got) == ["kl_batch"]
+    assert got["kl_batch"].item() == pytest.approx(expected.item(), rel=1e-12)
+    split = kl.split_terms(
+        {
+            "latent": torch.tensor([0.2, 0.7], dtype=torch.float64),
+            "encoder_1": torch.tensor([0.4], dtype=torch.float64),
+        }
+    )
+    assert split["kl"].item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
+    x = torch.tensor([[0.0, 1.0], [0.5, 0.25]], dtype=torch.float64)
+    recon = torch.tensor([[0.5, 0.5], [0.5, 0.75]], dtype=torch.float64)
+    code = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
+    out = AutoencoderOutput(recon=recon, code=code, activations={"latent": code})
+    kl = make_method("kl", {"rho": 0.1, "beta": 0.5}, ["latent"])
+    got = objective("mse", kl, out, x)
+    assert list(got) == ["loss", "mse", "kl_batch"]
+    mse = 0.1875  # (0.25 + 0.25 + 0 + 0.25) / 4
+    kl_value = kl_sparsity(0.1, torch.tensor([0.2, 0.3], dtype=torch.float64)).item()
+    assert got["mse"].item() == pytest.approx(mse)
+    assert got["kl_batch"].item() == pytest.approx(kl_value, rel=1e-12)
+    assert got["loss"].item() == pytest.approx(mse + 0.5 * kl_value, rel=1e-12)
+    whole = split_objective(
+        kl, torch.tensor(mse, dtype=torch.float64), {"latent": torch.tensor([0.2, 0.3], dtype=torch.float64)}
+    )
+    assert list(whole) == ["loss", "kl"] and whole["loss"].item() == pytest.approx(mse + 0.5 * kl_value)
+    with pytest.raises(ValueError, match="model.sparsity='nope' must be one of kl"):
+        make_method("nope", {}, [])
 
 
 def test_reconstruction_losses_are_per_pixel_means():

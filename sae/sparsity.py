@@ -1,0 +1,98 @@
+"""Sparsity methods: what makes a code sparse, one unit per method.
+
+A method owns its penalty terms: named tensors of one batch's activations (what training
+minimises, beside the reconstruction) and the same terms from a whole split's statistics (what
+validation and test report). `sae.loss.objective` adds them, weighted, to the reconstruction;
+training, validation, test and stacked training all call it, and logging iterates over the
+names. A new method is a subclass registered with `@register` plus its `conf/sparsity/<name>.yaml`
+(README, "Adding a sparsity method").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+RHO_HAT_CLAMP = 1e-6
+
+METHODS: dict[str, type[SparsityMethod]] = {}
+
+
+def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+    """Make a method selectable by its `name` (model.sparsity=<name>)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, knobs: Mapping[str, Any], layers: Sequence[str]) -> SparsityMethod:
+    if name not in METHODS:
+        raise ValueError(f"model.sparsity={name!r} must be one of {', '.join(METHODS)}")
+    return METHODS[name](knobs, layers)
+
+
+class SparsityMethod:
+    """A penalty on the activations of `layers` (by name: encoder_1.., latent, decoder_1..).
+
+    `knobs` holds the numbers the method reads (rho, beta, ...): floats, or in stacked training
+    one job's values as 0-d tensors inside a vmap, so terms must be plain tensor arithmetic.
+    """
+
+    name: ClassVar[str]
+    batch_term_names: ClassVar[tuple[str, ...]]  # what batch_terms returns, in this order
+    split_term_names: ClassVar[tuple[str, ...]]  # what split_terms returns, in this order
+
+    def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
+        self.knobs = dict(knobs)
+        self.layers = list(layers)
+
+    def batch_terms(self, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The penalty's terms on one batch, from the covered layers' activations."""
+        raise NotImplementedError
+
+    def split_terms(self, unit_means: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The same terms over a whole split, from each covered layer's per-unit mean activation."""
+        raise NotImplementedError
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """What the terms add to the loss (e.g. beta * kl)."""
+        raise NotImplementedError
+
+
+def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
+    """Sum over units of KL(rho || rho_hat_j) between Bernoulli distributions.
+
+    rho_hat is clamped to [1e-6, 1 - 1e-6] so that a dead or saturated unit gives a large but
+    finite penalty (and gradient) instead of inf/NaN.
+    """
+    q = rho_hat.clamp(RHO_HAT_CLAMP, 1.0 - RHO_HAT_CLAMP)
+    p = torch.as_tensor(rho, dtype=q.dtype, device=q.device)
+    return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
+
+
+@register
+class KLSparsity(SparsityMethod):
+    """beta * sum over covered layers and units of KL(rho || rho_hat_j): the reference notebook's.
+
+    In training rho_hat_j is unit j's mean over the batch (`kl_batch`); in validation and test
+    over the whole split (`kl`). KL is convex in rho_hat, so the mean of per-batch values is at
+    least the whole-split value on the same data: the two are named apart.
+    """
+
+    name = "kl"
+    batch_term_names = ("kl_batch",)
+    split_term_names = ("kl",)
+
+    def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
+        return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
+
+    def batch_terms(self, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"kl_batch": self._kl([activations[n].mean(dim=0) for n in self.layers])}
+
+    def split_terms(self, unit_means: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"kl": self._kl([unit_means[n] for n in self.layers])}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return self.knobs["beta"] * sum(terms.values())
