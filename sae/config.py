@@ -120,6 +120,16 @@ def validate_train_config(cfg: DictConfig) -> None:
     }
     for key, allowed in choices.items():
         _check(model[key] in allowed, f"model.{key}", model[key], f"one of {', '.join(allowed)}")
+    method = METHODS[model.sparsity]
+    _check(
+        model.latent_activation in method.latent_activations,
+        "model.latent_activation",
+        model.latent_activation,
+        f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
+    )
+    if method.only_latent:
+        layers = list(model.sparsity_layers)
+        _check(layers == ["latent"], "model.sparsity_layers", layers, f"[latent] with sparsity={method.name}")
     for key in ("hidden_dims", "sparsity_layers"):
         value = model[key]
         example = "[128]" if key == "hidden_dims" else "[latent]"

@@ -33,13 +33,14 @@ def term_names(kind: str, method: SparsityMethod) -> tuple[str, ...]:
 def objective(kind: str, method: SparsityMethod, out, x: Tensor) -> dict[str, Tensor]:
     """One batch's loss and its named terms (`out`: the model's AutoencoderOutput for x)."""
     recon = reconstruction_loss(kind, out.recon, x)
-    terms = method.batch_terms(out.activations)
+    terms = method.batch_terms(out.activations, out.decoder_weight)
     return {"loss": recon + method.penalty(terms), kind: recon, **terms}
 
 
 def split_objective(
-    method: SparsityMethod, recon: Tensor, unit_means: Mapping[str, Tensor]
+    method: SparsityMethod, recon: Tensor, unit_means: Mapping[str, Tensor], decoder_weight: Tensor
 ) -> dict[str, Tensor]:
-    """The loss over a whole split from its statistics: reconstruction error and per-unit means."""
-    terms = method.split_terms(unit_means)
+    """The loss over a whole split from its statistics: reconstruction error and per-unit means
+    (and the decoder's first layer, for methods that weigh units by their decoder columns)."""
+    terms = method.split_terms(unit_means, decoder_weight)
     return {"loss": recon + method.penalty(terms), **terms}

@@ -27,6 +27,7 @@ class AutoencoderOutput(NamedTuple):
     recon: Tensor
     code: Tensor
     activations: dict[str, Tensor]  # hidden layers by name: those the penalty covers, or all
+    decoder_weight: Tensor  # the decoder's first layer (out x latent): column j is unit j's
 
 
 def layer_names(num_hidden: int) -> list[str]:
@@ -109,4 +110,5 @@ class SparseAutoencoder(nn.Module):
             if name == "latent":
                 code = h
         recon = self.decoder[-1](h)
-        return AutoencoderOutput(recon=recon, code=code, activations=covered)
+        decoder_weight = self.decoder[0][0].weight  # the weights in use (a job's, under functional_call)
+        return AutoencoderOutput(recon=recon, code=code, activations=covered, decoder_weight=decoder_weight)

@@ -288,7 +288,8 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         activity = {name: m.compute() for name, m in metrics["activity"].items()}
         recon = metrics[hp.recon_loss].compute()
         rho_hat, density = activity["latent"]
-        values = split_objective(self.method, recon, {name: means for name, (means, _) in activity.items()})
+        unit_means = {name: means for name, (means, _) in activity.items()}
+        values = split_objective(self.method, recon, unit_means, self.net.decoder[0][0].weight.detach())
         values.update(mse=metrics["mse"].compute(), fvu=metrics["fvu"].compute(), l0=density[0].sum())
         values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
         if hp.recon_loss == "bce":

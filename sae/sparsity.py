@@ -43,16 +43,20 @@ class SparsityMethod:
     name: ClassVar[str]
     batch_term_names: ClassVar[tuple[str, ...]]  # what batch_terms returns, in this order
     split_term_names: ClassVar[tuple[str, ...]]  # what split_terms returns, in this order
+    # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
+    latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
+    only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
 
     def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
         self.knobs = dict(knobs)
         self.layers = list(layers)
 
-    def batch_terms(self, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The penalty's terms on one batch, from the covered layers' activations."""
+    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+        """The penalty's terms on one batch, from the covered layers' activations; decoder_weight is
+        the decoder's first layer (out_features x latent_dim): column j is what latent unit j writes."""
         raise NotImplementedError
 
-    def split_terms(self, unit_means: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         """The same terms over a whole split, from each covered layer's per-unit mean activation."""
         raise NotImplementedError
 
@@ -82,17 +86,43 @@ class KLSparsity(SparsityMethod):
     """
 
     name = "kl"
+    latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
     batch_term_names = ("kl_batch",)
     split_term_names = ("kl",)
 
     def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
         return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
 
-    def batch_terms(self, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {"kl_batch": self._kl([activations[n].mean(dim=0) for n in self.layers])}
 
-    def split_terms(self, unit_means: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
         return self.knobs["beta"] * sum(terms.values())
+
+
+@register
+class L1Sparsity(SparsityMethod):
+    """beta * sum_j |z_j| * ||d_j||, averaged over samples: the sparse-coding penalty on the latent
+    code z, each unit weighted by the norm of its decoder column d_j, so that the penalty cannot
+    be dodged by shrinking codes and growing the decoder (as in SAE work since Bricken et al.).
+
+    Its codes are non-negative (ReLU), so a split's mean of |z_j| is unit j's mean activation.
+    """
+
+    name = "l1"
+    latent_activations = ("relu",)
+    only_latent = True
+    batch_term_names = ("l1",)
+    split_term_names = ("l1",)
+
+    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+        return {"l1": (activations["latent"].abs() @ decoder_weight.norm(dim=0)).mean()}
+
+    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+        return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return self.knobs["beta"] * terms["l1"]

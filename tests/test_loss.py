@@ -60,14 +60,17 @@ def test_kl_method_uses_batch_mean_per_unit_and_sums_layers():
         0.05, torch.tensor([0.4], dtype=torch.float64)
     )
     kl = make_method("kl", {"rho": 0.05, "beta": 0.5}, ["latent", "encoder_1"])
-    got = kl.batch_terms({"latent": a, "encoder_1": b, "decoder_1": b})  # decoder_1 is not covered
+    got = kl.batch_terms(
+        {"latent": a, "encoder_1": b, "decoder_1": b}, torch.eye(2)
+    )  # decoder_1: not covered
     assert list(got) == ["kl_batch"]
     assert got["kl_batch"].item() == pytest.approx(expected.item(), rel=1e-12)
     split = kl.split_terms(
         {
             "latent": torch.tensor([0.2, 0.7], dtype=torch.float64),
             "encoder_1": torch.tensor([0.4], dtype=torch.float64),
-        }
+        },
+        torch.eye(2),
     )
     assert split["kl"].item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -76,7 +79,7 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
     x = torch.tensor([[0.0, 1.0], [0.5, 0.25]], dtype=torch.float64)
     recon = torch.tensor([[0.5, 0.5], [0.5, 0.75]], dtype=torch.float64)
     code = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
-    out = AutoencoderOutput(recon=recon, code=code, activations={"latent": code})
+    out = AutoencoderOutput(recon=recon, code=code, activations={"latent": code}, decoder_weight=torch.eye(2))
     kl = make_method("kl", {"rho": 0.1, "beta": 0.5}, ["latent"])
     got = objective("mse", kl, out, x)
     assert list(got) == ["loss", "mse", "kl_batch"]
@@ -86,10 +89,13 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
     assert got["kl_batch"].item() == pytest.approx(kl_value, rel=1e-12)
     assert got["loss"].item() == pytest.approx(mse + 0.5 * kl_value, rel=1e-12)
     whole = split_objective(
-        kl, torch.tensor(mse, dtype=torch.float64), {"latent": torch.tensor([0.2, 0.3], dtype=torch.float64)}
+        kl,
+        torch.tensor(mse, dtype=torch.float64),
+        {"latent": torch.tensor([0.2, 0.3], dtype=torch.float64)},
+        torch.eye(2),
     )
     assert list(whole) == ["loss", "kl"] and whole["loss"].item() == pytest.approx(mse + 0.5 * kl_value)
-    with pytest.raises(ValueError, match="model.sparsity='nope' must be one of kl"):
+    with pytest.raises(ValueError, match="model.sparsity='nope' must be one of kl, l1"):
         make_method("nope", {}, [])
 
 
@@ -103,3 +109,33 @@ def test_reconstruction_losses_are_per_pixel_means():
     assert reconstruction_loss("bce", r, x).item() == pytest.approx(bce, rel=1e-6)
     with pytest.raises(ValueError, match="unknown reconstruction loss 'l1'"):
         reconstruction_loss("l1", r, x)
+
+
+def test_l1_hand_case_weighs_units_by_their_decoder_columns():
+    # Two samples, two units; decoder columns of norm 5 (3, 4) and 1 (0, 1).
+    z = torch.tensor([[1.0, 2.0], [0.0, 4.0]], dtype=torch.float64)
+    decoder = torch.tensor([[3.0, 0.0], [4.0, 1.0]], dtype=torch.float64)
+    l1 = make_method("l1", {"beta": 0.1, "rho": 0.05}, ["latent"])
+    got = l1.batch_terms({"latent": z}, decoder)["l1"]
+    assert got.item() == pytest.approx(((1 * 5 + 2 * 1) + (0 * 5 + 4 * 1)) / 2)  # 5.5
+    assert l1.penalty({"l1": got}).item() == pytest.approx(0.55)
+    # Over a split: the unit means (0.5, 3) weighted the same way give the same number.
+    split = l1.split_terms({"latent": z.mean(0)}, decoder)["l1"]
+    assert split.item() == pytest.approx(5.5)
+
+
+def test_l1_cannot_be_dodged_by_rescaling_codes_against_the_decoder():
+    torch.manual_seed(0)
+    z, decoder = torch.rand(8, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
+    scale = torch.tensor([0.1, 2.0, 10.0, 1.0], dtype=torch.float64)  # per unit: z_j * c_j, d_j / c_j
+    same = l1.batch_terms({"latent": z * scale}, decoder / scale)["l1"]
+    torch.testing.assert_close(same, l1.batch_terms({"latent": z}, decoder)["l1"])
+
+
+def test_l1_gradient_matches_finite_differences_float64():
+    torch.manual_seed(0)
+    z = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    decoder = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
+    assert torch.autograd.gradcheck(lambda a, d: l1.batch_terms({"latent": a}, d)["l1"], (z, decoder))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 import yaml
 
 from sae.checkpoints import load_checkpoint
@@ -27,10 +28,10 @@ def code_sum_method():
         batch_term_names = ("code_sum",)
         split_term_names = ("code_sum",)
 
-        def batch_terms(self, activations):
+        def batch_terms(self, activations, decoder_weight):
             return {"code_sum": sum(activations[n].sum(dim=1).mean() for n in self.layers)}
 
-        def split_terms(self, unit_means):
+        def split_terms(self, unit_means, decoder_weight):
             return {"code_sum": sum(unit_means[n].sum() for n in self.layers)}
 
         def penalty(self, terms):
@@ -98,3 +99,49 @@ def test_an_unknown_method_is_one_config_line(mnist_root, tmp_path):
 
     with pytest.raises(ConfigError, match="model.sparsity='l0' must be one of kl"):
         train(compose_train(["model.sparsity=l0"], tmp_path, mnist_root))
+
+
+def test_l1_trains_relu_codes_and_reports_its_penalty_over_the_test_set(mnist_root, tmp_path):
+    """sparsity=l1: ReLU codes; test/l1 recomputed in float64 from the checkpoint's weights, and
+    test/l0 counts exact non-zeros."""
+    cfg = compose_train(
+        ["debug=limit", "data.eval_batch_size=200", "sparsity=l1", "beta=0.01"], tmp_path, mnist_root
+    )
+    assert (cfg.model.sparsity, cfg.model.latent_activation) == ("l1", "relu")
+    metrics = train(cfg)
+    raw = mnist_root / "MNIST" / "raw"
+    images = torch.frombuffer(
+        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
+    )
+    x = images.reshape(-1, 784).double() / 255
+    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
+    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    h = torch.relu(x @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
+    z = torch.relu(h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"])
+    l1 = (z.abs() * w["decoder.0.0.weight"].norm(dim=0)).sum(dim=1).mean()
+    assert metrics["test/l1"] == pytest.approx(l1.item(), rel=1e-4)
+    assert metrics["test/loss"] == pytest.approx(metrics["test/mse"] + 0.01 * metrics["test/l1"], rel=1e-5)
+    assert metrics["test/l0"] == pytest.approx((z > 0).sum(dim=1).double().mean().item(), rel=1e-6)
+    assert "test/kl" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["sparsity=l1", "model.latent_activation=sigmoid"],
+            "model.latent_activation='sigmoid' must be one of relu",
+        ),
+        (["sparsity=l1", "model.sparsity_layers=[encoder_1,latent]"], "must be [latent] with sparsity=l1"),
+        (
+            ["model.latent_activation=relu"],
+            "model.latent_activation='relu' must be one of sigmoid with sparsity=kl",
+        ),
+    ],
+)
+def test_a_method_refuses_what_its_terms_are_not_defined_for(mnist_root, tmp_path, overrides, message):
+    from sae.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        train(compose_train(overrides, tmp_path, mnist_root))
+    assert message in str(err.value)
