@@ -33,6 +33,7 @@ ARCHITECTURE = (
     "latent_activation",
     "output_activation",
     "sparsity_layers",
+    "k",
 )
 
 

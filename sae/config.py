@@ -17,6 +17,8 @@ from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
 from sae.sparsity import METHODS
 
+HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "topk"]  # topk is the latent's, with k
+
 MNIST_TRAIN_IMAGES = 60000
 FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
 MAX_LR = FLOAT32_MAX * 0.1
@@ -27,6 +29,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything us
 # vectorized launcher's grouping read. A copy set on its own is refused, naming the knob.
 MIRRORS = {
     "model.latent_dim": "latent_dim",
+    "model.k": "k",
     "model.rho": "rho",
     "model.beta": "beta",
     "model.lr": "lr",
@@ -113,9 +116,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     model = cfg.model
     choices = {
         "recon_loss": RECONSTRUCTION_LOSSES,
-        "activation": ACTIVATIONS,
+        "activation": HIDDEN_ACTIVATIONS,
         "latent_activation": ACTIVATIONS,
-        "output_activation": ACTIVATIONS,
+        "output_activation": HIDDEN_ACTIVATIONS,
         "sparsity": METHODS,
     }
     for key, allowed in choices.items():
@@ -127,6 +130,14 @@ def validate_train_config(cfg: DictConfig) -> None:
         model.latent_activation,
         f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
     )
+    if model.latent_activation == "topk":
+        k, width = model.get("k"), model.latent_dim
+        _check(
+            _is_int(k) and 1 <= k <= width,
+            "k",
+            k,
+            f"an integer in [1, latent_dim={width}]: units kept per input",
+        )
     if method.only_latent:
         layers = list(model.sparsity_layers)
         _check(layers == ["latent"], "model.sparsity_layers", layers, f"[latent] with sparsity={method.name}")

@@ -8,6 +8,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+
+class TopK(nn.Module):
+    """ReLU of each row's k largest entries; every other entry exactly 0 (k-sparse autoencoders,
+    Makhzani and Frey 2013; Gao et al. 2024). Gradients flow only through the kept entries."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        values, indices = x.topk(self.k, dim=-1)
+        return torch.zeros_like(x).scatter(-1, indices, torch.relu(values))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,  # slope 0.01 below 0: a unit that stops firing still gets gradients
@@ -15,12 +32,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
     "identity": nn.Identity,
+    "topk": TopK,  # latent only, with the model's k
 }
 
 
 # Activations that are positive exactly when their input is: a unit of such a layer is active
 # when its output is above 0. Other layers' units count as active above a threshold.
-ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu")
+ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "topk")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -39,9 +57,13 @@ def layer_names(num_hidden: int) -> list[str]:
     )
 
 
-def _activation(name: str) -> nn.Module:
+def _activation(name: str, k: int | None = None) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    if name == "topk":
+        if k is None:
+            raise ValueError("the topk activation needs k (the units kept per input)")
+        return TopK(k)
     return ACTIVATIONS[name]()
 
 
@@ -62,6 +84,7 @@ class SparseAutoencoder(nn.Module):
         latent_activation: str = "sigmoid",
         output_activation: str = "sigmoid",
         sparsity_layers: Sequence[str] = ("latent",),
+        k: int | None = None,
     ) -> None:
         super().__init__()
         names = layer_names(len(hidden_dims))
@@ -78,7 +101,7 @@ class SparseAutoencoder(nn.Module):
             + [output_activation]
         )
         blocks = [
-            nn.Sequential(nn.Linear(w_in, w_out), _activation(act))
+            nn.Sequential(nn.Linear(w_in, w_out), _activation(act, k))
             for w_in, w_out, act in zip(widths[:-1], widths[1:], acts, strict=True)
         ]
         depth = len(hidden_dims) + 1

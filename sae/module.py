@@ -45,6 +45,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         recon_loss: str = "mse",
         sparsity: str = "kl",
         sparsity_layers: Sequence[str] = ("latent",),
+        k: int | None = None,
         rho: float = 0.05,
         beta: float = 5e-3,
         lr: float = 1e-3,
@@ -60,7 +61,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
-        self.method = make_method(sparsity, {"rho": rho, "beta": beta}, sparsity_layers)
+        self.method = make_method(sparsity, {"rho": rho, "beta": beta, "k": k}, sparsity_layers)
         self.term_names = term_names(recon_loss, self.method)  # what training logs, in order
         self.net = SparseAutoencoder(
             input_dim,
@@ -70,6 +71,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
             latent_activation,
             output_activation,
             sparsity_layers,
+            k,
         )
         widths = dict(
             zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]], strict=True)

@@ -126,3 +126,25 @@ class L1Sparsity(SparsityMethod):
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
         return self.knobs["beta"] * terms["l1"]
+
+
+@register
+class TopKSparsity(SparsityMethod):
+    """Exactly the k largest pre-activations of each input stay (through a ReLU), the others are
+    exactly 0: sparsity by construction (the `topk` latent activation), no penalty term. L0 is
+    at most k (less where a kept pre-activation is negative)."""
+
+    name = "topk"
+    latent_activations = ("topk",)
+    only_latent = True
+    batch_term_names = ()
+    split_term_names = ()
+
+    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> float:
+        return 0.0

@@ -35,7 +35,7 @@ from sae.training import build_data_and_module
 log = logging.getLogger(__name__)
 
 # What jobs must share: the network and the loss's form (the method's knobs may differ).
-STACK_KEYS = (*ARCHITECTURE, "recon_loss", "sparsity")
+STACK_KEYS = (*ARCHITECTURE, "recon_loss", "sparsity", "k")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.model import SparseAutoencoder, layer_names
+from sae.model import SparseAutoencoder, TopK, layer_names
 
 
 def test_default_is_784_128_32_128_784():
@@ -53,3 +53,18 @@ def test_unknown_layer_or_activation_is_refused():
         SparseAutoencoder(sparsity_layers=["encoder_3"])
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):
         SparseAutoencoder(activation="swishy")
+
+
+def test_topk_keeps_the_k_largest_and_passes_gradients_only_through_them():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    out = TopK(3)(x)
+    kept = x.detach().topk(3, dim=1).indices
+    for row, idx in zip(out.detach(), kept, strict=True):
+        nonzero = set(row.nonzero().flatten().tolist())
+        assert nonzero <= set(idx.tolist()) and len(nonzero) <= 3  # the largest three, through a ReLU
+    positive = torch.rand(6, 10, dtype=torch.float64) + 0.1
+    assert ((TopK(3)(positive) != 0).sum(dim=1) == 3).all()  # exactly k where they are positive
+    out.sum().backward()
+    mask = torch.zeros_like(x).scatter(1, kept, 1.0) * (x.detach() > 0)
+    torch.testing.assert_close(x.grad, mask)  # 1 through each kept positive entry, 0 elsewhere

@@ -145,3 +145,42 @@ def test_a_method_refuses_what_its_terms_are_not_defined_for(mnist_root, tmp_pat
     with pytest.raises(ConfigError) as err:
         train(compose_train(overrides, tmp_path, mnist_root))
     assert message in str(err.value)
+
+
+def test_topk_codes_have_at_most_k_active_units_and_no_penalty(mnist_root, tmp_path):
+    cfg = compose_train(
+        ["debug=limit", "data.eval_batch_size=200", "sparsity=topk", "k=4"], tmp_path, mnist_root
+    )
+    metrics = train(cfg)
+    module, _ = load_checkpoint(metrics["ckpt_path"])
+    assert module.hparams.k == 4 and module.net.encoder[-1][1].k == 4
+    raw = mnist_root / "MNIST" / "raw"
+    images = torch.frombuffer(
+        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
+    )
+    x = images.reshape(-1, 784).double() / 255
+    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
+    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    h = torch.relu(x @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
+    pre = h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"]
+    values = pre.topk(4, dim=1).values
+    active = (values > 0).sum(dim=1).double()  # the kept units that survive the ReLU
+    assert metrics["test/l0"] == pytest.approx(active.mean().item(), rel=1e-6) and metrics["test/l0"] <= 4
+    assert metrics["test/loss"] == pytest.approx(metrics["test/mse"], rel=1e-6)  # no penalty term
+    assert not any(k in metrics for k in ("test/kl", "test/l1"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sparsity=topk", "k=0"], "k=0 must be an integer in [1, latent_dim=32]"),
+        (["sparsity=topk", "k=33"], "k=33 must be an integer in [1, latent_dim=32]"),
+        (["model.activation=topk"], "model.activation='topk' must be one of relu"),
+    ],
+)
+def test_topk_settings_are_checked(mnist_root, tmp_path, overrides, message):
+    from sae.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        train(compose_train(overrides, tmp_path, mnist_root))
+    assert message in str(err.value)

@@ -15,30 +15,37 @@ JOBS = [
 ]
 
 
-def job_config(job, tmp_path, mnist_root, name):
+def job_config(job, tmp_path, mnist_root, name, method=()):
     quick = ["epochs=2", "logger=none", "~callbacks.run_figures", "~callbacks.linear_probe"]
-    overrides = [f"{k}={v}" for k, v in job.items()] + quick
+    overrides = [f"{k}={v}" for k, v in job.items()] + quick + list(method)
     return compose_train(overrides, tmp_path / name, mnist_root)
 
 
-def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path):
+# Each sparsity method, and how many training terms it logs (loss, mse, its own).
+METHODS = {"kl": ([], 3), "l1": (["sparsity=l1"], 3), "topk": (["sparsity=topk", "k=5"], 2)}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path, method):
+    overrides, num_terms = METHODS[method]
     separate = []
     for i, job in enumerate(JOBS):
-        cfg = job_config(job, tmp_path, mnist_root, f"run{i}")
+        cfg = job_config(job, tmp_path, mnist_root, f"run{i}", overrides)
         train(cfg)
         ckpt = torch.load(tmp_path / f"run{i}" / "checkpoints" / "last.ckpt", weights_only=True)
         separate.append(ckpt)
 
     built = [
-        build_data_and_module(job_config(job, tmp_path, mnist_root, f"s{i}")) for i, job in enumerate(JOBS)
+        build_data_and_module(job_config(job, tmp_path, mnist_root, f"s{i}", overrides))
+        for i, job in enumerate(JOBS)
     ]
     datamodule = built[0][0]
     datamodule.setup("fit")
     modules = [m for _, m in built]
     stacked = StackedTraining(modules)
-    cfg = job_config(JOBS[0], tmp_path, mnist_root, "s")
+    cfg = job_config(JOBS[0], tmp_path, mnist_root, "s", overrides)
     epochs = list(stacked.fit(datamodule.split("train")[0], cfg.batch_size, [j["seed"] for j in JOBS], 2))
-    assert [e for e, _ in epochs] == [0, 1] and epochs[0][1].shape == (10, 3, 3)  # steps, jobs, terms
+    assert [e for e, _ in epochs] == [0, 1] and epochs[0][1].shape == (10, 3, num_terms)  # steps, jobs, terms
     stacked.unstack()
 
     for job, module, ckpt in zip(JOBS, modules, separate, strict=True):
