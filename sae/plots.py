@@ -335,7 +335,9 @@ def _baseline_lines(ax, baselines) -> None:
         )
 
 
-def _mark_frontier(ax, xs: list[float], ys: list[float], line: bool) -> None:
+def _mark_frontier(
+    ax, xs: list[float], ys: list[float], line: bool, colour: str = "darkorange", label=None
+) -> None:
     from sae.sweep import pareto_front
 
     front = pareto_front(xs, ys)
@@ -343,108 +345,150 @@ def _mark_frontier(ax, xs: list[float], ys: list[float], line: bool) -> None:
         return
     fx, fy = [xs[i] for i in front], [ys[i] for i in front]
     if line:
-        ax.plot(fx, fy, color="darkorange", linewidth=2, zorder=2, label="Pareto frontier")
-    ax.scatter(
-        fx,
-        fy,
-        s=160,
-        facecolors="none",
-        edgecolors="darkorange",
-        linewidths=2,
-        zorder=4,
-        label=None if line else "Pareto frontier (closest to target, best MSE)",
-    )
+        ax.plot(fx, fy, color=colour, linewidth=2, zorder=2, label=label)
+    else:
+        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors=colour, linewidths=2, zorder=4, label=label)
+
+
+def _by_method(points: list[dict]) -> dict[str, list[dict]]:
+    methods: dict[str, list[dict]] = {}
+    for s in points:
+        methods.setdefault(str(s.get("method", "kl")), []).append(s)
+    return methods
+
+
+def _annotate(ax, points: list[dict], xs, ys, knobs: list[str]) -> None:
+    for s, x, y in zip(points, xs, ys, strict=True):
+        ax.annotate(_setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise: bool) -> None:
+    """metric against L0, one colour per method, each method's Pareto frontier drawn (fewer active
+    units and a lower metric, or a higher one when not `minimise`)."""
+    from sae.sweep import pareto_front
+
+    methods = _by_method(points)
+    for i, (method, members) in enumerate(methods.items()):
+        have = [s for s in members if _value(s, "test/l0") is not None and _value(s, metric) is not None]
+        xs, ys = [s["test/l0"] for s in have], [s[metric] for s in have]
+        alone = len(methods) == 1
+        colour = "steelblue" if alone else f"C{i % 10}"
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[_std(s, "test/l0") for s in have],
+            yerr=[_std(s, metric) for s in have],
+            fmt="o",
+            color=colour,
+            capsize=3,
+            zorder=3,
+            label="setting" if alone else method,
+        )
+        front = pareto_front(xs, ys if minimise else [-y for y in ys])
+        ax.plot(
+            [xs[j] for j in front],
+            [ys[j] for j in front],
+            color="darkorange" if alone else colour,
+            linewidth=2,
+            zorder=2,
+            label="Pareto frontier" if alone else f"{method} frontier",
+        )
+        _annotate(ax, have, xs, ys, knobs)
 
 
 def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
-    """Test MSE against (left) how far each setting's rho_hat is from its target rho, the units'
-    min..max as bars, and (right) L0; the Pareto frontier marked; the notebook's baselines drawn."""
-    fig = _figure(15, 6.5)
-    left, right = fig.subplots(1, 2)
+    """Test MSE against L0, one colour and frontier per sparsity method; probe accuracy against L0;
+    and, for KL settings, test MSE against how far rho_hat is from its target rho (the units'
+    min..max as bars). The notebook's baselines are drawn on the MSE axes."""
     points = [s for s in settings if _value(s, "test/mse") is not None]
-    seeds = any(s.get("n", 1) > 1 for s in points)
-
-    on_target = [
-        s for s in points if _value(s, "test/rho_hat_mean") is not None and (_value(s, "rho") or 0) > 0
+    kl_points = [
+        s
+        for s in points
+        if str(s.get("method", "kl")) == "kl"
+        and _value(s, "test/rho_hat_mean") is not None
+        and (_value(s, "rho") or 0) > 0
     ]
-    xs = [s["test/rho_hat_mean"] / s["rho"] - 1 for s in on_target]
-    ys = [s["test/mse"] for s in on_target]
-    if on_target:
-        spread = [
-            [
-                x - (s.get("test/rho_hat_min", s["test/rho_hat_mean"]) / s["rho"] - 1)
-                for x, s in zip(xs, on_target, strict=True)
-            ],
-            [
-                (s.get("test/rho_hat_max", s["test/rho_hat_mean"]) / s["rho"] - 1) - x
-                for x, s in zip(xs, on_target, strict=True)
-            ],
-        ]
-        left.errorbar(
-            xs,
-            ys,
-            xerr=spread,
-            yerr=[_std(s, "test/mse") for s in on_target],
-            fmt="o",
-            color="steelblue",
-            ecolor="lightsteelblue",
-            capsize=3,
-            zorder=3,
-            label="setting: rho_hat mean, bar = its units' min..max",
-        )
-        _mark_frontier(left, [abs(x) for x in xs], ys, line=False)
-        for s, x, y in zip(on_target, xs, ys, strict=True):
-            left.annotate(
-                _setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+    with_probe = any(_value(s, "test/probe_accuracy") is not None for s in points)
+    several = len(_by_method(points)) > 1
+    panels = ["target"] * bool(kl_points) + ["l0"] + ["probe"] * (with_probe and several)
+    fig = _figure(7.5 * len(panels), 6.5)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    seeds = any(s.get("n", 1) > 1 for s in points)
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "target":
+            xs = [s["test/rho_hat_mean"] / s["rho"] - 1 for s in kl_points]
+            ys = [s["test/mse"] for s in kl_points]
+            spread = [
+                [
+                    x - (s.get("test/rho_hat_min", s["test/rho_hat_mean"]) / s["rho"] - 1)
+                    for x, s in zip(xs, kl_points, strict=True)
+                ],
+                [
+                    (s.get("test/rho_hat_max", s["test/rho_hat_mean"]) / s["rho"] - 1) - x
+                    for x, s in zip(xs, kl_points, strict=True)
+                ],
+            ]
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=spread,
+                yerr=[_std(s, "test/mse") for s in kl_points],
+                fmt="o",
+                color="steelblue",
+                ecolor="lightsteelblue",
+                capsize=3,
+                zorder=3,
+                label="setting: rho_hat mean, bar = its units' min..max",
             )
-    left.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
-    published = next((b for b in baselines if "test/rho_hat_mean" in b), None)
-    if published is not None:
-        left.scatter(
-            [published["test/rho_hat_mean"] / published["rho"] - 1],
-            [published["test/mse"]],
-            marker="*",
-            s=250,
-            color="crimson",
-            zorder=5,
-            label=f"{published['name']} (rho {published['rho']:g})",
-        )
-    _baseline_lines(left, baselines)
-    left.set(
-        xlabel="rho_hat / rho - 1: mean latent activation relative to its target (0 = on target)",
-        ylabel="test MSE (lower = better)",
-    )
-    left.set_title("Reconstruction vs distance to the sparsity target")
-
-    with_l0 = [s for s in points if _value(s, "test/l0") is not None]
-    l0s, mses = [s["test/l0"] for s in with_l0], [s["test/mse"] for s in with_l0]
-    right.errorbar(
-        l0s,
-        mses,
-        xerr=[_std(s, "test/l0") for s in with_l0],
-        yerr=[_std(s, "test/mse") for s in with_l0],
-        fmt="o",
-        color="steelblue",
-        ecolor="lightsteelblue",
-        capsize=3,
-        zorder=3,
-        label="setting",
-    )
-    _mark_frontier(right, l0s, mses, line=True)
-    for s, x, y in zip(with_l0, l0s, mses, strict=True):
-        right.annotate(
-            _setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-        )
-    _baseline_lines(right, baselines)
-    right.set(
-        xlabel="L0: active latent units per digit (lower = sparser)", ylabel="test MSE (lower = better)"
-    )
-    right.set_title("Reconstruction vs L0")
-    for ax in (left, right):
+            _mark_frontier(
+                ax,
+                [abs(x) for x in xs],
+                ys,
+                line=False,
+                label="Pareto frontier (closest to target, best MSE)",
+            )
+            _annotate(ax, kl_points, xs, ys, knobs)
+            ax.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
+            published = next((b for b in baselines if "test/rho_hat_mean" in b), None)
+            if published is not None:
+                ax.scatter(
+                    [published["test/rho_hat_mean"] / published["rho"] - 1],
+                    [published["test/mse"]],
+                    marker="*",
+                    s=250,
+                    color="crimson",
+                    zorder=5,
+                    label=f"{published['name']} (rho {published['rho']:g})",
+                )
+            _baseline_lines(ax, baselines)
+            ax.set(
+                xlabel="rho_hat / rho - 1: mean latent activation relative to its target (0 = on target)",
+                ylabel="test MSE (lower = better)",
+            )
+            ax.set_title(
+                "KL: reconstruction vs distance to the sparsity target"
+                if several
+                else "Reconstruction vs distance to the sparsity target"
+            )
+        elif panel == "l0":
+            _against_l0(ax, points, "test/mse", knobs, minimise=True)
+            _baseline_lines(ax, baselines)
+            ax.set(
+                xlabel="L0: active latent units per digit (lower = sparser)",
+                ylabel="test MSE (lower = better)",
+            )
+            ax.set_title("Reconstruction vs L0")
+        else:
+            _against_l0(ax, points, "test/probe_accuracy", knobs, minimise=False)
+            ax.set(
+                xlabel="L0: active latent units per digit (lower = sparser)",
+                ylabel="linear probe accuracy on the codes (higher = better)",
+            )
+            ax.set_title("Probe accuracy vs L0")
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.legend(fontsize=7, loc="best")
-    repeats = " (mean over seeds; vertical bars: std)" if seeds else ""
+    repeats = " (mean over seeds; bars: std)" if seeds else ""
     fig.suptitle(f"Sweep: {len(points)} settings{repeats}")
     return fig
 

@@ -166,6 +166,12 @@ def _job_config(job: Path) -> dict[str, Any]:
     return yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
 
 
+def _figure_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the figures need of a job's config: its KL target rho and its sparsity method."""
+    model = cfg.get("model") or {}
+    return {"rho": cfg.get("rho"), "method": model.get("sparsity", "kl")}
+
+
 def _optimized_metric(jobs: list[Path]) -> str:
     for job in jobs:
         cfg = _job_config(job)
@@ -265,11 +271,11 @@ def ranking(rows: list[dict[str, Any]], optimized_metric: str) -> tuple[Any, str
 
 
 def aggregate_seeds(
-    rows: list[dict[str, Any]], targets: dict[str, Any] | None = None
+    rows: list[dict[str, Any]], job_settings: dict[str, dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
     """One row per setting: the finished jobs that differ only in `seed`, with each metric's mean
     and sample standard deviation (`<metric>_std`, NaN for one job) and their number `n`; `rho`
-    from the jobs' configs (`targets`, by job) where the jobs did not set it."""
+    and `method` (the sparsity method) from the jobs' configs (`job_settings`, by job)."""
     knobs = [k for k in override_keys(rows) if k not in SEED_KNOBS]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -287,9 +293,12 @@ def aggregate_seeds(
             if len(values) == len(members):  # a metric some repeats lack is not averaged
                 setting[metric] = statistics.fmean(values)
                 setting[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
-        rho = setting.get("rho", (targets or {}).get(members[0]["job"]))
+        known = (job_settings or {}).get(members[0]["job"], {})
+        rho = setting.get("rho", known.get("rho"))
         if _is_value(rho):
             setting["rho"] = rho
+        if known.get("method"):
+            setting["method"] = known["method"]
         settings.append(setting)
     return settings
 
@@ -316,7 +325,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
-    targets = {job.name: _job_config(job).get("rho") for job in jobs}  # for the distance to target
+    job_settings = {job.name: _figure_settings(_job_config(job)) for job in jobs}
     metric = _optimized_metric(jobs)
     sort_key, ranked_by = ranking(rows, metric)
     columns = _columns(rows)
@@ -340,7 +349,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         header += f"The same in every job (that has it), so not in the table: {common}.\n\n"
     body = markdown_table(ranked, shown)
 
-    settings = aggregate_seeds(rows, targets)
+    settings = aggregate_seeds(rows, job_settings)
     if any(s["n"] > 1 for s in settings):
         body = _settings_section(sweep_dir, settings, metric) + "\n## Every job\n\n" + body
     write_text_atomic(sweep_dir / "summary.md", header + body)

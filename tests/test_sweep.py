@@ -12,10 +12,11 @@ from sae.sweep import frontier_ranks, write_summary
 from tests.conftest import run_script
 
 
-def fake_job(sweep, name, overrides, metrics=None, status=None):
+def fake_job(sweep, name, overrides, metrics=None, status=None, method="kl"):
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/loss", "rho": 0.05}))
+    config = {"optimized_metric": "val/loss", "rho": 0.05, "model": {"sparsity": method}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if metrics is not None:
         (job / "metrics.json").write_text(json.dumps(metrics))
@@ -183,3 +184,61 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
     for name in ("pareto", "sweep_metrics", "sweep_heatmaps"):
         with Image.open(sweep / f"{name}.png") as png:
             assert len(np.unique(np.asarray(png.convert("L")))) > 10, name
+
+
+def test_methods_get_their_own_colour_and_frontier(tmp_path):
+    """A sweep over sparsity methods: L0 panels per method with each method's frontier, probe
+    accuracy against L0, and the distance-to-target panel for the KL settings only."""
+    sweep = tmp_path / "sweep"
+    jobs = [
+        ("kl", ["beta=0.001"], 0.016, 14.0, 0.90),
+        ("kl", ["beta=0.005"], 0.018, 7.0, 0.90),
+        ("l1", ["sparsity=l1", "beta=0.01"], 0.017, 9.0, 0.93),
+        ("l1", ["sparsity=l1", "beta=0.1"], 0.025, 3.0, 0.88),
+        ("topk", ["sparsity=topk", "k=4"], 0.020, 4.0, 0.91),
+    ]
+    for i, (method, overrides, mse, l0, probe) in enumerate(jobs):
+        m = {
+            "test/mse": mse,
+            "test/l0": l0,
+            "test/probe_accuracy": probe,
+            "test/rho_hat_mean": 0.07,
+            "val/loss": 0.1,
+        }
+        fake_job(sweep, str(i), overrides, m, {"status": "ok"}, method=method)
+
+    from sae import sweep as summary
+
+    figures = {}
+    real = summary._write_figures
+
+    def keep(sweep_dir, settings, knobs):
+        figures["settings"] = settings
+        real(sweep_dir, settings, knobs)
+
+    summary._write_figures = keep
+    try:
+        write_summary(sweep)
+    finally:
+        summary._write_figures = real
+    assert [s["method"] for s in figures["settings"]] == ["kl", "kl", "l1", "l1", "topk"]
+    from sae.plots import pareto_figure
+
+    fig = pareto_figure(figures["settings"], ["sparsity", "beta", "k"], summary.BASELINES)
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles == [
+            "KL: reconstruction vs distance to the sparsity target",
+            "Reconstruction vs L0",
+            "Probe accuracy vs L0",
+        ]
+        labels = fig.axes[1].get_legend_handles_labels()[1]
+        assert {"kl", "l1", "topk", "kl frontier", "l1 frontier", "topk frontier"} <= set(labels)
+        (placed,) = fig.axes[0].containers  # only the two KL settings are placed against rho
+        assert len(placed.lines[0].get_xdata()) == 2
+        probe_front = [line for line in fig.axes[2].get_lines() if line.get_label() == "l1 frontier"][0]
+        assert list(probe_front.get_ydata()) == [0.88, 0.93]  # higher accuracy is better here
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
