@@ -317,9 +317,8 @@ def _std(setting: dict, key: str) -> float:
 
 
 def _setting_label(setting: dict, knobs: list[str]) -> str:
-    parts = [
-        f"{k}={setting[k]:g}" if isinstance(setting.get(k), float) else f"{k}={setting.get(k)}" for k in knobs
-    ]
+    shown = [k for k in knobs if setting.get(k) is not None]  # not a knob of another method only
+    parts = [f"{k}={setting[k]:g}" if isinstance(setting[k], float) else f"{k}={setting[k]}" for k in shown]
     return ", ".join(parts) or f"jobs {setting.get('jobs', '')}"
 
 
