@@ -166,6 +166,14 @@ def _job_config(job: Path) -> dict[str, Any]:
     return yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
 
 
+def _objective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a job's config that define its training objective."""
+    model = cfg.get("model") or {}
+    return {k: cfg.get(k) for k in OBJECTIVE_KNOBS} | {
+        f"model.{k}": model.get(k) for k in ("sparsity", "recon_loss", "sparsity_layers", "hidden_dims")
+    }
+
+
 def _figure_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the figures need of a job's config: its KL target rho and its sparsity method."""
     model = cfg.get("model") or {}
@@ -234,15 +242,19 @@ def frontier_ranks(rows: list[dict[str, Any]], axes: tuple[str, str] = FRONTIER_
     return ranks
 
 
-def ranking(rows: list[dict[str, Any]], optimized_metric: str) -> tuple[Any, str]:
+def ranking(
+    rows: list[dict[str, Any]], optimized_metric: str, objective_differs: list[str] = ()
+) -> tuple[Any, str]:
     """How the summary orders jobs (a sort key over rows) and the sentence that says so.
 
     The sweep's optimized_metric, unless it contains the sparsity penalty (val/loss) and the jobs
-    differ in a knob of the objective (beta, rho, ...): then the lower beta would win by
-    construction, so the jobs are ranked by their Pareto rank on (L0, test MSE), then test MSE.
+    differ in a knob of the objective (beta, rho, ...; by their overrides, or `objective_differs`,
+    read from their configs): then the lower beta would win by construction, so the jobs are
+    ranked by their Pareto rank on (L0, test MSE), then test MSE.
     """
     knobs = [k for k in swept_knobs(rows) if k not in SEED_KNOBS]
     objective = [k for k in knobs if k in OBJECTIVE_KNOBS or k.startswith(("model.", "sparsity"))]
+    objective += [k for k in objective_differs if k not in objective]
     if optimized_metric.endswith("/loss") and objective:
         ranks = frontier_ranks(rows)
         for row, rank in zip(rows, ranks, strict=True):
@@ -325,9 +337,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
-    job_settings = {job.name: _figure_settings(_job_config(job)) for job in jobs}
+    configs = {job.name: _job_config(job) for job in jobs}
+    job_settings = {name: _figure_settings(cfg) for name, cfg in configs.items()}
+    objectives = [_objective_settings(cfg) for cfg in configs.values()]
+    differ = [
+        k for k in (objectives[0] if objectives else {}) if len({repr(o.get(k)) for o in objectives}) > 1
+    ]
     metric = _optimized_metric(jobs)
-    sort_key, ranked_by = ranking(rows, metric)
+    sort_key, ranked_by = ranking(rows, metric, differ)
     columns = _columns(rows)
     _write_csv(sweep_dir / "summary.csv", rows, columns)
 
@@ -351,15 +368,15 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
     settings = aggregate_seeds(rows, job_settings)
     if any(s["n"] > 1 for s in settings):
-        body = _settings_section(sweep_dir, settings, metric) + "\n## Every job\n\n" + body
+        body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
     write_text_atomic(sweep_dir / "summary.md", header + body)
     _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
     return rows
 
 
-def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str) -> str:
+def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
     """summary_by_setting.csv, and the Markdown table of settings (mean ± std over their seeds)."""
-    sort_key, _ = ranking(settings, metric)
+    sort_key, _ = ranking(settings, metric, differ)
     knobs = [k for k in override_keys(settings) if k not in ("n", "seeds", "jobs")]
     metrics = [
         m for m in dict.fromkeys(m for s in settings for m in s if "/" in m and not m.endswith("_std"))

@@ -242,3 +242,20 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_jobs_whose_configs_differ_in_the_objective_are_not_ranked_by_val_loss(tmp_path):
+    """Points of a preset (+point=...) set beta and the method in their own config files: the
+    summary reads the difference from the jobs' configs, not only from the command line."""
+    sweep = tmp_path / "sweep"
+    for i, (beta, val_loss, mse, l0) in enumerate(((0.001, 0.02, 0.016, 14.0), (0.05, 0.01, 0.02, 4.0))):
+        job = sweep / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        config = {"optimized_metric": "val/loss", "rho": 0.05, "beta": beta, "model": {"sparsity": "kl"}}
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"+point=p{i}"]))
+        (job / "metrics.json").write_text(json.dumps({"val/loss": val_loss, "test/mse": mse, "test/l0": l0}))
+        (job / "status.json").write_text('{"status": "ok"}')
+    write_summary(sweep)
+    md = (sweep / "summary.md").read_text()
+    assert "ranked by `frontier`" in md and "differ in `point`, `beta`" not in md and "`beta`" in md

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from sae.callbacks import HPARAMS_METRICS
-from sae.config import ConfigError
+from sae.config import ConfigError, validate_train_config
 from sae.evaluation import evaluate
 from sae.training import build_data_and_module, build_trainer, train
 from tests.conftest import (
@@ -307,6 +307,23 @@ def test_pareto_sweep_is_a_beta_by_lr_multirun():
     assert len(grid["beta"]) >= 2 and len(grid["lr"]) >= 2
     assert cfg.epochs == 10 and cfg.rho == 0.05
     assert all(value in grid[key] for key, value in WINNER.items())
+
+
+def test_methods_frontier_sweeps_every_point_of_each_method_over_two_seeds():
+    cfg = compose_config("train", ["experiment=methods_frontier"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"+point": "glob(*)", "seed": "0,1"}
+    points = sorted(p.stem for p in (CONF / "point").glob("*.yaml"))
+    methods = {}
+    for name in points:  # each point composes to a valid run of the method its name says
+        point = compose_config("train", ["experiment=methods_frontier", f"+point={name}"])
+        validate_train_config(point)
+        assert point.model.sparsity == name.split("_")[0]
+        methods.setdefault(point.model.sparsity, []).append(
+            {"kl": (point.beta, point.rho), "l1": point.beta, "topk": point.k}[point.model.sparsity]
+        )
+    assert {m: len(v) for m, v in methods.items()} == {"kl": 6, "l1": 4, "topk": 4}
+    assert all(len(set(v)) == len(v) for v in methods.values())  # no point twice
 
 
 def test_seed_notebook_runs_without_validation(mnist_root, tmp_path):
