@@ -133,5 +133,32 @@ def hparams_end_status(folder: Path) -> str | None:
     )
 
 
+def idx_test_split(data_root: Path):
+    """The test images (float64 in [0, 1], a row each) and labels, read from the IDX bytes here,
+    apart from the project's reader: for independent recomputations."""
+    import torch
+
+    raw = Path(data_root) / "MNIST" / "raw"
+    images = torch.frombuffer(
+        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
+    )
+    labels = torch.frombuffer(bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:]), dtype=torch.uint8)
+    return images.reshape(-1, 784).double() / 255, labels.long()
+
+
+def checkpoint_weights(path) -> dict:
+    """A checkpoint's network weights in float64, by layer (encoder.0.0.weight, ...)."""
+    import torch
+
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+
+
+def evaluate_config(ckpt_path, data_root: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """conf/evaluate.yaml for a checkpoint, quiet and on the CPU."""
+    base = [f"ckpt_path={ckpt_path}", f"data.root={data_root}", f"output_dir={output_dir}", "accelerator=cpu"]
+    return compose_config("evaluate", [*base, "+trainer.enable_progress_bar=false", *overrides])
+
+
 def read_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())

@@ -14,7 +14,7 @@ from sae.evaluation import evaluate
 from sae.sparsity import METHODS, SparsityMethod, register
 from sae.sweep import write_summary
 from sae.training import train
-from tests.conftest import compose_config, compose_train, read_metrics
+from tests.conftest import checkpoint_weights, compose_train, evaluate_config, idx_test_split, read_metrics
 
 
 @pytest.fixture
@@ -67,17 +67,12 @@ def test_a_method_registered_in_a_test_runs_through_everything(code_sum_method, 
     module, _ = load_checkpoint(metrics["ckpt_path"])
     assert module.hparams.sparsity == "code_sum" and type(module.method).__name__ == "CodeSum"
     again = evaluate(
-        compose_config(
-            "evaluate",
-            [
-                f"ckpt_path={metrics['ckpt_path']}",
-                f"data.root={mnist_root}",
-                f"output_dir={tmp_path / 'eval'}",
-                "accelerator=cpu",
-                "+trainer.enable_progress_bar=false",
-                "~callbacks.linear_probe",
-                "~callbacks.run_figures",
-            ],
+        evaluate_config(
+            metrics["ckpt_path"],
+            mnist_root,
+            tmp_path / "eval",
+            "~callbacks.linear_probe",
+            "~callbacks.run_figures",
         )
     )
     assert again["test/code_sum"] == pytest.approx(metrics["test/code_sum"], rel=1e-6)
@@ -109,13 +104,8 @@ def test_l1_trains_relu_codes_and_reports_its_penalty_over_the_test_set(mnist_ro
     )
     assert (cfg.model.sparsity, cfg.model.latent_activation) == ("l1", "relu")
     metrics = train(cfg)
-    raw = mnist_root / "MNIST" / "raw"
-    images = torch.frombuffer(
-        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
-    )
-    x = images.reshape(-1, 784).double() / 255
-    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
-    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    x, _ = idx_test_split(mnist_root)
+    w = checkpoint_weights(metrics["ckpt_path"])
     h = torch.relu(x @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
     z = torch.relu(h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"])
     l1 = (z.abs() * w["decoder.0.0.weight"].norm(dim=0)).sum(dim=1).mean()
@@ -154,13 +144,8 @@ def test_topk_codes_have_at_most_k_active_units_and_no_penalty(mnist_root, tmp_p
     metrics = train(cfg)
     module, _ = load_checkpoint(metrics["ckpt_path"])
     assert module.hparams.k == 4 and module.net.encoder[-1][1].k == 4
-    raw = mnist_root / "MNIST" / "raw"
-    images = torch.frombuffer(
-        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
-    )
-    x = images.reshape(-1, 784).double() / 255
-    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
-    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    x, _ = idx_test_split(mnist_root)
+    w = checkpoint_weights(metrics["ckpt_path"])
     h = torch.relu(x @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
     pre = h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"]
     values = pre.topk(4, dim=1).values

@@ -23,9 +23,12 @@ from sae.training import build_data_and_module, build_trainer, train
 from tests.conftest import (
     CONF,
     QUICK_RUN,
+    checkpoint_weights,
     compose_config,
     compose_train,
+    evaluate_config,
     hparams_end_status,
+    idx_test_split,
     read_metrics,
     run_script,
 )
@@ -145,16 +148,8 @@ def assert_probe_reads_reconstructions(metrics: dict, data_root: Path) -> None:
     in float64 from the cached classifier and the tested checkpoint's own weights."""
     (cached,) = Path(os.environ["SAE_CACHE_DIR"]).glob("pixel_probe-*.pt")
     probe = {k: v.double() for k, v in torch.load(cached, weights_only=True).items()}
-    raw = Path(data_root) / "MNIST" / "raw"
-    images = torch.frombuffer(
-        bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8
-    )
-    images = images.reshape(-1, 784).double() / 255
-    labels = torch.frombuffer(
-        bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:]), dtype=torch.uint8
-    ).long()
-    state = torch.load(metrics["ckpt_path"], weights_only=True)["state_dict"]
-    w = {k.removeprefix("net."): v.double() for k, v in state.items() if k.startswith("net.")}
+    images, labels = idx_test_split(data_root)
+    w = checkpoint_weights(metrics["ckpt_path"])
     h = torch.relu(images @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
     z = torch.sigmoid(h @ w["encoder.1.0.weight"].T + w["encoder.1.0.bias"])
     h = torch.relu(z @ w["decoder.0.0.weight"].T + w["decoder.0.0.bias"])
@@ -191,16 +186,7 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']", "val_size": 100})
     assert_probe_reads_reconstructions(metrics, mnist_root)
 
-    ecfg = compose_config(
-        "evaluate",
-        [
-            f"ckpt_path={metrics['ckpt_path']}",
-            f"data.root={mnist_root}",
-            f"output_dir={tmp_path / 'eval'}",
-            "accelerator=cpu",
-            "+trainer.enable_progress_bar=false",
-        ],
-    )
+    ecfg = evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "eval")
     again = evaluate(ecfg)
     assert again == read_metrics(tmp_path / "eval")
     assert_figures(tmp_path / "eval" / "plots")
