@@ -18,6 +18,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from sae.sweep import is_number, pareto_front  # noqa: E402
+
 DPI = 100
 MAX_UNITS = 64  # per-unit tiles and tick labels shown at most (figures keep their size)
 MAX_TILES = 128
@@ -307,9 +309,7 @@ def run_figures(
 
 def _value(setting: dict, key: str) -> float | None:
     value = setting.get(key)
-    if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
-        return float(value)
-    return None
+    return float(value) if is_number(value) else None
 
 
 def _std(setting: dict, key: str) -> float:
@@ -334,19 +334,13 @@ def _baseline_lines(ax, baselines) -> None:
         )
 
 
-def _mark_frontier(
-    ax, xs: list[float], ys: list[float], line: bool, colour: str = "darkorange", label=None
-) -> None:
-    from sae.sweep import pareto_front
-
-    front = pareto_front(xs, ys)
-    if not front:
-        return
-    fx, fy = [xs[i] for i in front], [ys[i] for i in front]
-    if line:
-        ax.plot(fx, fy, color=colour, linewidth=2, zorder=2, label=label)
-    else:
-        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors=colour, linewidths=2, zorder=4, label=label)
+def _ring(ax, xs: list[float], ys: list[float], indices: list[int], label: str) -> None:
+    """Circle the points at `indices` (a Pareto front) where they are drawn."""
+    if indices:
+        fx, fy = [xs[i] for i in indices], [ys[i] for i in indices]
+        ax.scatter(
+            fx, fy, s=160, facecolors="none", edgecolors="darkorange", linewidths=2, zorder=4, label=label
+        )
 
 
 def _by_method(points: list[dict]) -> dict[str, list[dict]]:
@@ -364,8 +358,6 @@ def _annotate(ax, points: list[dict], xs, ys, knobs: list[str]) -> None:
 def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise: bool) -> None:
     """metric against L0, one colour per method, each method's Pareto frontier drawn (fewer active
     units and a lower metric, or a higher one when not `minimise`)."""
-    from sae.sweep import pareto_front
-
     methods = _by_method(points)
     for i, (method, members) in enumerate(methods.items()):
         have = [s for s in members if _value(s, "test/l0") is not None and _value(s, metric) is not None]
@@ -439,13 +431,9 @@ def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
                 zorder=3,
                 label="setting: rho_hat mean, bar = its units' min..max",
             )
-            _mark_frontier(
-                ax,
-                [abs(x) for x in xs],
-                ys,
-                line=False,
-                label="Pareto frontier (closest to target, best MSE)",
-            )
+            # Closest to the target on either side and best MSE, circled where the points are drawn.
+            front = pareto_front([abs(x) for x in xs], ys)
+            _ring(ax, xs, ys, front, "Pareto frontier (closest to target, best MSE)")
             _annotate(ax, kl_points, xs, ys, knobs)
             ax.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
             published = next((b for b in baselines if "test/rho_hat_mean" in b), None)

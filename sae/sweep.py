@@ -192,7 +192,8 @@ def _higher_is_better(metric: str) -> bool:
     return any(word in metric for word in HIGHER_IS_BETTER)
 
 
-def _is_value(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a metric value that can be ranked, averaged or drawn."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -208,11 +209,12 @@ def swept_knobs(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
-    """Indices of the points not dominated when both coordinates are minimised, sorted by x."""
+    """Indices of the points not dominated when both coordinates are minimised, sorted by x (a
+    point equal to a front point is not dominated by it, so it is on the front too)."""
     order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
     front, best_y = [], float("inf")
     for i in order:
-        if ys[i] < best_y:
+        if ys[i] < best_y or (front and (xs[i], ys[i]) == (xs[front[-1]], ys[front[-1]])):
             front.append(i)
             best_y = ys[i]
     return front
@@ -222,19 +224,11 @@ def frontier_ranks(rows: list[dict[str, Any]], axes: tuple[str, str] = FRONTIER_
     """Per row, its Pareto rank over `axes` (both minimised): 1 for the rows no other row beats on
     both, 2 for those only rank-1 rows beat, and so on; None for a row without both values."""
     ranks: list[int | None] = [None] * len(rows)
-    left = [i for i, r in enumerate(rows) if all(_is_value(r.get(a)) for a in axes)]
+    left = [i for i, r in enumerate(rows) if all(is_number(r.get(a)) for a in axes)]
     rank = 1
     while left:
         xs, ys = ([float(rows[i][a]) for i in left] for a in axes)
         front = {left[j] for j in pareto_front(xs, ys)}
-        # Points equal to a front point are as good as it: same rank.
-        front |= {
-            i
-            for i in left
-            if any(
-                rows[i][axes[0]] == rows[f][axes[0]] and rows[i][axes[1]] == rows[f][axes[1]] for f in front
-            )
-        }
         for i in front:
             ranks[i] = rank
         left = [i for i in left if i not in front]
@@ -275,7 +269,7 @@ def ranking(
 
     def by_metric(row: dict[str, Any]):
         value = row.get(optimized_metric)
-        ok = row.get("status", "ok") == "ok" and _is_value(value)
+        ok = row.get("status", "ok") == "ok" and is_number(value)
         return (0, sign * value) if ok else (1, 0.0)
 
     best = "highest" if _higher_is_better(optimized_metric) else "lowest"
@@ -301,13 +295,13 @@ def aggregate_seeds(
         setting["jobs"] = " ".join(m["job"] for m in members)
         metrics = dict.fromkeys(m for r in members for m in r if "/" in m)
         for metric in metrics:
-            values = [float(r[metric]) for r in members if _is_value(r.get(metric))]
+            values = [float(r[metric]) for r in members if is_number(r.get(metric))]
             if len(values) == len(members):  # a metric some repeats lack is not averaged
                 setting[metric] = statistics.fmean(values)
                 setting[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
         known = (job_settings or {}).get(members[0]["job"], {})
         rho = setting.get("rho", known.get("rho"))
-        if _is_value(rho):
+        if is_number(rho):
             setting["rho"] = rho
         if known.get("method"):
             setting["method"] = known["method"]
@@ -317,9 +311,9 @@ def aggregate_seeds(
 
 def _mean_std(row: dict[str, Any], metric: str) -> str:
     mean, std = row.get(metric), row.get(f"{metric}_std")
-    if not _is_value(mean):
+    if not is_number(mean):
         return ""
-    return f"{mean:.5g} ± {std:.2g}" if _is_value(std) else f"{mean:.5g}"
+    return f"{mean:.5g} ± {std:.2g}" if is_number(std) else f"{mean:.5g}"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -406,7 +400,7 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
 
     from sae.plots import pareto_figure, sweep_heatmaps, sweep_metrics
 
-    numeric = [k for k in knobs if all(_is_value(s.get(k)) for s in settings)]
+    numeric = [k for k in knobs if all(is_number(s.get(k)) for s in settings)]
     figures = {
         "pareto": pareto_figure(settings, knobs, BASELINES),
         "sweep_metrics": sweep_metrics(settings, numeric, knobs),

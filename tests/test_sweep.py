@@ -259,3 +259,22 @@ def test_jobs_whose_configs_differ_in_the_objective_are_not_ranked_by_val_loss(t
     write_summary(sweep)
     md = (sweep / "summary.md").read_text()
     assert "ranked by `frontier`" in md and "differ in `point`, `beta`" not in md and "`beta`" in md
+
+
+def test_the_frontier_is_circled_where_its_points_are_drawn():
+    """A setting that undershoots rho (rho_hat / rho - 1 < 0) and is on the frontier is circled at
+    its own, negative, x: the front is found on the distance |x|, the ring drawn at x."""
+    from sae.plots import pareto_figure
+
+    settings = [
+        {"rho": 0.05, "test/rho_hat_mean": 0.04, "test/mse": 0.02, "test/l0": 5.0},  # x = -0.2
+        {"rho": 0.05, "test/rho_hat_mean": 0.10, "test/mse": 0.03, "test/l0": 9.0},  # x = +1, worse MSE
+    ]
+    fig = pareto_figure(settings, [], [])
+    try:
+        (ring,) = [c for c in fig.axes[0].collections if c.get_label().startswith("Pareto frontier")]
+        assert ring.get_offsets().tolist() == [[pytest.approx(-0.2), 0.02]]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
