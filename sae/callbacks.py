@@ -84,10 +84,10 @@ class LinearProbe(L.Callback):
         codes = self._fit(pl_module.encode(train_x), train_y)
         pl_module.log("test/probe_accuracy", codes.accuracy(pl_module.encode(test_x), test_y))
         pixels = self._pixel_classifier(train_x, train_y, test_x, test_y)
-        test_x = test_x.to(pixels.weight.device)
-        pl_module.log("test/probe_accuracy_pixels", pixels.accuracy(test_x, test_y.to(test_x.device)))
+        test_x, test_y = test_x.to(pixels.weight.device), test_y.to(pixels.weight.device)
+        pl_module.log("test/probe_accuracy_pixels", pixels.accuracy(test_x, test_y))
         recon = pl_module.reconstruct(test_x).to(test_x.device)
-        pl_module.log("test/probe_accuracy_reconstructions", pixels.accuracy(recon, test_y.to(test_x.device)))
+        pl_module.log("test/probe_accuracy_reconstructions", pixels.accuracy(recon, test_y))
 
     def _pixel_classifier(
         self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor

@@ -133,5 +133,12 @@ class SparseAutoencoder(nn.Module):
             if name == "latent":
                 code = h
         recon = self.decoder[-1](h)
-        decoder_weight = self.decoder[0][0].weight  # the weights in use (a job's, under functional_call)
-        return AutoencoderOutput(recon=recon, code=code, activations=covered, decoder_weight=decoder_weight)
+        return AutoencoderOutput(
+            recon=recon, code=code, activations=covered, decoder_weight=self.decoder_weight
+        )
+
+    @property
+    def decoder_weight(self) -> Tensor:
+        """The decoder's first layer (out x latent): column j is what latent unit j writes. Read
+        at call time, so under functional_call it is the job's own weights."""
+        return self.decoder[0][0].weight

@@ -131,15 +131,15 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         on = torch.eye(self.hparams.latent_dim, device=self.device)
         return self.net.decoder(on) - self.net.decoder(off)
 
+    def _activity(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per hidden layer, over the split's last pass: (rho_hat, firing frequency at each of the
+        layer's thresholds); see UnitActivity."""
+        return {name: m.compute() for name, m in self.split_metrics[split]["activity"].items()}
+
     def unit_activity(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
         """Per hidden layer, over the split's last pass: (rho_hat, firing frequency at the layer's
         activity threshold), one value per unit."""
-        return {
-            name: (rho_hat, density[0])
-            for name, (rho_hat, density) in (
-                (n, m.compute()) for n, m in self.split_metrics[split]["activity"].items()
-            )
-        }
+        return {name: (rho_hat, density[0]) for name, (rho_hat, density) in self._activity(split).items()}
 
     def input_filters(self) -> Tensor:
         """The first layer's weights, one row of input_dim per unit (what each unit looks at)."""
@@ -287,11 +287,11 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         """
         hp = self.hparams
         metrics = self.split_metrics[split]
-        activity = {name: m.compute() for name, m in metrics["activity"].items()}
+        activity = self._activity(split)
         recon = metrics[hp.recon_loss].compute()
         rho_hat, density = activity["latent"]
         unit_means = {name: means for name, (means, _) in activity.items()}
-        values = split_objective(self.method, recon, unit_means, self.net.decoder[0][0].weight.detach())
+        values = split_objective(self.method, recon, unit_means, self.net.decoder_weight.detach())
         values.update(mse=metrics["mse"].compute(), fvu=metrics["fvu"].compute(), l0=density[0].sum())
         values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
         if hp.recon_loss == "bce":

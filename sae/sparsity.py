@@ -42,7 +42,6 @@ class SparsityMethod:
 
     name: ClassVar[str]
     batch_term_names: ClassVar[tuple[str, ...]]  # what batch_terms returns, in this order
-    split_term_names: ClassVar[tuple[str, ...]]  # what split_terms returns, in this order
     # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
     latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
@@ -88,7 +87,6 @@ class KLSparsity(SparsityMethod):
     name = "kl"
     latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
     batch_term_names = ("kl_batch",)
-    split_term_names = ("kl",)
 
     def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
         return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
@@ -116,7 +114,6 @@ class L1Sparsity(SparsityMethod):
     latent_activations = ("relu",)
     only_latent = True
     batch_term_names = ("l1",)
-    split_term_names = ("l1",)
 
     def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {"l1": (activations["latent"].abs() @ decoder_weight.norm(dim=0)).mean()}
@@ -138,7 +135,6 @@ class TopKSparsity(SparsityMethod):
     latent_activations = ("topk",)
     only_latent = True
     batch_term_names = ()
-    split_term_names = ()
 
     def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {}

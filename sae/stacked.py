@@ -52,6 +52,7 @@ class StackedTraining:
         self.device = torch.device(device)
         self.recon_loss = first.recon_loss
         self.sparsity, self.layers = first.sparsity, list(first.sparsity_layers)
+        self.knobs = modules[0].method.knobs  # what the jobs' methods read; rho and beta per job below
         self.net = modules[0].net  # the function; its own weights are not used
         params, self.buffers = stack_module_state([m.net for m in modules])
         self.params = {k: p.detach().to(self.device).requires_grad_() for k, p in params.items()}
@@ -69,7 +70,7 @@ class StackedTraining:
     def _job_terms(self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor) -> Tensor:
         """One job's training terms on its batch (the module's term_names, stacked): its objective."""
         out = functional_call(self.net, (params, buffers), (x,))
-        method = make_method(self.sparsity, {"rho": rho, "beta": beta}, self.layers)
+        method = make_method(self.sparsity, {**self.knobs, "rho": rho, "beta": beta}, self.layers)
         return torch.stack(list(objective(self.recon_loss, method, out, x).values()))
 
     def step(self, x: Tensor) -> Tensor:

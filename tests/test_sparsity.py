@@ -26,7 +26,6 @@ def code_sum_method():
     class CodeSum(SparsityMethod):
         name = "code_sum"
         batch_term_names = ("code_sum",)
-        split_term_names = ("code_sum",)
 
         def batch_terms(self, activations, decoder_weight):
             return {"code_sum": sum(activations[n].sum(dim=1).mean() for n in self.layers)}
