@@ -7,6 +7,7 @@ hyperparameters as such), so a crafted pickle cannot run code.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
 import zipfile
@@ -34,6 +35,7 @@ ARCHITECTURE = (
     "output_activation",
     "sparsity_layers",
     "k",
+    "auxk",  # its dead-latent counter is part of the module's state
 )
 
 
@@ -179,10 +181,12 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
         return None
     saved = read_checkpoint(path)["hyper_parameters"]
     wanted = OmegaConf.to_container(cfg.model, resolve=True)
+    defaults = inspect.signature(SparseAutoencoderModule).parameters
     for key in ARCHITECTURE:
-        if key in saved and saved[key] != wanted[key]:
+        held = saved.get(key, defaults[key].default)  # a key newer than the checkpoint: its default
+        if held != wanted[key]:
             raise CheckpointError(
-                f"{path} holds a model with {key}={saved[key]}, the config asks for {key}={wanted[key]}; "
+                f"{path} holds a model with {key}={held}, the config asks for {key}={wanted[key]}; "
                 f"pass the same model settings to continue it"
             )
     return str(path)

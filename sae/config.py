@@ -138,6 +138,14 @@ def validate_train_config(cfg: DictConfig) -> None:
             k,
             f"an integer in [1, latent_dim={width}]: units kept per input",
         )
+    _check(isinstance(model.get("auxk", False), bool), "model.auxk", model.get("auxk"), "true or false")
+    if model.get("auxk"):
+        _check(model.sparsity == "topk", "model.auxk", model.auxk, "false unless sparsity=topk")
+        alpha, aux_k, after = model.auxk_alpha, model.auxk_k, model.auxk_dead_after
+        _check(_is_number(alpha) and alpha >= 0, "model.auxk_alpha", alpha, "a number >= 0")
+        ok = aux_k is None or (_is_int(aux_k) and 1 <= aux_k <= model.latent_dim)
+        _check(ok, "model.auxk_k", aux_k, f"an integer in [1, latent_dim={model.latent_dim}] (or null)")
+        _check(_is_int(after) and after >= 1, "model.auxk_dead_after", after, "an integer >= 1")
     if method.only_latent:
         layers = list(model.sparsity_layers)
         _check(layers == ["latent"], "model.sparsity_layers", layers, f"[latent] with sparsity={method.name}")

@@ -33,7 +33,7 @@ def term_names(kind: str, method: SparsityMethod) -> tuple[str, ...]:
 def objective(kind: str, method: SparsityMethod, out, x: Tensor) -> dict[str, Tensor]:
     """One batch's loss and its named terms (`out`: the model's AutoencoderOutput for x)."""
     recon = reconstruction_loss(kind, out.recon, x)
-    terms = method.batch_terms(out.activations, out.decoder_weight)
+    terms = method.batch_terms(out, x)
     return {"loss": recon + method.penalty(terms), kind: recon, **terms}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -46,6 +46,10 @@ class AutoencoderOutput(NamedTuple):
     code: Tensor
     activations: dict[str, Tensor]  # hidden layers by name: those the penalty covers, or all
     decoder_weight: Tensor  # the decoder's first layer (out x latent): column j is unit j's
+    latent_preactivation: Tensor  # the latent layer's input to its activation
+    # The decoder, codes -> reconstructions. Under torch.func.functional_call it runs on the
+    # module's own weights, not the call's: a method that uses it is not stackable.
+    decode: Callable[[Tensor], Tensor]
 
 
 def layer_names(num_hidden: int) -> list[str]:
@@ -127,14 +131,21 @@ class SparseAutoencoder(nn.Module):
         # Walk block by block so every hidden activation is available without hooks.
         # The output block is not a named hidden layer, hence strict=False (it runs below).
         for name, block in zip(self._names, [*self.encoder, *self.decoder], strict=False):
-            h = block(h)
+            if name == "latent":
+                pre = block[0](h)
+                h = code = block[1](pre)
+            else:
+                h = block(h)
             if name in wanted:
                 covered[name] = h
-            if name == "latent":
-                code = h
         recon = self.decoder[-1](h)
         return AutoencoderOutput(
-            recon=recon, code=code, activations=covered, decoder_weight=self.decoder_weight
+            recon=recon,
+            code=code,
+            activations=covered,
+            decoder_weight=self.decoder_weight,
+            latent_preactivation=pre,
+            decode=self.decoder,
         )
 
     @property

@@ -46,6 +46,10 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         sparsity: str = "kl",
         sparsity_layers: Sequence[str] = ("latent",),
         k: int | None = None,
+        auxk: bool = False,
+        auxk_alpha: float = 1 / 32,
+        auxk_k: int | None = None,
+        auxk_dead_after: int = 10_000,
         rho: float = 0.05,
         beta: float = 5e-3,
         lr: float = 1e-3,
@@ -61,7 +65,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
-        self.method = make_method(sparsity, {"rho": rho, "beta": beta, "k": k}, sparsity_layers)
+        knobs = dict(rho=rho, beta=beta, k=k, latent_dim=latent_dim)
+        knobs |= dict(auxk=auxk, auxk_alpha=auxk_alpha, auxk_k=auxk_k, auxk_dead_after=auxk_dead_after)
+        self.method = make_method(sparsity, knobs, sparsity_layers)
         self.term_names = term_names(recon_loss, self.method)  # what training logs, in order
         self.net = SparseAutoencoder(
             input_dim,

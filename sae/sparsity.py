@@ -1,6 +1,6 @@
 """Sparsity methods: what makes a code sparse, one unit per method.
 
-A method owns its penalty terms: named tensors of one batch's activations (what training
+A method owns its penalty terms: named tensors of one batch's forward pass (what training
 minimises, beside the reconstruction) and the same terms from a whole split's statistics (what
 validation and test report). `sae.loss.objective` adds them, weighted, to the reconstruction;
 training, validation, test and stacked training all call it, and logging iterates over the
@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from sae.model import AutoencoderOutput
 
 RHO_HAT_CLAMP = 1e-6
 
@@ -33,11 +35,13 @@ def make_method(name: str, knobs: Mapping[str, Any], layers: Sequence[str]) -> S
     return METHODS[name](knobs, layers)
 
 
-class SparsityMethod:
+class SparsityMethod(nn.Module):
     """A penalty on the activations of `layers` (by name: encoder_1.., latent, decoder_1..).
 
-    `knobs` holds the numbers the method reads (rho, beta, ...): floats, or in stacked training
-    one job's values as 0-d tensors inside a vmap, so terms must be plain tensor arithmetic.
+    `knobs` holds the numbers the method reads (rho, beta, k, auxk...): floats, or in stacked
+    training one job's values as 0-d tensors inside a vmap, so terms must be plain tensor
+    arithmetic. A method is a module of the LightningModule: state it keeps across steps (a
+    registered buffer) is checkpointed and resumed with the weights.
     """
 
     name: ClassVar[str]
@@ -47,12 +51,20 @@ class SparsityMethod:
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
 
     def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
+        super().__init__()
         self.knobs = dict(knobs)
         self.layers = list(layers)
 
-    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
-        """The penalty's terms on one batch, from the covered layers' activations; decoder_weight is
-        the decoder's first layer (out_features x latent_dim): column j is what latent unit j writes."""
+    @classmethod
+    def stacks(cls, knobs: Mapping[str, Any]) -> bool:
+        """Whether runs with these knobs may train as one stacked model (the vectorized launcher):
+        not when the method keeps state of its own across steps, which is one run's."""
+        return True
+
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        """The penalty's terms on one batch x, from the model's output for it: `out.activations`
+        (the covered layers, by name) and `out.decoder_weight` (the decoder's first layer,
+        out_features x latent_dim: column j is what latent unit j writes) are what most need."""
         raise NotImplementedError
 
     def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
@@ -91,14 +103,19 @@ class KLSparsity(SparsityMethod):
     def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
         return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
 
-    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
-        return {"kl_batch": self._kl([activations[n].mean(dim=0) for n in self.layers])}
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        return {"kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers])}
 
     def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
         return self.knobs["beta"] * sum(terms.values())
+
+
+def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
+    """Mean over samples of sum_j |z_j| * ||d_j||, d_j column j of decoder_weight."""
+    return (codes.abs() @ decoder_weight.norm(dim=0)).mean()
 
 
 @register
@@ -115,8 +132,8 @@ class L1Sparsity(SparsityMethod):
     only_latent = True
     batch_term_names = ("l1",)
 
-    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
-        return {"l1": (activations["latent"].abs() @ decoder_weight.norm(dim=0)).mean()}
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
 
     def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
@@ -129,18 +146,62 @@ class L1Sparsity(SparsityMethod):
 class TopKSparsity(SparsityMethod):
     """Exactly the k largest pre-activations of each input stay (through a ReLU), the others are
     exactly 0: sparsity by construction (the `topk` latent activation), no penalty term. L0 is
-    at most k (less where a kept pre-activation is negative)."""
+    at most k (less where a kept pre-activation is negative).
+
+    With `auxk` (model.auxk=true), the auxiliary loss of Gao et al. (2024) revives dead latents:
+    a latent is dead after `auxk_dead_after` training inputs without firing; on each batch the
+    `auxk_k` largest pre-activations among the dead ones (through a ReLU) are asked to explain
+    what the live code leaves unexplained, e = x - recon (held fixed):
+
+        auxk = sum ||e - e_hat||^2 / sum ||e||^2,  e_hat = decode(z + z_aux) - decode(z)
+
+    with z the live code (held fixed), so only the dead latents and the decoder learn from it.
+    For a linear decoder e_hat is W_dec z_aux, Gao et al.'s term; this form keeps that meaning
+    for a nonlinear one. It adds `auxk_alpha * auxk` to the training loss (`train/auxk`, 1 while
+    no latent is dead) and logs `train/auxk_dead`, the latents dead by that window; validation
+    and test report the reconstruction alone. Training only: the count of inputs since each
+    latent last fired is a buffer, checkpointed and resumed with the weights.
+    """
 
     name = "topk"
     latent_activations = ("topk",)
     only_latent = True
     batch_term_names = ()
 
-    def batch_terms(self, activations: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
-        return {}
+    def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
+        super().__init__(knobs, layers)
+        self.auxk = bool(self.knobs.get("auxk"))
+        if self.auxk:
+            self.batch_term_names = ("auxk", "auxk_dead")
+            latent_dim = int(self.knobs["latent_dim"])
+            self.auxk_k = int(self.knobs.get("auxk_k") or latent_dim // 2)
+            self.register_buffer("inputs_since_fired", torch.zeros(latent_dim))
+
+    @classmethod
+    def stacks(cls, knobs: Mapping[str, Any]) -> bool:
+        return not knobs.get("auxk")  # the dead-latent counter is one run's
+
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        if not self.auxk:
+            return {}
+        dead = self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
+        if self.training:
+            with torch.no_grad():
+                fired = (out.code > 0).any(dim=0)
+                self.inputs_since_fired.add_(len(x)).masked_fill_(fired, 0)
+        # The auxk_k largest dead pre-activations; a live unit is -inf, so kept only when fewer
+        # than auxk_k are dead, and then 0 after the ReLU: no host sync for the count.
+        pre = out.latent_preactivation.masked_fill(~dead, float("-inf"))
+        values, indices = pre.topk(min(self.auxk_k, pre.shape[-1]), dim=-1)
+        z_aux = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        z = out.code.detach()
+        residual = (x - out.recon).detach()
+        e_hat = out.decode(z + z_aux) - out.decode(z)
+        auxk = (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+        return {"auxk": auxk, "auxk_dead": dead.sum().to(auxk.dtype)}
 
     def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def penalty(self, terms: Mapping[str, Tensor]) -> float:
-        return 0.0
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor | float:
+        return self.knobs["auxk_alpha"] * terms["auxk"] if "auxk" in terms else 0.0  # training only

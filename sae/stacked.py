@@ -48,6 +48,8 @@ class StackedTraining:
             differ = [k for k in STACK_KEYS if m.hparams[k] != first[k]]
             if differ:
                 raise ValueError(f"jobs with different {', '.join(differ)} cannot be stacked")
+        if not type(modules[0].method).stacks(modules[0].method.knobs):
+            raise ValueError(f"sparsity={first.sparsity} with these settings cannot be stacked")
         self.modules = list(modules)
         self.device = torch.device(device)
         self.recon_loss = first.recon_loss

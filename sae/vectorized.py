@@ -1,16 +1,18 @@
 """The vectorized launcher: a multirun's jobs that share an architecture train as one stacked model.
 
 `python train.py -m hydra/launcher=vectorized beta=1e-3,5e-3 rho=0.02,0.05 seed=0,1` works in two
-phases. First the jobs are grouped by everything but rho, beta, lr and seed, and each group of two
-or more trains at once (sae.stacked.train_group), keeping every job's per-step loss terms and, at
-each epoch end, its weights and Adam state. Then each job runs through Hydra's `run_job` like any
+phases. First the jobs are grouped by their composed configs: everything but rho, beta, lr and seed
+(so the method, k and the architecture) must be the same. Each group of two or more trains at once
+(sae.stacked.train_group), keeping every job's per-step loss terms and, at each epoch end, its
+weights and Adam state. Then each job runs through Hydra's `run_job` like any
 other: its folder, `.hydra/`, callbacks and the whole `train(cfg)` pipeline, except that the
 training epochs are replayed from what the stacked phase recorded (sae.stacked.ReplayModule): the
 loggers get the same train/* windows, validation, checkpoints (best and last, resumable),
 TensorBoard views, the test, figures and metrics.json are produced by the same code as for a
 separate run, and a job whose loss went NaN fails at the same step with the same message. Jobs that
-cannot be stacked (alone in their group, resumed, limited batches, several devices, an invalid
-config, another application's config) run as Hydra's basic launcher runs them.
+cannot be stacked (alone in their group, resumed, limited batches, several devices, a method that
+keeps state of its own such as TopK's AuxK, an invalid config, another application's config) run
+as Hydra's basic launcher runs them.
 
 This module imports neither torch nor Lightning: an application that has nothing to stack pays
 for neither.
@@ -18,6 +20,7 @@ for neither.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +64,7 @@ def stackable(cfg: DictConfig) -> bool:
     if OmegaConf.select(cfg, "model._target_", default=None) != MODULE_TARGET:
         return False  # another application's config
     from sae.config import validate_train_config
+    from sae.sparsity import METHODS
 
     try:
         validate_train_config(cfg)
@@ -74,12 +78,21 @@ def stackable(cfg: DictConfig) -> bool:
         and trainer.get("devices", 1) in (1, "1", "auto")
         and str(trainer.get("precision", "32-true")) in ("32", "32-true")
         and cfg.data.val_size > 0  # train.py drops validation without it; kept simple: run alone
+        and METHODS[cfg.model.sparsity].stacks(cfg.model)
     )
 
 
-def group_key(overrides: list[str]) -> tuple[str, ...]:
-    """Jobs whose overrides differ only in PER_JOB_KEYS share every other config value."""
-    return tuple(sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PER_JOB_KEYS))
+def group_key(cfg: DictConfig) -> str:
+    """Jobs whose composed configs are the same but for PER_JOB_KEYS share one key.
+
+    The composed config, not the command line: jobs of different presets (`+point=...`) that set
+    the same method and architecture stack, and an override that changes nothing splits nothing.
+    Interpolations stay unresolved (`${output_dir}` is the same text in every job).
+    """
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("hydra", *PER_JOB_KEYS):
+        plain.pop(key, None)
+    return json.dumps(plain, sort_keys=True, default=str)
 
 
 def launch(
@@ -100,10 +113,10 @@ def launch(
             cfg.hydra.job.id = cfg.hydra.job.num = idx
         jobs.append((idx, list(overrides), cfg))
 
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for i, (_, overrides, cfg) in enumerate(jobs):
+    groups: dict[str, list[int]] = {}
+    for i, (_, _, cfg) in enumerate(jobs):
         if stackable(cfg):
-            groups.setdefault(group_key(overrides), []).append(i)
+            groups.setdefault(group_key(cfg), []).append(i)
     records: dict[int, JobRecord] = {}  # sae.stacked.JobRecord
     for members in groups.values():
         if len(members) > 1:

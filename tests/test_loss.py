@@ -11,6 +11,19 @@ from sae.model import AutoencoderOutput
 from sae.sparsity import make_method
 
 
+def forward_output(activations: dict, decoder_weight=None, recon=None) -> AutoencoderOutput:
+    """A model output holding what the penalty terms read: the covered layers' activations."""
+    code = activations["latent"]
+    return AutoencoderOutput(
+        recon=code if recon is None else recon,
+        code=code,
+        activations=activations,
+        decoder_weight=torch.eye(code.shape[1]) if decoder_weight is None else decoder_weight,
+        latent_preactivation=code,
+        decode=lambda z: z,
+    )
+
+
 def test_kl_hand_checked_values():
     # By hand, with six-figure logarithms:
     #   KL(0.05 || 0.5) = 0.05 ln 0.1  + 0.95 ln 1.9    = -0.115129 + 0.609761 = 0.494632
@@ -61,7 +74,7 @@ def test_kl_method_uses_batch_mean_per_unit_and_sums_layers():
     )
     kl = make_method("kl", {"rho": 0.05, "beta": 0.5}, ["latent", "encoder_1"])
     got = kl.batch_terms(
-        {"latent": a, "encoder_1": b, "decoder_1": b}, torch.eye(2)
+        forward_output({"latent": a, "encoder_1": b, "decoder_1": b}), a
     )  # decoder_1: not covered
     assert list(got) == ["kl_batch"]
     assert got["kl_batch"].item() == pytest.approx(expected.item(), rel=1e-12)
@@ -79,7 +92,7 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
     x = torch.tensor([[0.0, 1.0], [0.5, 0.25]], dtype=torch.float64)
     recon = torch.tensor([[0.5, 0.5], [0.5, 0.75]], dtype=torch.float64)
     code = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
-    out = AutoencoderOutput(recon=recon, code=code, activations={"latent": code}, decoder_weight=torch.eye(2))
+    out = forward_output({"latent": code}, torch.eye(2), recon=recon)
     kl = make_method("kl", {"rho": 0.1, "beta": 0.5}, ["latent"])
     got = objective("mse", kl, out, x)
     assert list(got) == ["loss", "mse", "kl_batch"]
@@ -116,7 +129,7 @@ def test_l1_hand_case_weighs_units_by_their_decoder_columns():
     z = torch.tensor([[1.0, 2.0], [0.0, 4.0]], dtype=torch.float64)
     decoder = torch.tensor([[3.0, 0.0], [4.0, 1.0]], dtype=torch.float64)
     l1 = make_method("l1", {"beta": 0.1, "rho": 0.05}, ["latent"])
-    got = l1.batch_terms({"latent": z}, decoder)["l1"]
+    got = l1.batch_terms(forward_output({"latent": z}, decoder), z)["l1"]
     assert got.item() == pytest.approx(((1 * 5 + 2 * 1) + (0 * 5 + 4 * 1)) / 2)  # 5.5
     assert l1.penalty({"l1": got}).item() == pytest.approx(0.55)
     # Over a split: the unit means (0.5, 3) weighted the same way give the same number.
@@ -129,8 +142,8 @@ def test_l1_cannot_be_dodged_by_rescaling_codes_against_the_decoder():
     z, decoder = torch.rand(8, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
     scale = torch.tensor([0.1, 2.0, 10.0, 1.0], dtype=torch.float64)  # per unit: z_j * c_j, d_j / c_j
-    same = l1.batch_terms({"latent": z * scale}, decoder / scale)["l1"]
-    torch.testing.assert_close(same, l1.batch_terms({"latent": z}, decoder)["l1"])
+    same = l1.batch_terms(forward_output({"latent": z * scale}, decoder / scale), z)["l1"]
+    torch.testing.assert_close(same, l1.batch_terms(forward_output({"latent": z}, decoder), z)["l1"])
 
 
 def test_l1_gradient_matches_finite_differences_float64():
@@ -138,4 +151,6 @@ def test_l1_gradient_matches_finite_differences_float64():
     z = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
     decoder = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
-    assert torch.autograd.gradcheck(lambda a, d: l1.batch_terms({"latent": a}, d)["l1"], (z, decoder))
+    assert torch.autograd.gradcheck(
+        lambda a, d: l1.batch_terms(forward_output({"latent": a}, d), a)["l1"], (z, decoder)
+    )

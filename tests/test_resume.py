@@ -34,9 +34,14 @@ def last_weights(folder) -> dict[str, torch.Tensor]:
     return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(mnist_root, tmp_path):
+# TopK with AuxK keeps state besides the weights: how long since each latent fired.
+AUXK = ("sparsity=topk", "k=2", "model.auxk=true", "model.auxk_dead_after=64")
+
+
+@pytest.mark.parametrize("method", [(), AUXK], ids=["kl", "topk_auxk"])
+def test_resume_ends_where_an_uninterrupted_run_ends(mnist_root, tmp_path, method):
     def run(name: str, *overrides: str) -> dict:
-        return train(compose_train([*LEAN, "debug=limit", *overrides], tmp_path / name, mnist_root))
+        return train(compose_train([*LEAN, "debug=limit", *method, *overrides], tmp_path / name, mnist_root))
 
     full = run("full", "epochs=4")
     run("part", "epochs=2")  # as if stopped after its second epoch

@@ -27,8 +27,8 @@ def code_sum_method():
         name = "code_sum"
         batch_term_names = ("code_sum",)
 
-        def batch_terms(self, activations, decoder_weight):
-            return {"code_sum": sum(activations[n].sum(dim=1).mean() for n in self.layers)}
+        def batch_terms(self, out, x):
+            return {"code_sum": sum(out.activations[n].sum(dim=1).mean() for n in self.layers)}
 
         def split_terms(self, unit_means, decoder_weight):
             return {"code_sum": sum(unit_means[n].sum() for n in self.layers)}
@@ -163,6 +163,127 @@ def test_topk_codes_have_at_most_k_active_units_and_no_penalty(mnist_root, tmp_p
     ],
 )
 def test_topk_settings_are_checked(mnist_root, tmp_path, overrides, message):
+    from sae.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        train(compose_train(overrides, tmp_path, mnist_root))
+    assert message in str(err.value)
+
+
+def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False):
+    """A one-layer float64 topk autoencoder and its method with AuxK on."""
+    from sae.model import SparseAutoencoder
+
+    torch.manual_seed(0)
+    out_act = "identity" if linear else "sigmoid"
+    net = SparseAutoencoder(5, [], latent_dim, latent_activation="topk", output_activation=out_act, k=k)
+    knobs = dict(k=k, latent_dim=latent_dim, auxk=True, auxk_alpha=0.5, auxk_k=2, auxk_dead_after=4)
+    return net.double(), METHODS["topk"](knobs, ["latent"]).double()
+
+
+def test_auxk_hand_computed_in_float64():
+    """auxk = sum ||e - e_hat||^2 / sum ||e||^2 with e_hat = decode(z + z_aux) - decode(z), z_aux
+    the auxk_k largest dead pre-activations (ReLU'd), recomputed here row by row."""
+    net, method = auxk_model()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    method.inputs_since_fired.copy_(torch.tensor([0.0, 4, 9, 3, 4, 5]))  # units 1, 2, 4, 5 dead
+    out = net(x)
+    terms = method.batch_terms(out, x)
+    assert list(terms) == ["auxk", "auxk_dead"] and terms["auxk_dead"].item() == 4
+
+    w, b = net.encoder[0][0].weight.detach(), net.encoder[0][0].bias.detach()
+    pre = x @ w.T + b
+    z_aux = torch.zeros_like(pre)
+    for row in range(3):
+        dead = sorted([1, 2, 4, 5], key=lambda j: -pre[row, j].item())[:2]
+        for j in dead:
+            z_aux[row, j] = max(pre[row, j].item(), 0.0)
+    with torch.no_grad():
+        z, recon = out.code, out.recon
+        e = x - recon
+        e_hat = net.decoder(z + z_aux) - net.decoder(z)
+    expected = ((e - e_hat) ** 2).sum() / (e**2).sum()
+    assert terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert method.penalty(terms).item() == pytest.approx(0.5 * expected.item(), rel=1e-12)
+
+
+def test_auxk_with_a_linear_decoder_is_gao_et_als_term_and_trains_only_dead_latents():
+    net, method = auxk_model(linear=True)
+    x = torch.rand(4, 5, dtype=torch.float64)
+    method.inputs_since_fired.fill_(10.0)
+    method.inputs_since_fired[:3] = 0  # units 0-2 live, 3-5 dead
+    out = net(x)
+    auxk = method.batch_terms(out, x)["auxk"]
+    pre = out.latent_preactivation.detach()
+    kept = pre[:, 3:].topk(2, dim=1)
+    z_aux = torch.zeros_like(pre)
+    z_aux[:, 3:] = torch.zeros_like(pre[:, 3:]).scatter(1, kept.indices, kept.values.relu())
+    e = (x - out.recon).detach()
+    w_dec = net.decoder[0][0].weight.detach()
+    assert auxk.item() == pytest.approx((((e - z_aux @ w_dec.T) ** 2).sum() / (e**2).sum()).item(), rel=1e-12)
+
+    auxk.backward()
+    enc_grad = net.encoder[0][0].weight.grad
+    assert enc_grad[:3].abs().max() == 0  # live latents learn nothing from it
+    assert enc_grad[3:].abs().max() > 0
+    # The decoder's gradient is that of W_dec z_aux alone (the live code z is held fixed).
+    w = w_dec.clone().requires_grad_()
+    (((e - z_aux @ w.T) ** 2).sum() / (e**2).sum()).backward()
+    torch.testing.assert_close(net.decoder[0][0].weight.grad, w.grad)
+
+
+def test_auxk_counts_inputs_since_each_latent_fired_in_training_only():
+    net, method = auxk_model()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    out = net(x)
+    fired = (out.code > 0).any(dim=0)
+    method.eval()
+    method.batch_terms(out, x)
+    assert method.inputs_since_fired.sum() == 0
+    method.train()
+    method.batch_terms(out, x)
+    method.batch_terms(out, x)
+    torch.testing.assert_close(method.inputs_since_fired, torch.where(fired, 0.0, 6.0).double())
+    # Nothing dead yet: the dead latents explain none of the residual, and nothing learns from it.
+    fresh_net, fresh = auxk_model()
+    terms = fresh.batch_terms(fresh_net(x), x)
+    assert terms["auxk"].item() == pytest.approx(1.0) and terms["auxk_dead"].item() == 0
+    assert not terms["auxk"].requires_grad or all(
+        g is None or g.abs().max() == 0
+        for g in torch.autograd.grad(terms["auxk"], list(fresh_net.parameters()), allow_unused=True)
+    )
+
+
+def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
+    overrides = ["debug=limit", "data.eval_batch_size=200", "sparsity=topk", "k=2", "model.auxk=true"]
+    metrics = train(
+        compose_train([*overrides, "model.auxk_dead_after=64", "logger=csv"], tmp_path, mnist_root)
+    )
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train/auxk")]
+    assert logged and all(float(r["train/auxk_dead"]) <= 32 for r in logged)
+    assert any(float(r["train/auxk_dead"]) > 0 for r in logged)  # 64 inputs without firing: it acts
+    for r in logged:
+        penalty = float(r["train/loss"]) - float(r["train/mse"])
+        assert penalty == pytest.approx(float(r["train/auxk"]) / 32, rel=1e-4, abs=1e-7)
+    assert metrics["test/loss"] == pytest.approx(metrics["test/mse"], rel=1e-6)  # a training term only
+    module, _ = load_checkpoint(metrics["ckpt_path"])
+    assert module.hparams.auxk and module.method.inputs_since_fired.shape == (32,)
+    assert module.method.inputs_since_fired.max() > 0  # the counter is in the checkpoint
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.auxk=true"], "model.auxk=True must be false unless sparsity=topk"),
+        (
+            ["sparsity=topk", "k=4", "model.auxk=true", "model.auxk_k=40"],
+            "model.auxk_k=40 must be an integer",
+        ),
+        (["sparsity=topk", "k=4", "model.auxk=yes"], "model.auxk='yes' must be true or false"),
+    ],
+)
+def test_auxk_settings_are_checked(mnist_root, tmp_path, overrides, message):
     from sae.config import ConfigError
 
     with pytest.raises(ConfigError) as err:

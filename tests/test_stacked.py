@@ -65,3 +65,25 @@ def test_jobs_of_another_architecture_are_refused(mnist_root, tmp_path):
     b = build_data_and_module(compose_train(["latent_dim=16"], tmp_path / "b", mnist_root))[1]
     with pytest.raises(ValueError, match="different latent_dim cannot be stacked"):
         StackedTraining([a, b])
+
+
+def test_the_vectorized_launcher_groups_jobs_by_their_composed_configs(mnist_root, tmp_path):
+    """Jobs stack when their composed configs differ only in rho, beta, lr and seed, whatever the
+    command line says: the frontier's KL points stack, each k of TopK is its own group."""
+    from sae.vectorized import group_key, stackable
+
+    def config(*overrides):
+        return compose_train(list(overrides), tmp_path, mnist_root)
+
+    def key(*overrides):
+        return group_key(config(*overrides))
+
+    kl = key("+point=kl_beta1e-3_rho5e-2", "seed=0")
+    assert kl == key("+point=kl_beta2e-2_rho2e-2", "seed=1") == key("beta=0.3", "lr=3e-3")
+    l1 = key("+point=l1_beta1e-4")
+    assert l1 == key("+point=l1_beta3e-4", "seed=1") and l1 != kl
+    assert key("+point=topk_k04", "seed=1") == key("sparsity=topk", "k=4") != key("+point=topk_k08")
+    assert key("latent_dim=16") != kl and key("epochs=3") != kl
+    # AuxK keeps a counter per run: such jobs run one at a time.
+    assert stackable(config("sparsity=topk", "k=4"))
+    assert not stackable(config("sparsity=topk", "k=4", "model.auxk=true"))
