@@ -170,14 +170,17 @@ def _objective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings of a job's config that define its training objective."""
     model = cfg.get("model") or {}
     return {k: cfg.get(k) for k in OBJECTIVE_KNOBS} | {
-        f"model.{k}": model.get(k) for k in ("sparsity", "recon_loss", "sparsity_layers", "hidden_dims")
+        f"model.{k}": model.get(k)
+        for k in ("sparsity", "auxk", "recon_loss", "sparsity_layers", "hidden_dims")
     }
 
 
 def _figure_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the figures need of a job's config: its KL target rho and its sparsity method."""
+    """What the figures need of a job's config: its KL target rho and its sparsity method (TopK with
+    AuxK apart from TopK: a frontier each)."""
     model = cfg.get("model") or {}
-    return {"rho": cfg.get("rho"), "method": model.get("sparsity", "kl")}
+    method = model.get("sparsity", "kl") + ("+auxk" if model.get("auxk") else "")
+    return {"rho": cfg.get("rho"), "method": method}
 
 
 def _optimized_metric(jobs: list[Path]) -> str:

@@ -15,7 +15,9 @@ from tests.conftest import run_script
 def fake_job(sweep, name, overrides, metrics=None, status=None, method="kl"):
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
-    config = {"optimized_metric": "val/loss", "rho": 0.05, "model": {"sparsity": method}}
+    sparsity, _, extra = method.partition("+")  # "topk+auxk": TopK with model.auxk=true
+    model = {"sparsity": sparsity} | ({extra: True} if extra else {})
+    config = {"optimized_metric": "val/loss", "rho": 0.05, "model": model}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if metrics is not None:
@@ -196,6 +198,7 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         ("l1", ["sparsity=l1", "beta=0.01"], 0.017, 9.0, 0.93),
         ("l1", ["sparsity=l1", "beta=0.1"], 0.025, 3.0, 0.88),
         ("topk", ["sparsity=topk", "k=4"], 0.020, 4.0, 0.91),
+        ("topk+auxk", ["sparsity=topk", "k=4", "model.auxk=true"], 0.019, 4.0, 0.92),
     ]
     for i, (method, overrides, mse, l0, probe) in enumerate(jobs):
         m = {
@@ -221,7 +224,7 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         write_summary(sweep)
     finally:
         summary._write_figures = real
-    assert [s["method"] for s in figures["settings"]] == ["kl", "kl", "l1", "l1", "topk"]
+    assert [s["method"] for s in figures["settings"]] == ["kl", "kl", "l1", "l1", "topk", "topk+auxk"]
     from sae.plots import pareto_figure
 
     fig = pareto_figure(figures["settings"], ["sparsity", "beta", "k"], summary.BASELINES)
@@ -233,7 +236,8 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
             "Probe accuracy vs L0",
         ]
         labels = fig.axes[1].get_legend_handles_labels()[1]
-        assert {"kl", "l1", "topk", "kl frontier", "l1 frontier", "topk frontier"} <= set(labels)
+        methods = ("kl", "l1", "topk", "topk+auxk")
+        assert {*methods, *(f"{m} frontier" for m in methods)} <= set(labels)
         (placed,) = fig.axes[0].containers  # only the two KL settings are placed against rho
         assert len(placed.lines[0].get_xdata()) == 2
         probe_front = [line for line in fig.axes[2].get_lines() if line.get_label() == "l1 frontier"][0]
