@@ -304,12 +304,26 @@ def test_methods_frontier_sweeps_every_point_of_each_method_over_two_seeds():
     for name in points:  # each point composes to a valid run of the method its name says
         point = compose_config("train", ["experiment=methods_frontier", f"+point={name}"])
         validate_train_config(point)
-        assert point.model.sparsity == name.split("_")[0]
-        methods.setdefault(point.model.sparsity, []).append(
-            {"kl": (point.beta, point.rho), "l1": point.beta, "topk": point.k}[point.model.sparsity]
+        method = point.model.sparsity + ("+auxk" if point.model.auxk else "")
+        assert method == ("topk+auxk" if name.startswith("topk_auxk") else name.split("_")[0])
+        methods.setdefault(method, []).append(
+            {"kl": (point.beta, point.rho), "l1": point.beta}.get(point.model.sparsity, point.k)
         )
-    assert {m: len(v) for m, v in methods.items()} == {"kl": 6, "l1": 4, "topk": 4}
+    assert {m: len(v) for m, v in methods.items()} == {"kl": 6, "l1": 4, "topk": 4, "topk+auxk": 3}
     assert all(len(set(v)) == len(v) for v in methods.values())  # no point twice
+
+
+def test_overcomplete_sweeps_each_method_over_widths_with_one_hidden_layer():
+    cfg = compose_config("train", ["experiment=overcomplete"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"+wide_point": "glob(*)", "latent_dim": "128,512,1024"}
+    methods = set()
+    for name in sorted(p.stem for p in (CONF / "wide_point").glob("*.yaml")):
+        point = compose_config("train", ["experiment=overcomplete", f"+wide_point={name}", "latent_dim=1024"])
+        validate_train_config(point)
+        assert list(point.model.hidden_dims) == [] and point.epochs == 10
+        methods.add(point.model.sparsity + ("+auxk" if point.model.auxk else ""))
+    assert methods == {"kl", "l1", "topk", "topk+auxk"}
 
 
 def test_seed_notebook_runs_without_validation(mnist_root, tmp_path):
