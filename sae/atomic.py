@@ -32,6 +32,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     except OSError as err:
         raise CannotWrite(cannot_write_message(path, err)) from err
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would create
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -42,6 +43,20 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if _disk_full(err, path.parent) or isinstance(err, PermissionError):
             raise CannotWrite(cannot_write_message(path, err)) from err
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    be read by setting it, which would briefly loosen what other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 class CannotWrite(UserError, OSError):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sae.atomic import CannotWrite, write_atomic, write_json_atomic, write_text_atomic
+from sae.atomic import CannotWrite, current_umask, write_atomic, write_json_atomic, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
@@ -80,3 +80,16 @@ def test_torch_saves_error_on_a_full_disk_is_said_as_a_full_disk(tmp_path, monke
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="PytorchStreamWriter"):  # with space left, the error as it is
         write_atomic(tmp_path / "last.ckpt", torch_on_a_full_disk)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_files_follow_the_umask_as_open_would(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_text_atomic(tmp_path / "atomic.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "atomic.txt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "plain.txt").stat().st_mode & 0o777
