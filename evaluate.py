@@ -8,9 +8,12 @@ The work is in sae.evaluation; this wrapper composes the config and reports erro
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sae.console import run_command
@@ -20,7 +23,10 @@ from sae.evaluation import evaluate, summarise
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     if cfg.sweep_dir:
-        run_command(lambda: summarise(cfg.sweep_dir))
+        try:
+            run_command(lambda: summarise(cfg.sweep_dir))
+        finally:  # everything went into the sweep folder: leave no empty run folder behind
+            shutil.rmtree(Path(HydraConfig.get().runtime.output_dir), ignore_errors=True)
     elif cfg.ckpt_path:
         run_command(lambda: evaluate(cfg))
     else:

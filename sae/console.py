@@ -41,6 +41,22 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def closing_lines(folder: Path, ckpt_path: str | None = None) -> str:
+    """What a run or an evaluation ends with: its folder and the files to open there."""
+    folder = folder.resolve()
+    files = [name for name in ("metrics.json",) if (folder / name).is_file()]
+    if ckpt_path:
+        path = Path(ckpt_path).resolve()
+        files.append(f"{path.relative_to(folder) if path.is_relative_to(folder) else path} (tested)")
+    plots = sorted(p.name for p in (folder / "plots").glob("*.png"))
+    if plots:
+        files.append(f"plots/ ({', '.join(plots)})")
+    lines = [f"run folder: {folder}", *(f"  {f}" for f in files)]
+    if (folder / "tensorboard").is_dir():
+        lines.append(f"  tensorboard --logdir {folder / 'tensorboard'}")
+    return "\n".join(lines)
+
+
 @dataclass
 class JobFailed:
     """What a sweep job whose error the user can fix returns instead of raising: the sweep goes on,

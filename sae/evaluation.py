@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from sae.atomic import write_json_atomic
 from sae.checkpoints import load_checkpoint
 from sae.config import ConfigError, without_retired_keys
-from sae.console import UserError, format_metrics
+from sae.console import UserError, closing_lines, format_metrics
 from sae.data import MNISTDataModule
 from sae.training import build_trainer, run_test
 
@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
     write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
     print(format_metrics(metrics))
+    print(closing_lines(Path(cfg.output_dir)), flush=True)
     return metrics
 
 
@@ -49,6 +50,4 @@ def summarise(sweep_dir: str | Path) -> None:
     path = Path(sweep_dir)
     if not path.is_dir() or not job_dirs(path):
         raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
-    rows = write_summary(path)
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{len(rows)} jobs ({ok} ok): wrote summary.csv, summary.md and pareto.png in {path}")
+    print(write_summary(path).closing_lines())

@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,10 +328,37 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
     write_text_atomic(path, buffer.getvalue())
 
 
-def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+@dataclass
+class SweepSummary:
+    """What write_summary wrote: the job rows (in job order and best first) and the files."""
+
+    sweep_dir: Path
+    rows: list[dict[str, Any]]
+    ranked: list[dict[str, Any]]
+    ranked_by: str
+    columns: list[str]  # those summary.md shows
+    files: list[str]
+
+    def closing_lines(self, best: int = 3) -> str:
+        """What a sweep command ends with: where its results are, and its best jobs."""
+        ok = sum(r["status"] == "ok" for r in self.rows)
+        figures = ", ".join(f for f in self.files if f.endswith(".png"))
+        lines = [
+            f"sweep folder: {self.sweep_dir.resolve()}",
+            f"  summary.md: {len(self.rows)} jobs, {ok} ok; {self.ranked_by.split(',')[0].replace('`', '')}",
+            f"  figures: {figures}",
+            f"  tensorboard --logdir {self.sweep_dir.resolve()}",
+        ]
+        top = [r for r in self.ranked if r["status"] == "ok"][:best]
+        if top:
+            lines += [f"best {len(top)}:", markdown_table(top, self.columns).rstrip()]
+        return "\n".join(lines)
+
+
+def write_summary(sweep_dir: str | Path) -> SweepSummary:
     """Write summary.csv, summary.md, pareto.png and sweep_metrics.png into sweep_dir (and, when
     jobs repeat a setting with other seeds, summary_by_setting.csv; for a two-knob grid,
-    sweep_heatmaps.png); return the job rows."""
+    sweep_heatmaps.png)."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
@@ -363,12 +391,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         header += f"The same in every job (that has it), so not in the table: {common}.\n\n"
     body = markdown_table(ranked, shown)
 
+    files = ["summary.csv", "summary.md"]
     settings = aggregate_seeds(rows, job_settings)
     if any(s["n"] > 1 for s in settings):
         body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
+        files.append("summary_by_setting.csv")
     write_text_atomic(sweep_dir / "summary.md", header + body)
-    _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
-    return rows
+    files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
+    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files)
 
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
@@ -396,9 +426,9 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
     )
 
 
-def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str]) -> None:
+def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str]) -> list[str]:
     """pareto.png and sweep_metrics.png (one point per setting, error bars over seeds), and
-    sweep_heatmaps.png when the sweep is a grid over two knobs."""
+    sweep_heatmaps.png when the sweep is a grid over two knobs; returns their names."""
     import matplotlib.pyplot as plt  # matplotlib only when there is something to draw
 
     from sae.plots import pareto_figure, sweep_heatmaps, sweep_metrics
@@ -413,6 +443,7 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
     for name, fig in figures.items():
         write_atomic(sweep_dir / f"{name}.png", lambda f, fig=fig: fig.savefig(f, format="png"))
         plt.close(fig)
+    return [f"{name}.png" for name in figures]
 
 
 def _job_exception(job_return: JobReturn) -> BaseException:
@@ -443,7 +474,9 @@ class SweepSummaryCallback(Callback):
             write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = write_summary(config.hydra.sweep.dir)
+        summary = write_summary(config.hydra.sweep.dir)
+        print(summary.closing_lines(), flush=True)
+        rows = summary.rows
         failed = [r["job"] for r in rows if r["status"] != "ok"]
         if failed:  # the failures' lines were printed as they happened; the command exits non-zero
             sys.exit(

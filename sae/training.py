@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from sae.atomic import write_json_atomic
 from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
 from sae.config import validate_train_config, without_retired_keys
-from sae.console import format_metrics
+from sae.console import closing_lines, format_metrics
 from sae.data import MNISTDataModule
 from sae.module import SparseAutoencoderModule
 from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
@@ -91,6 +91,7 @@ def _train(
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(format_metrics(metrics))
+        print(closing_lines(output_dir, metrics["ckpt_path"]), flush=True)
     return metrics
 
 

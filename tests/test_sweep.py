@@ -60,7 +60,7 @@ def fabricated_sweep(tmp_path):
 
 def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     sweep = fabricated_sweep(tmp_path)
-    rows = write_summary(sweep)
+    rows = write_summary(sweep).rows
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]  # numeric order, not text order
 
     with open(sweep / "summary.csv") as f:
@@ -120,14 +120,19 @@ def test_evaluate_rebuilds_the_summary_from_job_folders(tmp_path):
     sweep = fabricated_sweep(tmp_path)
     proc = run_script("evaluate.py", f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path}/out", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "4 jobs (2 ok)" in proc.stdout
+    # It ends by saying where the results are, and the best jobs.
+    said = proc.stdout.splitlines()
+    assert said[0] == f"sweep folder: {sweep.resolve()}" and "4 jobs, 2 ok" in said[1]
+    assert said[said.index("best 2:") + 1].startswith("| job |")
     for name in ("summary.csv", "summary.md", "pareto.png"):
         assert (sweep / name).stat().st_size > 0
+    assert not (tmp_path / "out").exists()  # it wrote into the sweep folder only
 
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run_script("evaluate.py", f"sweep_dir={empty}", f"hydra.run.dir={tmp_path}/out2", timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: sweep_dir=")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_frontier_ranks_hand_case():

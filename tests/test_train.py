@@ -164,7 +164,7 @@ def assert_probe_reads_reconstructions(metrics: dict, data_root: Path) -> None:
     assert metrics["test/probe_accuracy_reconstructions"] == pytest.approx(accuracy(recon), abs=one)
 
 
-def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
+def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
     cfg = compose_train(["debug=limit", WHOLE_TEST, "rho=0.1", "latent_dim=64"], tmp_path, mnist_root)
     cfg.threads = 1
     before = torch.get_num_threads()
@@ -173,6 +173,13 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path):
     finally:
         torch.set_num_threads(before)  # a process-wide setting: leave the other tests theirs
     assert metrics == read_metrics(tmp_path)
+    # It ends by naming its folder and the files to open there.
+    said = capsys.readouterr().out.splitlines()
+    folder = tmp_path.resolve()
+    tested = Path(metrics["ckpt_path"]).relative_to(folder)
+    assert said[-5:-1] == [f"run folder: {folder}", "  metrics.json", f"  {tested} (tested)", said[-2]]
+    assert said[-2].startswith("  plots/ (") and "feature_density.png" in said[-2]
+    assert said[-1] == f"  tensorboard --logdir {folder / 'tensorboard'}"
     assert_run_folder(tmp_path)
     assert metrics["fit/threads"] == 1
     assert Path(metrics["ckpt_path"]).name.startswith("best-epoch")  # the best by val/loss is tested
@@ -368,7 +375,9 @@ def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
     quick = [*QUICK_RUN, f"data.root={mnist_root}", "debug=limit", WHOLE_TEST]
-    run_cli("train.py", *quick, "beta=1e-3,5e-3", f"hydra.sweep.dir={sweep}", "-m")
+    proc = run_cli("train.py", *quick, "beta=1e-3,5e-3", f"hydra.sweep.dir={sweep}", "-m")
+    said = proc.stdout.splitlines()  # it ends with the sweep's folder and best jobs, not the last job's
+    assert said[said.index(f"sweep folder: {sweep.resolve()}") + 1].startswith("  summary.md: 2 jobs, 2 ok")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     betas = []
@@ -397,7 +406,7 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         "accelerator=cpu",
         "+trainer.enable_progress_bar=false",
     )
-    assert "test/mse" in proc.stdout
+    assert "test/mse" in proc.stdout and f"run folder: {out.resolve()}" in proc.stdout
     assert read_metrics(out)["test/mse"] == pytest.approx(job["test/mse"], abs=1e-5)
 
 
