@@ -87,12 +87,28 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
         kind = err.kind if isinstance(err, UserError) else "config error"
         line = one_line(err, limit=400)
         if not _in_multirun():
+            _record_failure(f"{kind}: {line}")
             sys.exit(f"{kind}: {line}")
         job = _job()
         _append_traceback(Path(job.runtime.output_dir) / f"{job.job.name}.log", err)
         overrides = " ".join(job.overrides.task)
         print(f"job {job.job.num} ({overrides}) failed: {kind}: {line}", file=sys.stderr, flush=True)
         return JobFailed(line)
+
+
+def _record_failure(line: str) -> None:
+    """status.json in the run folder Hydra made, as a sweep job's: failed, and the line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sae.atomic import write_json_atomic
+
+    if HydraConfig.initialized():
+        folder = Path(HydraConfig.get().runtime.output_dir)
+        if folder.is_dir():
+            try:
+                write_json_atomic(folder / "status.json", {"status": "failed", "error": line})
+            except OSError:
+                pass  # e.g. the folder cannot be written: the line itself says so
 
 
 def _job():

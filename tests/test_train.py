@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -421,6 +422,9 @@ def test_train_cli_missing_data_is_one_line(tmp_path):
     assert last.startswith("error: MNIST not found under data root") and str(empty) in last
     assert "train-images-idx3-ubyte" in last and "data.root=" in last
     assert "Traceback" not in proc.stderr
+    # The run folder says it failed, and why, as a sweep job's does.
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status == {"status": "failed", "error": last}
 
 
 @pytest.mark.slow
