@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -307,12 +308,18 @@ class MNISTDataModule(L.LightningDataModule):
         root = self.hparams.root
         if not self.hparams.download:
             raise DataError(f"{missing_data_message(root)} (data.download=false)")
+        # The outermost of root/MNIST/raw that the download creates: removed again if it fails, so a
+        # failed download leaves nothing behind (everything in it would be the download's).
+        created = next((p for p in (Path(root), Path(root) / "MNIST", Path(root) / "MNIST" / "raw")
+                        if not p.exists()), None)  # fmt: skip
         previous_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # fail in seconds, not minutes, when offline
         try:
             MNIST(str(root), train=True, download=True)
             MNIST(str(root), train=False, download=True)
         except Exception as err:  # no network, mirror down, disk full...
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
             raise DataError(f"{missing_data_message(root)} (download failed: {one_line(err)})") from err
         finally:
             socket.setdefaulttimeout(previous_timeout)

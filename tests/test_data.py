@@ -1,6 +1,7 @@
 """The DataModule through torchvision's real IDX reading path, on synthetic files and on the real MNIST."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,25 @@ def test_missing_data_names_root_files_and_fix(tmp_path):
     msg = str(err.value)
     assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg and "data.root=" in msg
     assert "\n" not in msg
+
+
+def test_a_failed_download_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """As torchvision does offline: it makes MNIST/raw, starts a file, then fails."""
+
+    def offline_mnist(root, train, download):
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("sae.data.MNIST", offline_mnist)
+    kept = tmp_path / "data"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for root, left in ((kept, ["notes.txt"]), (tmp_path / "new", None)):
+        with pytest.raises(DataError, match="download failed: .*name resolution"):
+            MNISTDataModule(root=str(root), download=True).prepare_data()
+        assert (sorted(p.name for p in root.iterdir()) if root.exists() else None) == left
 
 
 def copy_of(mnist_root, tmp_path):
