@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from sae.atomic import write_atomic
+from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
 from sae.probe import LinearClassifier, fit_linear_classifier
 
@@ -45,6 +47,38 @@ HPARAMS_METRICS = (
     "test/probe_accuracy",
     "test/probe_accuracy_reconstructions",
 )
+
+
+def progress_bar(refresh_rate: int = 5) -> ProgressBar:
+    """A redrawn bar on a terminal; elsewhere (a log file, a SLURM job's output) one line per
+    epoch, as a redrawn bar would write hundreds of lines there."""
+    return TQDMProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
+
+
+class EpochLines(ProgressBar):
+    """One line per epoch: its number, the training and validation loss, and its seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._started = 0.0
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled or trainer.global_rank != 0:
+            return
+        shown = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.endswith("/loss")}
+        values = ", ".join(f"{k} {float(v):.6g}" for k, v in shown.items())
+        seconds = time.perf_counter() - self._started
+        report(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {values} ({seconds:.1f} s)")
 
 
 def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -307,8 +341,4 @@ class SaveOnInterrupt(L.Callback):
                 f"{where}: the training data cannot resume mid-epoch, so {path} stays at the end of "
                 "the last completed epoch"
             )
-        print(
-            f"{said}; continue with: python train.py resume={self.dirpath.parent}",
-            file=sys.stderr,
-            flush=True,
-        )
+        report(f"{said}; continue with: python train.py resume={self.dirpath.parent}", stream=sys.stderr)

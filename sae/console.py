@@ -8,9 +8,11 @@ goes on with the others and ends with a count of the failed jobs.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,64 @@ def one_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message folded onto one line, for errors reported without a traceback."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_log_files() -> list[logging.FileHandler]:
+    """The run's log files: the file handlers on the root logger (Hydra's `<job name>.log`)."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def to_run_log(text: str, level: int = logging.INFO) -> None:
+    """Write text to the run's log file only (it was said on the console another way)."""
+    record = logging.LogRecord("sae", level, __file__, 0, text, None, None)
+    for handler in run_log_files():
+        handler.handle(record)
+
+
+def report(text: str, stream=None) -> None:
+    """Print text (stdout by default) and keep it in the run's log file, when there is one."""
+    print(text, file=stream or sys.stdout, flush=True)
+    to_run_log(text)
+
+
+def tidy_library_output() -> None:
+    """Quiet Lightning's noise (quiet_library_noise), and send its messages and Python warnings
+    through the root logger, so that they reach the run's log file as well as the console.
+
+    Lightning gives its loggers console handlers of their own, and stops them propagating, when
+    it is imported before logging is configured (as train.py imports it, before Hydra sets up the
+    job's console and `train.log`). Done only where there is a run log: elsewhere (a notebook,
+    the tests) the messages stay as Lightning prints them.
+    """
+    quiet_library_noise()
+    if not run_log_files():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
+
+
+class _DropLibraryNoise(logging.Filter):
+    """Lightning's lines that say nothing about the run: an advert, and accelerators this machine
+    does not have ("GPU available: True, used: False" stays: it says a GPU goes unused)."""
+
+    NOISE = ("💡 Tip:", "GPU available: False", "TPU available: False", "HPU available: False")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_library_noise() -> None:
+    """Silence what Lightning prints that no user can act on; every other warning stays."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLibraryNoise) for f in logger.filters):
+            logger.addFilter(_DropLibraryNoise())
+    # Lightning's own use of a torch API that torch deprecated (Lightning 2.6 on torch >= 2.10).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -88,11 +148,15 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
         line = one_line(err, limit=400)
         if not _in_multirun():
             _record_failure(f"{kind}: {line}")
+            for handler in run_log_files():  # the line in the log too (sys.exit prints it)
+                handler.handle(
+                    logging.LogRecord("sae", logging.ERROR, __file__, 0, f"{kind}: {line}", None, None)
+                )
             sys.exit(f"{kind}: {line}")
         job = _job()
         _append_traceback(Path(job.runtime.output_dir) / f"{job.job.name}.log", err)
         overrides = " ".join(job.overrides.task)
-        print(f"job {job.job.num} ({overrides}) failed: {kind}: {line}", file=sys.stderr, flush=True)
+        report(f"job {job.job.num} ({overrides}) failed: {kind}: {line}", stream=sys.stderr)
         return JobFailed(line)
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from sae.atomic import write_json_atomic
 from sae.checkpoints import load_checkpoint
 from sae.config import ConfigError, without_retired_keys
-from sae.console import UserError, closing_lines, format_metrics
+from sae.console import UserError, closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
 from sae.training import build_trainer, run_test
 
@@ -23,6 +23,7 @@ TRAINING_DATA_SETTINGS = ("val_size", "split_seed", "seed", "batch_size")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the test split through the checkpoint's model; write and return the metrics."""
+    tidy_library_output()
     module, trained_on = load_checkpoint(cfg.ckpt_path)
     defaults = inspect.signature(MNISTDataModule).parameters
     settings = {}
@@ -38,8 +39,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = run_test(build_trainer(cfg), module, datamodule)
     metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
     write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
-    print(format_metrics(metrics))
-    print(closing_lines(Path(cfg.output_dir)), flush=True)
+    report(format_metrics(metrics))
+    report(closing_lines(Path(cfg.output_dir)))
     return metrics
 
 
@@ -50,4 +51,4 @@ def summarise(sweep_dir: str | Path) -> None:
     path = Path(sweep_dir)
     if not path.is_dir() or not job_dirs(path):
         raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
-    print(write_summary(path).closing_lines())
+    report(write_summary(path).closing_lines())

@@ -92,6 +92,20 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
 
+    def describe(self) -> str:
+        """One line for the console: the network, its activations and sparsity method, its size."""
+        hp = self.hparams
+        widths = [hp.input_dim, *hp.hidden_dims, hp.latent_dim, *hp.hidden_dims[::-1], hp.input_dim]
+        knobs = {"kl": f"rho {hp.rho:g}, beta {hp.beta:g}", "l1": f"beta {hp.beta:g}", "topk": f"k {hp.k}"}
+        method = f"{hp.sparsity} ({knobs[hp.sparsity]})" if hp.sparsity in knobs else hp.sparsity
+        if hp.sparsity == "topk" and hp.auxk:
+            method = method[:-1] + ", AuxK)"
+        size = sum(p.numel() for p in self.net.parameters())
+        return (
+            f"model: {'-'.join(map(str, widths))}, {hp.activation} hidden, {hp.latent_activation} latent, "
+            f"sparsity={method}, {size:,} parameters"
+        )
+
     def activity_threshold(self, layer: str) -> float:
         """Above what a unit of `layer` counts as active: 0 for ReLU-like layers (positive exactly
         when their input is), else `l0_threshold` (a sigmoid code is never exactly 0)."""

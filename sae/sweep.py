@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sae.atomic import write_atomic, write_json_atomic, write_text_atomic
-from sae.console import JobFailed, one_line
+from sae.console import JobFailed, one_line, report
 
 # The reference notebook's baselines, each with what it was trained on. Its published test MSE is
 # not what its own loop gives when run here (10 epochs on the 60k training images); this project's
@@ -475,7 +475,7 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = write_summary(config.hydra.sweep.dir)
-        print(summary.closing_lines(), flush=True)
+        report(summary.closing_lines())
         rows = summary.rows
         failed = [r["job"] for r in rows if r["status"] != "ok"]
         if failed:  # the failures' lines were printed as they happened; the command exits non-zero

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from sae.atomic import write_json_atomic
 from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
 from sae.config import validate_train_config, without_retired_keys
-from sae.console import closing_lines, format_metrics
+from sae.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
 from sae.module import SparseAutoencoderModule
 from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
@@ -35,6 +35,7 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
     With `replay` (the vectorized launcher) the training epochs come from a stacked run's record
     instead of being computed here; everything else is the same.
     """
+    tidy_library_output()
     validate_train_config(cfg)
     resumed_with = {}
     if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
@@ -57,10 +58,11 @@ def _train(
     if cfg.get("resume"):
         cfg.output_dir = str(output_dir)
         remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
-        print(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
+        report(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
     if cfg.get("threads"):  # e.g. a share of the cores when several jobs run at once
         torch.set_num_threads(cfg.threads)
     datamodule, module = build_data_and_module(cfg)
+    report(module.describe())
     if replay is not None:
         module = replay.attach(module, datamodule)
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
@@ -90,8 +92,8 @@ def _train(
         metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
-        print(format_metrics(metrics))
-        print(closing_lines(output_dir, metrics["ckpt_path"]), flush=True)
+        report(format_metrics(metrics))
+        report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
 
 

@@ -76,7 +76,6 @@ def real_mnist_root() -> Path:
 QUICK_RUN = [
     "accelerator=cpu",
     "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
     "data.val_size=100",
     "data.eval_batch_size=64",
     "batch_size=50",

@@ -11,18 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from sae.callbacks import HPARAMS_METRICS
+from sae.callbacks import HPARAMS_METRICS, EpochLines
 from sae.config import ConfigError, validate_train_config
 from sae.evaluation import evaluate
 from sae.training import build_data_and_module, build_trainer, train
 from tests.conftest import (
     CONF,
+    LEAN,
     QUICK_RUN,
     checkpoint_weights,
     compose_config,
@@ -237,12 +238,26 @@ def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
         build_trainer(cfg)
 
 
-def test_progress_bar_is_throttled_and_can_be_turned_off(mnist_root, tmp_path):
+def test_progress_bar_is_throttled_on_a_terminal_one_line_per_epoch_elsewhere_and_can_be_turned_off(
+    mnist_root, tmp_path, monkeypatch, capsys
+):
     cfg = compose_config("train", [f"output_dir={tmp_path}", f"data.root={mnist_root}"])
-    bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
-    assert len(bars) == 1 and bars[0].refresh_rate == 5
-    cfg = compose_train([], tmp_path, mnist_root)  # +trainer.enable_progress_bar=false
-    assert not any(isinstance(c, TQDMProgressBar) for c in build_trainer(cfg).callbacks)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, ProgressBar)]
+    assert len(bars) == 1 and isinstance(bars[0], TQDMProgressBar) and bars[0].refresh_rate == 5
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)  # a log file: one line per epoch
+    bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, ProgressBar)]
+    assert len(bars) == 1 and isinstance(bars[0], EpochLines)
+    monkeypatch.undo()
+    quiet = compose_train([], tmp_path, mnist_root)  # +trainer.enable_progress_bar=false
+    assert not any(isinstance(c, ProgressBar) for c in build_trainer(quiet).callbacks)
+
+    cfg = compose_train(["debug=limit", *LEAN], tmp_path / "lines", mnist_root)
+    cfg.trainer.enable_progress_bar = True
+    train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train/loss" in line and "val/loss" in line and line.endswith(" s)") for line in lines)
 
 
 def cuda_queries_of_an_adam_step(monkeypatch) -> int:
@@ -379,6 +394,13 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     proc = run_cli("train.py", *quick, "beta=1e-3,5e-3", f"hydra.sweep.dir={sweep}", "-m")
     said = proc.stdout.splitlines()  # it ends with the sweep's folder and best jobs, not the last job's
     assert said[said.index(f"sweep folder: {sweep.resolve()}") + 1].startswith("  summary.md: 2 jobs, 2 ok")
+    # A quiet console: no advert, no accelerator this machine lacks, no deprecation of Lightning's.
+    for noise in ("litlogger", "TPU available: False", "LeafSpec", "Total FLOPs"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    # Each job's log keeps what it said: the model, Lightning's messages, the metrics, its folder.
+    log = (sweep / "0" / "train.log").read_text()
+    kept = ("model: 784-128-32-128-784", "Restoring states from the checkpoint", "test/mse", "run folder:")
+    assert all(line in log for line in kept), log
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     betas = []
@@ -408,6 +430,7 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         "+trainer.enable_progress_bar=false",
     )
     assert "test/mse" in proc.stdout and f"run folder: {out.resolve()}" in proc.stdout
+    assert "test/mse" in (out / "evaluate.log").read_text()
     assert read_metrics(out)["test/mse"] == pytest.approx(job["test/mse"], abs=1e-5)
 
 
@@ -425,6 +448,7 @@ def test_train_cli_missing_data_is_one_line(tmp_path):
     # The run folder says it failed, and why, as a sweep job's does.
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status == {"status": "failed", "error": last}
+    assert last in (tmp_path / "out" / "train.log").read_text()  # and its log keeps the line
 
 
 @pytest.mark.slow
