@@ -173,6 +173,7 @@ class RunFigures(L.Callback):
             decoded_units=pl_module.decoded_units().cpu(),
             rare_below=hp.rare_density,
             dense_above=hp.dense_density,
+            setting=pl_module.setting(),
         )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tb = tensorboard(trainer)

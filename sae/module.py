@@ -30,8 +30,8 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
 
     What callbacks read (and nothing else of the module): `hparams`, `encode(images)` and
     `reconstruct(images)` for a whole split, `input_filters()`, `decoded_units()`,
-    `unit_activity(split)` after a pass, and the latent codes that validation_step and test_step
-    return for their batch.
+    `unit_activity(split)` after a pass, `setting()` for figure titles, and the latent codes that
+    validation_step and test_step return for their batch.
     """
 
     def __init__(
@@ -92,18 +92,23 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
 
-    def describe(self) -> str:
-        """One line for the console: the network, its activations and sparsity method, its size."""
+    def setting(self) -> str:
+        """The knobs that tell runs apart, for figure titles: method and its knobs, width, lr."""
         hp = self.hparams
-        widths = [hp.input_dim, *hp.hidden_dims, hp.latent_dim, *hp.hidden_dims[::-1], hp.input_dim]
         knobs = {"kl": f"rho {hp.rho:g}, beta {hp.beta:g}", "l1": f"beta {hp.beta:g}", "topk": f"k {hp.k}"}
         method = f"{hp.sparsity} ({knobs[hp.sparsity]})" if hp.sparsity in knobs else hp.sparsity
         if hp.sparsity == "topk" and hp.auxk:
             method = method[:-1] + ", AuxK)"
+        return f"sparsity={method}, latent_dim {hp.latent_dim}, lr {hp.lr:g}"
+
+    def describe(self) -> str:
+        """One line for the console: the network, its activations and sparsity setting, its size."""
+        hp = self.hparams
+        widths = [hp.input_dim, *hp.hidden_dims, hp.latent_dim, *hp.hidden_dims[::-1], hp.input_dim]
         size = sum(p.numel() for p in self.net.parameters())
         return (
-            f"model: {'-'.join(map(str, widths))}, {hp.activation} hidden, {hp.latent_activation} latent, "
-            f"sparsity={method}, {size:,} parameters"
+            f"model: {'-'.join(map(str, widths))}, {hp.activation} hidden, {hp.latent_activation} latent; "
+            f"{self.setting()}; {size:,} parameters"
         )
 
     def activity_threshold(self, layer: str) -> float:

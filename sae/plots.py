@@ -278,8 +278,10 @@ def run_figures(
     decoded_units: Tensor | None = None,
     rare_below: float = 1e-3,
     dense_above: float = 0.5,
+    setting: str = "",
 ) -> dict[str, Figure]:
-    """All per-run figures of a (test) split of 28x28 images, by file name stem.
+    """All per-run figures of a (test) split of 28x28 images, by file name stem; `setting` (the
+    run's knobs) heads each, so that figures of several runs side by side say which is which.
 
     codes: the latent codes of every image; reconstructions: those of the first few images;
     filters: the first layer's weights, one row per hidden unit; densities: each hidden layer's
@@ -301,6 +303,10 @@ def run_figures(
         figures["feature_density"] = feature_density(densities, len(images), rare_below, dense_above)
     if decoded_units is not None:
         figures["decoder_images"] = decoder_images(decoded_units)
+    if setting:
+        for fig in figures.values():
+            above = fig.get_suptitle()
+            fig.suptitle(f"{setting}\n{above}" if above else setting, fontsize=10)
     return figures
 
 

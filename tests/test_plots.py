@@ -49,7 +49,8 @@ def test_figures_stay_bounded_for_wide_latents(latent_dim):
 
 
 class FakeModule:
-    """What RunFigures reads of a module: its rho, codes, reconstructions and first-layer weights."""
+    """What RunFigures reads of a module: its rho, codes, reconstructions, first-layer weights and
+    the setting that heads the figures."""
 
     hparams = SimpleNamespace(rho=0.05, l0_threshold=0.1, rare_density=1e-3, dense_density=0.5)
 
@@ -67,6 +68,9 @@ class FakeModule:
 
     def unit_activity(self, split):
         return {"encoder_1": (torch.rand(16), torch.rand(16)), "latent": (torch.rand(8), torch.rand(8))}
+
+    def setting(self):
+        return "sparsity=kl (rho 0.05, beta 0.005), latent_dim 8, lr 0.001"
 
 
 def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -120,8 +124,12 @@ def test_figures_mark_what_their_titles_and_scales_say():
         l0_threshold=0.2,
         densities={"encoder_1": encoder_density, "latent": latent_density},
         decoded_units=torch.randn(16, 784),
+        setting="sparsity=kl (rho 0.05, beta 0.005), latent_dim 16, lr 0.001",
     )
     try:
+        for name, fig in figures.items():  # each says which run it is
+            assert fig.get_suptitle().startswith("sparsity=kl (rho 0.05, beta 0.005), latent_dim 16"), name
+        assert figures["feature_density"].get_suptitle().endswith("each unit is active")
         assert "3 never fire on the test set (framed)" in figures["encoder_filters"].axes[0].get_title()
         framed = [p for p in figures["encoder_filters"].axes[0].patches if p.get_edgecolor()[:3] != (0, 0, 0)]
         assert len(framed) == 3
