@@ -357,8 +357,22 @@ def _by_method(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def _annotate(ax, points: list[dict], xs, ys, knobs: list[str]) -> None:
+    """Label each point with its setting on the side that faces the middle of the points, so that
+    labels of points at the right or top edge run into the plot, not off it."""
+    if not points:
+        return
+    x_mid, y_mid = sorted(xs)[len(xs) // 2], sorted(ys)[len(ys) // 2]
     for s, x, y in zip(points, xs, ys, strict=True):
-        ax.annotate(_setting_label(s, knobs), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        left, below = x > x_mid, y > y_mid
+        ax.annotate(
+            _setting_label(s, knobs),
+            (x, y),
+            textcoords="offset points",
+            xytext=(-4 if left else 4, -4 if below else 4),
+            ha="right" if left else "left",
+            va="top" if below else "bottom",
+            fontsize=7,
+        )
 
 
 def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise: bool) -> None:

@@ -222,7 +222,7 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
 
     def keep(sweep_dir, settings, knobs):
         figures["settings"] = settings
-        real(sweep_dir, settings, knobs)
+        return real(sweep_dir, settings, knobs)
 
     summary._write_figures = keep
     try:
@@ -245,6 +245,10 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         assert {*methods, *(f"{m} frontier" for m in methods)} <= set(labels)
         (placed,) = fig.axes[0].containers  # only the two KL settings are placed against rho
         assert len(placed.lines[0].get_xdata()) == 2
+        # Labels face the middle: the rightmost point's (L0 14) runs left, into the plot.
+        labels = {t.get_text(): t for t in fig.axes[1].texts}
+        assert labels["beta=0.001"].get_horizontalalignment() == "right"
+        assert labels["sparsity=l1, beta=0.1"].get_horizontalalignment() == "left"
         probe_front = [line for line in fig.axes[2].get_lines() if line.get_label() == "l1 frontier"][0]
         assert list(probe_front.get_ydata()) == [0.88, 0.93]  # higher accuracy is better here
     finally:
