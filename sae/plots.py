@@ -357,11 +357,11 @@ def _by_method(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def _annotate(ax, points: list[dict], xs, ys, knobs: list[str]) -> None:
-    """Label each point with its setting on the side that faces the middle of the points, so that
-    labels of points at the right or top edge run into the plot, not off it."""
+    """Label each point with its setting on the side that faces the middle of the points' range,
+    so that labels of points at the right or top edge run into the plot, not off it."""
     if not points:
         return
-    x_mid, y_mid = sorted(xs)[len(xs) // 2], sorted(ys)[len(ys) // 2]
+    x_mid, y_mid = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
     for s, x, y in zip(points, xs, ys, strict=True):
         left, below = x > x_mid, y > y_mid
         ax.annotate(
@@ -379,6 +379,7 @@ def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise:
     """metric against L0, one colour per method, each method's Pareto frontier drawn (fewer active
     units and a lower metric, or a higher one when not `minimise`)."""
     methods = _by_method(points)
+    labelled: list[tuple[dict, float, float]] = []
     for i, (method, members) in enumerate(methods.items()):
         have = [s for s in members if _value(s, "test/l0") is not None and _value(s, metric) is not None]
         xs, ys = [s["test/l0"] for s in have], [s[metric] for s in have]
@@ -404,7 +405,9 @@ def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise:
             zorder=2,
             label="Pareto frontier" if alone else f"{method} frontier",
         )
-        _annotate(ax, have, xs, ys, knobs)
+        labelled += [(s, x, y) for s, x, y in zip(have, xs, ys, strict=True)]
+    if labelled:  # all methods' points at once: the side a label takes depends on the whole panel
+        _annotate(ax, *map(list, zip(*labelled, strict=True)), knobs)
 
 
 def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
