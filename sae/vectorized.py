@@ -53,6 +53,8 @@ STACKABLE_TRAINER_KEYS = {
     "precision",
     "enable_progress_bar",
     "enable_model_summary",
+    "gradient_clip_val",  # refused by the config check unless off
+    "accumulate_grad_batches",
     "limit_val_batches",
     "limit_test_batches",
     "num_sanity_val_steps",

@@ -34,8 +34,8 @@ BAD = [
     ("data.batches_per_call=0", "data.batches_per_call=0 must be an integer >= 1"),
     ("threads=0", "threads=0 must be an integer >= 1 (or null)"),
     ("+trainer.strategy=ddp", "data.batches_per_call=16 with trainer.strategy=ddp: DDP averages"),
-    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the module steps"),
-    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
+    ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the module steps"),
+    ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
     # One spelling per knob: a group's copy of a top-level knob cannot be set on its own, even to
     # a valid value (the records would show the top-level one), and a renamed key names the new one.
     ("model.rho=1.5", "model.rho=1.5: model.rho follows the top-level knob rho, so set rho=1.5 instead"),
