@@ -238,6 +238,22 @@ def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
         build_trainer(cfg)
 
 
+def test_help_lists_every_option_of_the_groups_a_user_picks():
+    cfg = compose_config("train", [], return_hydra_config=True)
+    lines = {
+        line.split(":")[0].strip(): line.split(":", 1)[1]
+        for line in cfg.hydra.help.template.splitlines()
+        if line.startswith("  ") and ":" in line
+    }
+    for group in ("sparsity", "accelerator", "experiment", "debug", "logger", "launcher", "hparams_search"):
+        listed = {word.strip(",()") for word in lines[group].split()}
+        assert set(preset_names(group)) <= listed, group
+    assert {"default", "none"} <= {w.strip(",") for w in lines["callbacks"].split()}
+    assert "vectorized" in lines["hydra/launcher"]
+    knobs = next(line for line in cfg.hydra.help.template.splitlines() if line.startswith("Knobs"))
+    assert all(knob.strip() in cfg for knob in knobs.split(":", 1)[1].split(","))
+
+
 def test_progress_bar_is_throttled_on_a_terminal_one_line_per_epoch_elsewhere_and_can_be_turned_off(
     mnist_root, tmp_path, monkeypatch, capsys
 ):
