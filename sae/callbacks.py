@@ -34,17 +34,17 @@ from sae.probe import LinearClassifier, fit_linear_classifier
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
-HPARAMS_METRICS = (
-    "test/loss",
+HPARAMS_METRICS = (  # TensorBoard shows the first few by default: the ones compared first lead
     "test/mse",
-    "test/fvu",
-    "test/kl",
-    "test/rho_hat_mean",
-    "test/rho_hat_min",
-    "test/rho_hat_max",
     "test/l0",
     "test/dead_fraction",
     "test/probe_accuracy",
+    "test/rho_hat_mean",
+    "test/loss",
+    "test/fvu",
+    "test/kl",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
     "test/probe_accuracy_reconstructions",
 )
 
@@ -241,7 +241,7 @@ class HParamsSummary(L.Callback):
         tb = tensorboard(trainer)
         if tb is None:
             return
-        experiment, start, _ = hparams(self.params, dict.fromkeys(self.metrics, 0.0))
+        experiment, start, _ = hparams(swept_first(self.params), dict.fromkeys(self.metrics, 0.0))
         writer = tensorboard_file_writer(tb.experiment)
         for summary in (experiment, start):
             writer.add_summary(summary)
@@ -267,6 +267,18 @@ class HParamsSummary(L.Callback):
         tensorboard_file_writer(tb.experiment).add_summary(session_end_summary(status))
         tb.experiment.flush()
         self._open = False
+
+
+def swept_first(params: dict) -> dict:
+    """params with the knobs this command set first (in a sweep: the swept ones), as TensorBoard's
+    HParams tab ticks only the first few by default."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return params
+    named = [o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in HydraConfig.get().overrides.task]
+    first = [k for k in dict.fromkeys(named) if k in params]
+    return {k: params[k] for k in first} | {k: v for k, v in params.items() if k not in first}
 
 
 def session_end_summary(status: str):

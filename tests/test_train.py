@@ -99,12 +99,20 @@ def assert_run_folder(folder: Path) -> dict:
     return metrics
 
 
-def assert_hparams(folder: Path, expected: dict) -> None:
-    """The run's HParams entry: its settings, and the metric tags that TensorBoard fills in."""
+def assert_hparams(folder: Path, expected: dict, first: str = "sparsity") -> None:
+    """The run's HParams entry: its settings (`first` leading: TensorBoard ticks the first few),
+    and the metric tags that TensorBoard fills in, the key ones leading."""
     events = tensorboard_content(folder)
     content = events.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert experiment.hparam_infos[0].name == first
+    assert [m.name.tag for m in experiment.metric_infos[:4]] == [
+        "test/mse",
+        "test/l0",
+        "test/dead_fraction",
+        "test/probe_accuracy",
+    ]
     params = {
         k: start.hparams[k].WhichOneof("kind")
         and getattr(start.hparams[k], start.hparams[k].WhichOneof("kind"))
@@ -425,7 +433,7 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         betas.append(torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]["beta"])
         assert (job / ".hydra" / "config.yaml").is_file()
     assert betas == [1e-3, 5e-3]
-    assert_hparams(jobs[0], {"beta": 1e-3})
+    assert_hparams(jobs[0], {"beta": 1e-3}, first="beta")  # the swept knob leads
 
     with open(sweep / "summary.csv") as f:
         table = list(csv.DictReader(f))
@@ -508,7 +516,7 @@ def test_real_mnist_default_run_and_beta_sweep(real_mnist_root, tmp_path):
     assert low["test/rho_hat_mean"] > high["test/rho_hat_mean"]  # weaker penalty, less sparse
     for job, beta in (("0", 1e-3), ("1", 5e-3)):
         assert_run_folder(sweep / job)
-        assert_hparams(sweep / job, {"beta": beta})  # each job is its own row in the HParams tab
+        assert_hparams(sweep / job, {"beta": beta}, first="beta")  # each job: its own row in HParams
     with open(sweep / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(r["beta"]) for r in table] == [1e-3, 5e-3] and [r["status"] for r in table] == ["ok", "ok"]
