@@ -61,6 +61,8 @@ KEY_METRICS = (
     "test/probe_accuracy",
     "test/probe_accuracy_reconstructions",
 )
+# The metrics a sweep command's closing lines show for its best jobs.
+CLOSING_METRICS = ("test/mse", "test/l0", "test/dead_fraction", "test/probe_accuracy")
 # Knobs that change the training objective itself: across them val/loss (which contains beta * the
 # penalty) ranks jobs by their objective, not by how well they reconstruct at a given sparsity.
 OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
@@ -338,6 +340,7 @@ class SweepSummary:
     ranked_by: str
     columns: list[str]  # those summary.md shows
     files: list[str]
+    metric: str  # the sweep's optimized_metric
 
     def closing_lines(self, best: int = 3) -> str:
         """What a sweep command ends with: where its results are, and its best jobs."""
@@ -350,8 +353,10 @@ class SweepSummary:
             f"  tensorboard --logdir {self.sweep_dir.resolve()}",
         ]
         top = [r for r in self.ranked if r["status"] == "ok"][:best]
-        if top:
-            lines += [f"best {len(top)}:", markdown_table(top, self.columns).rstrip()]
+        if top:  # the settings, how they rank, and the metrics compared first; summary.md has all
+            settings = [c for c in self.columns if "/" not in c and c != "error"]
+            metrics = [m for m in (self.metric, *CLOSING_METRICS) if m in self.columns]
+            lines += [f"best {len(top)}:", markdown_table(top, [*settings, *dict.fromkeys(metrics)]).rstrip()]
         return "\n".join(lines)
 
 
@@ -398,7 +403,7 @@ def write_summary(sweep_dir: str | Path) -> SweepSummary:
         files.append("summary_by_setting.csv")
     write_text_atomic(sweep_dir / "summary.md", header + body)
     files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
-    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files)
+    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
 
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
