@@ -106,8 +106,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         hp = self.hparams
         widths = [hp.input_dim, *hp.hidden_dims, hp.latent_dim, *hp.hidden_dims[::-1], hp.input_dim]
         size = sum(p.numel() for p in self.net.parameters())
+        hidden = f"{hp.activation} hidden, " if hp.hidden_dims else ""
         return (
-            f"model: {'-'.join(map(str, widths))}, {hp.activation} hidden, {hp.latent_activation} latent; "
+            f"model: {'-'.join(map(str, widths))}, {hidden}{hp.latent_activation} latent; "
             f"{self.setting()}; {size:,} parameters"
         )
 
