@@ -289,3 +289,17 @@ def test_auxk_settings_are_checked(mnist_root, tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         train(compose_train(overrides, tmp_path, mnist_root))
     assert message in str(err.value)
+
+
+def test_a_run_describes_its_setting_in_one_line():
+    from sae.module import SparseAutoencoderModule
+
+    topk = SparseAutoencoderModule(
+        hidden_dims=[], latent_dim=64, latent_activation="topk", sparsity="topk", k=4, auxk=True
+    )
+    assert topk.setting() == "sparsity=topk (k 4, AuxK), latent_dim 64, lr 0.001"
+    size = 784 * 64 + 64 + 64 * 784 + 784
+    assert topk.describe() == f"model: 784-64-784, topk latent; {topk.setting()}; {size:,} parameters"
+    kl = SparseAutoencoderModule()
+    assert kl.describe().startswith("model: 784-128-32-128-784, relu hidden, sigmoid latent; sparsity=kl")
+    assert kl.setting() == "sparsity=kl (rho 0.05, beta 0.005), latent_dim 32, lr 0.001"
