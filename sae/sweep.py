@@ -61,6 +61,7 @@ KEY_METRICS = (
     "test/probe_accuracy",
     "test/probe_accuracy_reconstructions",
 )
+SHOWN_FIT = ("fit/seconds", "fit/stacked_jobs")  # in summary.md beside KEY_METRICS
 # The metrics a sweep command's closing lines show for its best jobs.
 CLOSING_METRICS = ("test/mse", "test/l0", "test/dead_fraction", "test/probe_accuracy")
 # Knobs that change the training objective itself: across them val/loss (which contains beta * the
@@ -382,6 +383,9 @@ def write_summary(sweep_dir: str | Path) -> SweepSummary:
     # The Markdown shows what differs between jobs; summary.csv keeps every column.
     keep = ("job", "status", "frontier", metric) if "frontier" in columns else ("job", "status", metric)
     shown, same = split_constant_columns(rows, [c for c in columns if c != "ckpt_path"], keep=keep)
+    # Of the metrics, the ones compared first (and the run's time): a table that reads.
+    hidden = [c for c in shown if "/" in c and c not in (metric, *KEY_METRICS, *SHOWN_FIT)]
+    shown = [c for c in shown if c not in hidden]
     baselines = "; ".join(
         f"{b['name']}: test MSE {b['test/mse']:g} ({b['epochs']} epochs, {b['train_images'] // 1000}k images)"
         for b in BASELINES
@@ -394,6 +398,8 @@ def write_summary(sweep_dir: str | Path) -> SweepSummary:
     if same:
         common = ", ".join(f"`{k}` {v}" for k, v in same.items())
         header += f"The same in every job (that has it), so not in the table: {common}.\n\n"
+    if hidden:
+        header += f"Also in summary.csv, one column each: {', '.join(f'`{c}`' for c in hidden)}.\n\n"
     body = markdown_table(ranked, shown)
 
     files = ["summary.csv", "summary.md"]

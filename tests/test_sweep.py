@@ -291,3 +291,17 @@ def test_the_frontier_is_circled_where_its_points_are_drawn():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_summary_md_shows_the_key_metrics_and_names_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    for job, beta, l1 in (("0", "0.001", 0.3), ("1", "0.005", 0.4)):
+        m = metrics(0.02 - float(beta), 0.03, 0.07, 8.0) | {"test/l1": l1, "fit/seconds": 3.0 + l1}
+        fake_job(sweep, job, [f"beta={beta}"], m, {"status": "ok"})
+    write_summary(sweep)
+    text = (sweep / "summary.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| job |"))
+    assert "test/mse" in header and "fit/seconds" in header and "test/l1" not in header
+    assert "Also in summary.csv, one column each: `test/l1`." in text
+    with open(sweep / "summary.csv") as f:
+        assert "test/l1" in next(csv.reader(f))
