@@ -533,7 +533,9 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
         {k.split("/")[1] for s in settings for k in s if k.endswith("/dead_fraction") and k.count("/") == 2}
     )
     for r, knob in enumerate(rows):
-        others = [k for k in knobs if k != knob]
+        # One line per value of every other swept knob, numeric or not (e.g. +point=..., a method).
+        swept = knobs if label_knobs is None else label_knobs
+        others = [k for k in swept if k != knob] if knob else []
         groups: dict[str, list[dict]] = {}
         for s in settings:
             groups.setdefault(_setting_label(s, others) if others else "", []).append(s)

@@ -175,3 +175,20 @@ def test_a_sweep_over_a_named_option_gets_one_point_per_setting():
         assert list(mse_axis.get_lines()[0].get_ydata()) == [0.018, 0.019]
     finally:
         plt.close(fig)
+
+
+def test_a_numeric_knob_gets_one_line_per_value_of_a_named_one():
+    """experiment=overcomplete: latent_dim on the x axis, one line per method (+wide_point=...)."""
+    settings = [
+        {"wide_point": point, "latent_dim": width, "n": 1, "test/mse": mse, "test/l0": 8.0}
+        for point, offset in (("kl", 0.0), ("topk", 0.001))
+        for width, mse in ((128, 0.016 + offset), (512, 0.010 + offset))
+    ]
+    fig = sweep_metrics(settings, ["latent_dim"], ["wide_point", "latent_dim"])
+    try:
+        lines = [line for line in fig.axes[0].get_lines() if line.get_marker() == "o"]  # not error caps
+        assert sorted(tuple(line.get_ydata()) for line in lines) == [(0.016, 0.01), (0.017, 0.011)]
+        legend = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+        assert legend == {"wide_point=kl", "wide_point=topk"}
+    finally:
+        plt.close(fig)
