@@ -270,14 +270,15 @@ class HParamsSummary(L.Callback):
 
 
 def swept_first(params: dict) -> dict:
-    """params with the knobs this command set first (in a sweep: the swept ones), as TensorBoard's
-    HParams tab ticks only the first few by default."""
+    """params with the knobs this command set first (in a sweep: the swept ones, and any other it
+    set), each group in the config's order, as TensorBoard's HParams tab ticks only the first few
+    by default."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return params
-    named = [o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in HydraConfig.get().overrides.task]
-    first = [k for k in dict.fromkeys(named) if k in params]
+    named = {o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in HydraConfig.get().overrides.task}
+    first = [k for k in params if k in named]  # in the config's order: the sweep knobs lead it
     return {k: params[k] for k in first} | {k: v for k, v in params.items() if k not in first}
 
 
