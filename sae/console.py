@@ -148,10 +148,7 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
         line = one_line(err, limit=400)
         if not _in_multirun():
             _record_failure(f"{kind}: {line}")
-            for handler in run_log_files():  # the line in the log too (sys.exit prints it)
-                handler.handle(
-                    logging.LogRecord("sae", logging.ERROR, __file__, 0, f"{kind}: {line}", None, None)
-                )
+            to_run_log(f"{kind}: {line}", logging.ERROR)  # the log keeps it too; sys.exit prints it
             sys.exit(f"{kind}: {line}")
         job = _job()
         _append_traceback(Path(job.runtime.output_dir) / f"{job.job.name}.log", err)
