@@ -95,11 +95,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     def setting(self) -> str:
         """The knobs that tell runs apart, for figure titles: method and its knobs, width, lr."""
         hp = self.hparams
-        knobs = {"kl": f"rho {hp.rho:g}, beta {hp.beta:g}", "l1": f"beta {hp.beta:g}", "topk": f"k {hp.k}"}
-        method = f"{hp.sparsity} ({knobs[hp.sparsity]})" if hp.sparsity in knobs else hp.sparsity
-        if hp.sparsity == "topk" and hp.auxk:
-            method = method[:-1] + ", AuxK)"
-        return f"sparsity={method}, latent_dim {hp.latent_dim}, lr {hp.lr:g}"
+        return f"sparsity={self.method.describe()}, latent_dim {hp.latent_dim}, lr {hp.lr:g}"
 
     def describe(self) -> str:
         """One line for the console: the network, its activations and sparsity setting, its size."""

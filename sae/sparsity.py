@@ -61,6 +61,10 @@ class SparsityMethod(nn.Module):
         not when the method keeps state of its own across steps, which is one run's."""
         return True
 
+    def describe(self) -> str:
+        """The method and its knobs in a few words, for the console and figure titles."""
+        return self.name
+
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         """The penalty's terms on one batch x, from the model's output for it: `out.activations`
         (the covered layers, by name) and `out.decoder_weight` (the decoder's first layer,
@@ -100,6 +104,9 @@ class KLSparsity(SparsityMethod):
     latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
     batch_term_names = ("kl_batch",)
 
+    def describe(self) -> str:
+        return f"kl (rho {self.knobs['rho']:g}, beta {self.knobs['beta']:g})"
+
     def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
         return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
 
@@ -131,6 +138,9 @@ class L1Sparsity(SparsityMethod):
     latent_activations = ("relu",)
     only_latent = True
     batch_term_names = ("l1",)
+
+    def describe(self) -> str:
+        return f"l1 (beta {self.knobs['beta']:g})"
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
@@ -180,6 +190,9 @@ class TopKSparsity(SparsityMethod):
     @classmethod
     def stacks(cls, knobs: Mapping[str, Any]) -> bool:
         return not knobs.get("auxk")  # the dead-latent counter is one run's
+
+    def describe(self) -> str:
+        return f"topk (k {self.knobs['k']}{', AuxK' if self.auxk else ''})"
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         if not self.auxk:
