@@ -183,7 +183,7 @@ class RunFigures(L.Callback):
             plt.close(fig)
             if tb is not None:  # the saved PNG itself: rendering the figure again costs as much
                 image = np.asarray(Image.open(path).convert("RGB"))
-                tb.experiment.add_image(f"figures/{name}", image, trainer.global_step, dataformats="HWC")
+                tb.experiment.add_image(f"visuals/{name}", image, trainer.global_step, dataformats="HWC")
 
 
 class EpochVisuals(L.Callback):

@@ -19,9 +19,10 @@ from omegaconf import DictConfig
 
 from sae.atomic import write_json_atomic
 from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
-from sae.config import validate_train_config, without_retired_keys
+from sae.config import command_override_keys, validate_train_config, without_retired_keys
 from sae.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
+from sae.loggers import tensorboard_run_name
 from sae.module import SparseAutoencoderModule
 from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
 
@@ -65,6 +66,9 @@ def _train(
     report(module.describe())
     if replay is not None:
         module = replay.attach(module, datamodule)
+    tensorboard = (cfg.get("logger") or {}).get("tensorboard")
+    if tensorboard is not None and tensorboard.get("version") == "":  # "": not set by the user
+        tensorboard.version = tensorboard_run_name(cfg, output_dir)
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
@@ -95,20 +99,6 @@ def _train(
         report(format_metrics(metrics))
         report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
-
-
-def command_override_keys(cfg: DictConfig) -> list[str] | None:
-    """The keys the command line set, from Hydra's record of it; None when train(cfg) is called
-    with a config Hydra did not run (then every value of cfg counts as meant)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.get("hydra") is not None:  # composed with return_hydra_config=True
-        overrides = cfg.hydra.overrides.task
-    elif HydraConfig.initialized():
-        overrides = HydraConfig.get().overrides.task
-    else:
-        return None
-    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoencoderModule]:

@@ -116,13 +116,20 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def tensorboard_run(folder: Path) -> Path:
+    """The one folder under <folder>/tensorboard that holds the run's event files."""
+    holders = {p.parent for p in (folder / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(holders) == 1, holders
+    return holders.pop()
+
+
 def hparams_end_status(folder: Path) -> str | None:
     """How the run's TensorBoard HParams session ended (e.g. STATUS_SUCCESS); None if not recorded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.api_pb2 import Status
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(tensorboard_run(folder)), size_guidance={"tensors": 0})
     events.Reload()
     content = events.PluginTagToContent("hparams")
     if "_hparams_/session_end_info" not in content:

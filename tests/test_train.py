@@ -33,6 +33,7 @@ from tests.conftest import (
     idx_test_split,
     read_metrics,
     run_script,
+    tensorboard_run,
 )
 
 REQUIRED = [
@@ -84,7 +85,7 @@ def assert_figures(plots: Path) -> None:
 
 
 def tensorboard_content(folder: Path) -> EventAccumulator:
-    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events = EventAccumulator(str(tensorboard_run(folder)), size_guidance={"tensors": 0, "scalars": 0})
     events.Reload()
     return events
 
@@ -92,7 +93,7 @@ def tensorboard_content(folder: Path) -> EventAccumulator:
 def assert_run_folder(folder: Path) -> dict:
     metrics = read_metrics(folder)
     assert set(REQUIRED) <= set(metrics)
-    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    tensorboard_run(folder)  # event files, in one folder
     assert (folder / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["ckpt_path"]).is_file()
     assert_figures(folder / "plots")
@@ -143,7 +144,12 @@ def assert_hparams(folder: Path, expected: dict, first: str = "sparsity") -> Non
     assert hparams_end_status(folder) == "STATUS_SUCCESS"  # written at the end, not at the start
     tags = events.Tags()
     assert {"val/latent_activation", "val/rho_hat"} <= set(tags["histograms"])
-    assert {"val/reconstructions", "figures/unit_means"} <= set(tags["images"])
+    assert {"val/reconstructions", "visuals/unit_means"} <= set(tags["images"])
+    # TensorBoard opens on cards ordered by tag, grouped by the part before the first "/": the
+    # losses and sparsity metrics lead, the figures follow; no epoch staircase, no constants.
+    cards = sorted(tags["scalars"] + tags["images"] + tags["histograms"])
+    assert list(dict.fromkeys(t.split("/")[0] for t in cards)) == ["test", "train", "val", "visuals"]
+    assert not {"epoch", "test/l0_threshold", "test/rare_density", "test/dense_density"} & set(scalars)
     # Each epoch's rho_hat histogram is that epoch's: its mean is the val/rho_hat_mean scalar
     # logged at the same step (not the previous pass's, nor the sanity check's).
     means = {e.step: e.value for e in events.Scalars("val/rho_hat_mean")}
@@ -434,6 +440,11 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         assert (job / ".hydra" / "config.yaml").is_file()
     assert betas == [1e-3, 5e-3]
     assert_hparams(jobs[0], {"beta": 1e-3}, first="beta")  # the swept knob leads
+    # TensorBoard names each job's run by the knobs its command set, not by where or how it ran.
+    assert [tensorboard_run(job).relative_to(job / "tensorboard").as_posix() for job in jobs] == [
+        "data.val_size=100,batch_size=50,beta=0.001",  # as Hydra writes each job's value
+        "data.val_size=100,batch_size=50,beta=0.005",
+    ]
 
     with open(sweep / "summary.csv") as f:
         table = list(csv.DictReader(f))

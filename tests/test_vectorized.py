@@ -12,7 +12,15 @@ import torch
 
 from sae.evaluation import evaluate
 from sae.training import train
-from tests.conftest import LEAN, ROOT, compose_config, compose_train, hparams_end_status, train_command
+from tests.conftest import (
+    LEAN,
+    ROOT,
+    compose_config,
+    compose_train,
+    hparams_end_status,
+    tensorboard_run,
+    train_command,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
@@ -58,7 +66,9 @@ def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
         for folder in ("checkpoints", "plots"):
             names = [{p.name for p in (run / folder).iterdir()} for run in (sweep / job, alone)]
             assert names[0] == names[1], folder
-        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+        named = dict(kv.split("=") for kv in tensorboard_run(sweep / job).name.split(","))  # knobs set
+        assert (float(named["beta"]), int(named["seed"]), float(named["lr"])) == (float(beta), seed, 3e-3)
+        assert "accelerator" not in named
         cfg = compose_config("evaluate", [f"ckpt_path={got['ckpt_path']}", f"output_dir={tmp_path / 'e'}"])
         cfg.data.root, cfg.data.eval_batch_size, cfg.trainer.accelerator = str(mnist_root), 64, "cpu"
         assert evaluate(cfg)["test/mse"] == pytest.approx(got["test/mse"], rel=1e-6)
