@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, Timer
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from sae.atomic import write_json_atomic
 from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
@@ -120,9 +120,21 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     # The module writes train/* every log_every_n_steps optimizer steps, however many batches each
     # training call holds; Lightning's warning compares that number with the calls per epoch.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than")
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    with warnings.catch_warnings():
+        if runs_in_one_process(cfg.trainer):
+            # Lightning's hint, on every run on a machine with SLURM installed, to start it with
+            # srun: processes of a multi-device run started otherwise hang; one process cannot.
+            warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     cheap_cuda_checks_without_gpus()
     return trainer
+
+
+def runs_in_one_process(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer runs on one device of one node (no process of its own to start)."""
+    devices = trainer_cfg.get("devices", "auto")
+    one = devices in (1, "1") or (isinstance(devices, ListConfig | list) and len(devices) == 1)
+    return one and trainer_cfg.get("num_nodes", 1) == 1
 
 
 def fit_timer(trainer: L.Trainer) -> Timer:

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,29 @@ def test_progress_bar_is_throttled_on_a_terminal_one_line_per_epoch_elsewhere_an
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("train/loss" in line and "val/loss" in line and line.endswith(" s)") for line in lines)
+
+
+def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, monkeypatch):
+    """On a machine with SLURM installed, Lightning tells every run started without srun to use it:
+    a hint for runs of several processes (which hang otherwise), noise for one."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    hint = "The `srun` command is available"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_trainer(compose_train([], tmp_path, mnist_root))
+    assert not [w for w in caught if hint in str(w.message)]
+    two_processes = ["accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ddp = compose_train(two_processes, tmp_path, mnist_root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_trainer(ddp)
+    assert [w for w in caught if hint in str(w.message)]
 
 
 def cuda_queries_of_an_adam_step(monkeypatch) -> int:
