@@ -115,10 +115,8 @@ def train_cli_error(tmp_path, override: str) -> str:
 
 @pytest.mark.slow
 def test_cli_config_error_is_one_line(tmp_path):
+    # One command: every other refusal takes the same path to the console (tested in-process above).
     assert train_cli_error(tmp_path, "rho=1.5") == "config error: rho=1.5 must be a number in (0, 1)"
-    assert train_cli_error(tmp_path, "model.rho=1.5") == (
-        "config error: model.rho=1.5: model.rho follows the top-level knob rho, so set rho=1.5 instead"
-    )
 
 
 @pytest.mark.slow

@@ -18,11 +18,16 @@ from tests.conftest import ROOT, compose_config, train_command
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
 ONE_EPOCH = ["debug=limit", "epochs=1"]
+# What a launcher does with a job is the same for every output: the per-run probe and figures
+# (tested with the basic launcher) are left out.
+NO_RUN_VISUALS = ["~callbacks.linear_probe", "~callbacks.run_figures", "~callbacks.epoch_visuals"]
 
 
 def multirun(tmp_path, mnist_root, *overrides: str, multirun_flag: bool = True):
     sweep = tmp_path / "sweep"
-    command = train_command(mnist_root, *ONE_EPOCH, "data.batches_per_call=3", f"hydra.sweep.dir={sweep}")
+    command = train_command(
+        mnist_root, *ONE_EPOCH, *NO_RUN_VISUALS, "data.batches_per_call=3", f"hydra.sweep.dir={sweep}"
+    )
     command += [*overrides] + (["-m"] if multirun_flag else [])
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     summary = sweep / "summary.csv"
