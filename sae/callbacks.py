@@ -241,7 +241,10 @@ class HParamsSummary(L.Callback):
         tb = tensorboard(trainer)
         if tb is None:
             return
-        experiment, start, _ = hparams(swept_first(self.params), dict.fromkeys(self.metrics, 0.0))
+        knobs = command_knobs(self.params)
+        params = {k: self.params[k] for k in knobs} | self.params
+        experiment, start, _ = hparams(params, dict.fromkeys(self.metrics, 0.0))
+        mark_as_differing(experiment, knobs)
         writer = tensorboard_file_writer(tb.experiment)
         for summary in (experiment, start):
             writer.add_summary(summary)
@@ -269,17 +272,30 @@ class HParamsSummary(L.Callback):
         self._open = False
 
 
-def swept_first(params: dict) -> dict:
-    """params with the knobs this command set first (in a sweep: the swept ones, and any other it
-    set), each group in the config's order, as TensorBoard's HParams tab ticks only the first few
-    by default."""
+def command_knobs(params: dict) -> list[str]:
+    """The keys of params that this command set (in a sweep: the swept ones, and any other it
+    set), in the config's order: the sweep knobs lead it."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return params
+        return []
     named = {o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in HydraConfig.get().overrides.task}
-    first = [k for k in params if k in named]  # in the config's order: the sweep knobs lead it
-    return {k: params[k] for k in first} | {k: v for k, v in params.items() if k not in first}
+    return [k for k in params if k in named]
+
+
+def mark_as_differing(experiment, knobs: list[str]) -> None:
+    """Flag `knobs` in the HParams experiment summary as the knobs that differ between runs.
+
+    TensorBoard's HParams view lists hyperparameters that differ first, then by name, and shows
+    the first few: flagged, the knobs a sweep varies lead its columns and are ticked.
+    """
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    (value,) = experiment.value
+    content = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in knobs
+    value.metadata.plugin_data.content = content.SerializeToString()
 
 
 def session_end_summary(status: str):

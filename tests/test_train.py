@@ -16,6 +16,9 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.backend_context import (
+    _sort_and_reduce_to_hparams_limit as tensorboard_hparams_order,  # what its server does
+)
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from sae.callbacks import HPARAMS_METRICS, EpochLines
@@ -101,14 +104,21 @@ def assert_run_folder(folder: Path) -> dict:
     return metrics
 
 
-def assert_hparams(folder: Path, expected: dict, first: str = "sparsity") -> None:
-    """The run's HParams entry: its settings (`first` leading: TensorBoard ticks the first few),
-    and the metric tags that TensorBoard fills in, the key ones leading."""
+def assert_hparams(
+    folder: Path, expected: dict, first: str = "sparsity", knobs: tuple[str, ...] = ()
+) -> None:
+    """The run's HParams entry: its settings (`first` leading; the `knobs` the command set flagged
+    as differing, which TensorBoard's server lists first, then by name, and ticks), and the metric
+    tags that TensorBoard fills in, the key ones leading."""
     events = tensorboard_content(folder)
     content = events.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert experiment.hparam_infos[0].name == first
+    assert {i.name for i in experiment.hparam_infos if i.differs} == set(knobs)
+    served = type(experiment).FromString(experiment.SerializeToString())
+    tensorboard_hparams_order(served)
+    assert [i.name for i in served.hparam_infos[: len(knobs)]] == sorted(knobs)
     assert [m.name.tag for m in experiment.metric_infos[:4]] == [
         "test/mse",
         "test/l0",
@@ -465,7 +475,7 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
         betas.append(torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]["beta"])
         assert (job / ".hydra" / "config.yaml").is_file()
     assert betas == [1e-3, 5e-3]
-    assert_hparams(jobs[0], {"beta": 1e-3}, first="beta")  # the swept knob leads
+    assert_hparams(jobs[0], {"beta": 1e-3}, first="beta", knobs=("beta", "batch_size", "val_size"))
     # TensorBoard names each job's run by the knobs its command set, not by where or how it ran.
     assert [tensorboard_run(job).relative_to(job / "tensorboard").as_posix() for job in jobs] == [
         "data.val_size=100,batch_size=50,beta=0.001",  # as Hydra writes each job's value
@@ -553,7 +563,7 @@ def test_real_mnist_default_run_and_beta_sweep(real_mnist_root, tmp_path):
     assert low["test/rho_hat_mean"] > high["test/rho_hat_mean"]  # weaker penalty, less sparse
     for job, beta in (("0", 1e-3), ("1", 5e-3)):
         assert_run_folder(sweep / job)
-        assert_hparams(sweep / job, {"beta": beta}, first="beta")  # each job: its own row in HParams
+        assert_hparams(sweep / job, {"beta": beta}, first="beta", knobs=("beta", "epochs"))  # a row per job
     with open(sweep / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(r["beta"]) for r in table] == [1e-3, 5e-3] and [r["status"] for r in table] == ["ok", "ok"]
