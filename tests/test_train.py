@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tests.conftest import (
     CONF,
     LEAN,
     QUICK_RUN,
+    ROOT,
     checkpoint_weights,
     compose_config,
     compose_train,
@@ -347,6 +349,21 @@ def test_without_a_gpu_adam_steps_skip_the_nvml_device_query(mnist_root, tmp_pat
     build_trainer(compose_train([], tmp_path, mnist_root))
     queries = cuda_queries_of_an_adam_step(monkeypatch)
     assert (queries == 0) == (torch.cuda.device_count() == 0)
+
+
+def test_importing_sae_shortens_openmp_spinning_before_torch_loads_it():
+    """OpenMP reads GOMP_SPINCOUNT when torch loads it: `import sae` (what train.py and
+    evaluate.py do first) sets it before any torch import, unless the user set a policy."""
+    probe = "import os, sys, sae; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def spin_count(**env: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=clean | env, capture_output=True)
+        return proc.stdout.decode().strip()
+
+    assert spin_count() == "1000 False"
+    assert spin_count(GOMP_SPINCOUNT="5") == "5 False"
+    assert spin_count(OMP_WAIT_POLICY="ACTIVE") == "None False"
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):
