@@ -117,6 +117,7 @@ def train_config(args, output_dir: str):
                 f"output_dir={output_dir}",
                 f"epochs={args.epochs}",
                 f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+                *args.overrides,
             ],
         )
 
@@ -176,7 +177,7 @@ def project_run(args, device: torch.device, interleave: bool) -> dict:
 def peak_memory(args, variant: str) -> float:
     """Peak memory of one variant alone, two epochs, in a fresh process (MiB: RSS, or CUDA allocated)."""
     command = [sys.executable, __file__, "--memory-of", variant, "--device", args.device]
-    command += ["--data-root", args.data_root]
+    command += ["--data-root", args.data_root, "--overrides", *args.overrides]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     mark = re.search(r"PEAK_MIB (\S+)", proc.stdout)
     if proc.returncode != 0 or mark is None:
@@ -191,7 +192,7 @@ def memory_child(args) -> None:
         project_run(args, device, interleave=False)
     else:
         images, _ = load_mnist_split(args.data_root, train=True)
-        indices = torch.arange(55000)
+        indices = torch.arange(min(55000, len(images)))
         loop = (
             reference_loop(args.data_root, indices, device)
             if args.memory_of == "a"
@@ -216,6 +217,7 @@ def first_step_seconds(args) -> float:
             f"hydra.run.dir={out}",
             f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
             "+callbacks.first_step._target_=benchmarks.first_step.FirstStepClock",
+            *args.overrides,
         ]
         start = time.time()
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -236,6 +238,10 @@ def main() -> None:
         default=os.environ.get("SAE_DATA_DIR", "data"),
         help="folder holding MNIST/raw (default: $SAE_DATA_DIR, else ./data)",
     )
+    parser.add_argument(
+        "--overrides", nargs="*", default=[], help="train.py overrides for (c) (and its split)"
+    )
+    parser.add_argument("--timing-only", action="store_true", help="no peak memory, no start-up time")
     parser.add_argument("--memory-of", choices=sorted(NAMES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
@@ -249,11 +255,15 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"timing (a), (b), (c) interleaved, {args.epochs} epochs each ...", file=sys.stderr, flush=True)
     results = project_run(args, device, interleave=True)
+    startup = float("nan")
     for name in NAMES:
-        print(f"peak memory of ({name}) alone ...", file=sys.stderr, flush=True)
-        results[name]["peak_mib"] = peak_memory(args, name)
-    print("time to the first training step of python train.py ...", file=sys.stderr, flush=True)
-    startup = first_step_seconds(args)
+        results[name]["peak_mib"] = float("nan")
+        if not args.timing_only:
+            print(f"peak memory of ({name}) alone ...", file=sys.stderr, flush=True)
+            results[name]["peak_mib"] = peak_memory(args, name)
+    if not args.timing_only:
+        print("time to the first training step of python train.py ...", file=sys.stderr, flush=True)
+        startup = first_step_seconds(args)
 
     def ratio(num: str, den: str) -> float:
         pairs = zip(results[num]["times"][1:], results[den]["times"][1:], strict=True)

@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-root", default=os.environ.get("SAE_DATA_DIR", "data"))
+    parser.add_argument("--betas", default=BETAS, help="the grid's beta values (default: 4)")
+    parser.add_argument("--rhos", default=RHOS, help="the grid's rho values (default: 4)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="more train.py overrides for every run")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -61,11 +64,12 @@ def main() -> None:
         f"epochs={args.epochs}",
         f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         "+trainer.enable_progress_bar=false",
+        *args.overrides,
     ]
     train = [sys.executable, str(ROOT / "train.py")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        grid = [f"beta={BETAS}", f"rho={RHOS}"]
+        grid = [f"beta={args.betas}", f"rho={args.rhos}"]
         seconds = {
             "single": run([*train, *common, f"hydra.run.dir={tmp / 'single'}"], "single"),
             "basic": run([*train, *common, *grid, f"hydra.sweep.dir={tmp / 'basic'}", "-m"], "basic"),
@@ -75,17 +79,19 @@ def main() -> None:
             ),
         }
         basic, vectorized = test_mse(tmp / "basic"), test_mse(tmp / "vec")
-    if basic.keys() != vectorized.keys() or len(basic) != 16:
+    jobs = len(args.betas.split(",")) * len(args.rhos.split(","))
+    if basic.keys() != vectorized.keys() or len(basic) != jobs:
         raise SystemExit(f"the sweeps differ: {sorted(basic)} vs {sorted(vectorized)}")
     worst = max(abs(vectorized[k] - basic[k]) / basic[k] for k in basic)
 
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"\n16-job grid (beta {BETAS} x rho {RHOS}), {args.epochs} epochs each, {args.device} ({where})\n")
+    grid = f"beta {args.betas} x rho {args.rhos}"
+    print(f"\n{jobs}-job grid ({grid}), {args.epochs} epochs each, {args.device} ({where})\n")
     print(f"{'launcher':<22} {'wall s':>8}")
     print("-" * 31)
     print(f"{'single job':<22} {seconds['single']:>8.1f}")
-    print(f"{'basic (16 jobs)':<22} {seconds['basic']:>8.1f}")
-    print(f"{'vectorized (16 jobs)':<22} {seconds['vectorized']:>8.1f}")
+    print(f"{f'basic ({jobs} jobs)':<22} {seconds['basic']:>8.1f}")
+    print(f"{f'vectorized ({jobs} jobs)':<22} {seconds['vectorized']:>8.1f}")
     print()
     speedup = seconds["basic"] / seconds["vectorized"]
     print(f"basic / vectorized:  {speedup:.2f}x  (GPU target >= 8x; CPU: >= 1x)")

@@ -1,0 +1,38 @@
+"""The GPU check's dry path: every step of benchmarks/gpu_check.py runs and its table is filled."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root):
+    command = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--data-root",
+        str(mnist_root),
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| figure | measured | target | met |") :].splitlines()[2:]
+    rows = {cells[1].strip(): cells[2:] for cells in (row.split("|") for row in table if row.startswith("|"))}
+    assert list(rows) == [
+        "(a)/(c) per epoch",
+        "default run fit/seconds",
+        "vectorized / single",
+        "basic / vectorized",
+        "test/mse, launchers apart",
+        "CUDA tests failed",
+    ]
+    for name, (measured, _, met, _) in rows.items():
+        assert met.strip() in ("yes", "no"), (name, proc.stdout[-4000:])  # measured, not failed
+        assert float(measured) >= 0
+    assert float(rows["CUDA tests failed"][0]) == 0  # skipped on a CPU: none failed
+    assert "FAILED" not in proc.stdout
