@@ -38,13 +38,13 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import train_config  # noqa: E402
 from sae.data import load_mnist_split  # noqa: E402
 from sae.loss import kl_sparsity  # noqa: E402
 from sae.model import SparseAutoencoder  # noqa: E402
@@ -108,18 +108,9 @@ def floor_loop(images: torch.Tensor, device: torch.device) -> PlainLoop:
     return PlainLoop(batches, device, seed=2, read_loss=False)
 
 
-def train_config(args, output_dir: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"data.root={args.data_root}",
-                f"output_dir={output_dir}",
-                f"epochs={args.epochs}",
-                f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-                *args.overrides,
-            ],
-        )
+def project_config(args, output_dir: str):
+    accelerator = f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"
+    return train_config(args.data_root, output_dir, f"epochs={args.epochs}", accelerator, *args.overrides)
 
 
 class Interleave(L.Callback):
@@ -154,7 +145,7 @@ def test_mse(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -
 def project_run(args, device: torch.device, interleave: bool) -> dict:
     """(c) as train.py runs it; with interleave, (a) and (b) train between its epochs."""
     with tempfile.TemporaryDirectory() as out:
-        cfg = train_config(args, out)
+        cfg = project_config(args, out)
         datamodule, module = build_data_and_module(cfg)
         trainer = build_trainer(cfg)
         loops = {}

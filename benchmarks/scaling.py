@@ -27,11 +27,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import train_config  # noqa: E402
 from sae.callbacks import LinearProbe, RunFigures  # noqa: E402
 from sae.console import quiet_library_noise  # noqa: E402
 from sae.stacked import StackedTraining  # noqa: E402
@@ -41,20 +41,8 @@ OVERRIDES: list[str] = []  # --overrides
 
 
 def config(data_root: str, output_dir: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"data.root={data_root}",
-                f"output_dir={output_dir}",
-                "accelerator=cpu",
-                "epochs=1",
-                "logger=none",
-                "+trainer.enable_progress_bar=false",
-                *OVERRIDES,
-                *overrides,
-            ],
-        )
+    quick = ["accelerator=cpu", "epochs=1", "logger=none", "+trainer.enable_progress_bar=false"]
+    return train_config(data_root, output_dir, *quick, *OVERRIDES, *overrides)
 
 
 def timed(hook, spent: dict, name: str):
