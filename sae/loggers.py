@@ -56,9 +56,10 @@ class TensorBoardLogger(LightningTensorBoardLogger):
 
 
 def tensorboard_run_name(cfg: DictConfig, output_dir: Path) -> str:
-    """The run's folder under <run>/tensorboard/: the knobs the command set, as typed
-    (`beta=1e-3,seed=1`), so that TensorBoard's run list and HParams rows say what each run is;
-    "" (the folder itself) when it set none. A resumed run keeps writing where its events are.
+    """The run's folder under <run>/tensorboard/: the knobs the command set, as Hydra records them
+    (`beta=0.001,seed=1` for a sweep's job), so that TensorBoard's run list and HParams rows say
+    what each run is; "" (the folder itself) when it set none. A resumed run keeps writing where
+    its events are.
     """
     if cfg.get("resume"):
         events = sorted((output_dir / "tensorboard").rglob("events.out.tfevents.*"))
