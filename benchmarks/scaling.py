@@ -37,12 +37,7 @@ from sae.console import quiet_library_noise  # noqa: E402
 from sae.stacked import StackedTraining  # noqa: E402
 from sae.training import build_data_and_module, build_trainer, fit_timer, run_test  # noqa: E402
 
-OVERRIDES: list[str] = []  # --overrides
-
-
-def config(data_root: str, output_dir: str, *overrides: str):
-    quick = ["accelerator=cpu", "epochs=1", "logger=none", "+trainer.enable_progress_bar=false"]
-    return train_config(data_root, output_dir, *quick, *OVERRIDES, *overrides)
+QUICK = ["accelerator=cpu", "epochs=1", "logger=none", "+trainer.enable_progress_bar=false"]
 
 
 def timed(hook, spent: dict, name: str):
@@ -56,10 +51,10 @@ def timed(hook, spent: dict, name: str):
     return run
 
 
-def one_job(data_root: str, latent_dim: int) -> dict[str, float]:
+def one_job(data_root: str, overrides: list[str], latent_dim: int) -> dict[str, float]:
     """Seconds of one epoch and of the tail's parts, for the default run at this latent_dim."""
     with tempfile.TemporaryDirectory() as out:
-        cfg = config(data_root, out, f"latent_dim={latent_dim}")
+        cfg = train_config(data_root, out, *QUICK, *overrides, f"latent_dim={latent_dim}")
         datamodule, module = build_data_and_module(cfg)
         trainer = build_trainer(cfg)
         trainer.fit(module, datamodule=datamodule)
@@ -82,18 +77,20 @@ def one_job(data_root: str, latent_dim: int) -> dict[str, float]:
     }
 
 
-def stacked_epoch(data_root: str, jobs: int) -> float:
+def stacked_epoch(data_root: str, overrides: list[str], jobs: int) -> float:
     """Seconds of one epoch of `jobs` default jobs stacked into one model."""
     with tempfile.TemporaryDirectory() as out:
-        built = [
-            build_data_and_module(config(data_root, f"{out}/{i}", f"seed={i}", f"beta={1e-3 * (1 + i)}"))
+        configs = [
+            train_config(data_root, f"{out}/{i}", *QUICK, *overrides, f"seed={i}", f"beta={1e-3 * (1 + i)}")
             for i in range(jobs)
         ]
+        built = [build_data_and_module(cfg) for cfg in configs]
         datamodule = built[0][0]
         datamodule.setup("fit")
         stacked = StackedTraining([module for _, module in built])
+        seeds = [cfg.seed for cfg in configs]
         start = time.perf_counter()
-        for _ in stacked.fit(datamodule.split("train")[0], 128, list(range(jobs)), 1):
+        for _ in stacked.fit(datamodule.split("train")[0], configs[0].batch_size, seeds, 1):
             pass
         return time.perf_counter() - start
 
@@ -109,20 +106,19 @@ def main() -> None:
         "--overrides", nargs="*", default=[], help="more train.py overrides (e.g. small data)"
     )
     args = parser.parse_args()
-    OVERRIDES.extend(args.overrides)
     quiet_library_noise()
 
     print(f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     by_width = {}
     for width in args.latent_dims:
-        by_width[width] = one_job(args.data_root, width)
+        by_width[width] = one_job(args.data_root, args.overrides, width)
         print(
             f"latent_dim {width}: " + ", ".join(f"{k} {v:.2f} s" for k, v in by_width[width].items()),
             flush=True,
         )
     by_jobs = {}
     for n in args.jobs:
-        by_jobs[n] = stacked_epoch(args.data_root, n)
+        by_jobs[n] = stacked_epoch(args.data_root, args.overrides, n)
         print(f"{n} stacked jobs: {by_jobs[n]:.2f} s an epoch", flush=True)
 
     parts = ["epoch", "test pass", "probe", "figures", "tail"]

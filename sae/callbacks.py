@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from sae.atomic import write_atomic
+from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
 from sae.probe import LinearClassifier, fit_linear_classifier
@@ -275,11 +276,7 @@ class HParamsSummary(L.Callback):
 def command_knobs(params: dict) -> list[str]:
     """The keys of params that this command set (in a sweep: the swept ones, and any other it
     set), in the config's order: the sweep knobs lead it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    named = {o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in HydraConfig.get().overrides.task}
+    named = {key.split(".")[-1] for key in command_override_keys() or []}
     return [k for k in params if k in named]
 
 

@@ -249,20 +249,20 @@ def _memory_bytes() -> int:
         return 0
 
 
-def command_overrides(cfg: DictConfig) -> list[str] | None:
+def command_overrides(cfg: DictConfig | None = None) -> list[str] | None:
     """The overrides the command line set (`beta=1e-3`, `+point=l1_beta1e-4`), from Hydra's record
-    of it; None when train(cfg) is called with a config Hydra did not run (then every value of cfg
-    counts as meant)."""
+    of it (in cfg, or of the job running); None when train(cfg) is called with a config Hydra did
+    not run (then every value of cfg counts as meant)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if cfg.get("hydra") is not None:  # composed with return_hydra_config=True
+    if cfg is not None and cfg.get("hydra") is not None:  # composed with return_hydra_config=True
         return list(cfg.hydra.overrides.task)
     if HydraConfig.initialized():
         return list(HydraConfig.get().overrides.task)
     return None
 
 
-def command_override_keys(cfg: DictConfig) -> list[str] | None:
+def command_override_keys(cfg: DictConfig | None = None) -> list[str] | None:
     """The keys of command_overrides (`beta`, `point`), without Hydra's +/~ prefixes."""
     overrides = command_overrides(cfg)
     return None if overrides is None else [o.split("=", 1)[0].lstrip("+~") for o in overrides]

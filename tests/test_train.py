@@ -313,17 +313,15 @@ def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, mon
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     for name in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(name)
-    hint = "The `srun` command is available"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        build_trainer(compose_train([], tmp_path, mnist_root))
-    assert not [w for w in caught if hint in str(w.message)]
-    two_processes = ["accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    ddp = compose_train(two_processes, tmp_path, mnist_root)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        build_trainer(ddp)
-    assert [w for w in caught if hint in str(w.message)]
+
+    def srun_hints(*overrides: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_trainer(compose_train(list(overrides), tmp_path, mnist_root))
+        return [str(w.message) for w in caught if "The `srun` command is available" in str(w.message)]
+
+    assert not srun_hints()
+    assert srun_hints("accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 
 
 def cuda_queries_of_an_adam_step(monkeypatch) -> int:
