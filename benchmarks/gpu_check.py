@@ -9,6 +9,12 @@ Runs, each in a process of its own, and ends with one table (measured, target, m
   2. python train.py              the default 10-epoch run's fit/seconds (training time): < 3 s
   3. benchmarks/sweep_time.py     16 jobs: vectorized <= 2x one job, and >= 8x the basic launcher
   4. pytest tests/test_cuda.py    the tests of the CUDA path: all pass
+  5. benchmarks/step_time.py      ms per optimizer step: eager, fused Adam, one CUDA graph (the
+                                  next lever, measured before it is built; no target)
+
+The steps share one time budget (--budget seconds, for a device loan's single command): each gets
+at most what is left of it, and the table is printed whatever happened. With --log-dir, each
+step's whole output is kept there too (one file per step).
 
 A GPU machine here has torch, Lightning, TensorBoard and seaborn, but no hydra-core, omegaconf or
 antlr4, no network and no MNIST. `--prepare` (run here, where pip can download) puts their wheels
@@ -46,7 +52,7 @@ MNIST_FILES = (
 DEVICE_COMMAND = (
     "python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl"
     " && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda"
-    " --data-root .gpu/data 2>&1 | tee $OUT/gpu_check.log"
+    " --data-root .gpu/data --log-dir $OUT 2>&1 | tee $OUT/gpu_check.log"
 )
 
 
@@ -75,19 +81,37 @@ def unpack_mnist(root: Path) -> None:
             (raw / f"{name}.tmp").rename(raw / name)
 
 
-def run(command: list[str], label: str, timeout: float) -> str:
-    """Run a step, echo its output, and return it; a failed step is reported, not fatal."""
-    print(f"\n== {label}: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        out = proc.stdout + proc.stderr
-        failed = proc.returncode != 0
-    except subprocess.TimeoutExpired as err:
-        out, failed = f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {timeout:.0f} s)", True
-    print(out[-4000:], flush=True)
-    print(f"== {label}: {'FAILED' if failed else 'done'} in {time.perf_counter() - start:.1f} s", flush=True)
-    return out
+class Steps:
+    """Runs the check's steps against one shared deadline, keeping each step's output."""
+
+    def __init__(self, budget: float, log_dir: Path | None) -> None:
+        self.deadline = time.monotonic() + budget
+        self.log_dir = log_dir
+
+    def run(self, command: list[str], label: str, limit: float) -> str:
+        """Run a step, echo its output's end, and return it; a failed step is reported, not fatal."""
+        timeout = min(limit, self.deadline - time.monotonic())
+        print(f"\n== {label}: {' '.join(command[1:])}", flush=True)
+        if timeout < 10:
+            print(f"== {label}: SKIPPED (the budget is spent)", flush=True)
+            return ""
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            out = proc.stdout + proc.stderr
+            failed = proc.returncode != 0
+        except subprocess.TimeoutExpired as err:
+            captured = [
+                part.decode() if isinstance(part, bytes) else part or "" for part in (err.stdout, err.stderr)
+            ]
+            out, failed = f"{''.join(captured)}\n(timed out after {timeout:.0f} s)", True
+        if self.log_dir is not None:
+            (self.log_dir / f"{re.sub(r'[^a-z0-9]+', '_', label.lower())}.log").write_text(out)
+        print(out[-4000:], flush=True)
+        print(
+            f"== {label}: {'FAILED' if failed else 'done'} in {time.perf_counter() - start:.1f} s", flush=True
+        )
+        return out
 
 
 def number(pattern: str, text: str) -> float | None:
@@ -102,12 +126,16 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--data-root", default=os.environ.get("SAE_DATA_DIR", "data"))
     parser.add_argument("--tiny", action="store_true", help="the dry path: few epochs, a 2-job grid")
+    parser.add_argument("--budget", type=float, default=460, help="seconds for all steps together")
+    parser.add_argument("--log-dir", type=Path, help="keep each step's whole output here")
     parser.add_argument("--shared-mnist", default=str(ROOT.parent / "shared" / "data" / "MNIST" / "raw"))
     args = parser.parse_args()
     if args.prepare:
         prepare(Path(args.shared_mnist))
         return
-    unpack_mnist(Path(args.data_root))
+    data_root = str(Path(args.data_root).resolve())
+    unpack_mnist(Path(data_root))
+    steps = Steps(args.budget, args.log_dir)
 
     python = sys.executable
     accelerator = "gpu" if args.device == "cuda" else "cpu"
@@ -120,36 +148,44 @@ def main() -> None:
         if args.tiny
         else []
     )
-    data = ["--data-root", args.data_root]
+    data = ["--data-root", data_root]
     results: dict[str, float | None] = {}
 
-    out = run(
-        [python, "benchmarks/epoch_time.py", "--device", args.device, *data, *epochs], "epoch time", 300
+    # Cheapest and most telling first: a step cut off by the budget should be the long sweep.
+    out = steps.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], "CUDA tests", 240
+    )
+    ran = re.search(r"\d+ (passed|skipped|failed)", out)  # pytest's summary line (skipped: no GPU)
+    failed = sum(float(n) for n in re.findall(r"(\d+) (?:failed|errors?)\b", out))
+    results["CUDA tests failed"] = failed if ran else None
+
+    out = steps.run(
+        [python, "benchmarks/epoch_time.py", "--device", args.device, *data, *epochs], "epoch time", 200
     )
     results["(a)/(c) per epoch"] = number(r"\(a\)/\(c\) speed-up over the reference loop: ([\d.]+)x", out)
 
     with tempfile.TemporaryDirectory() as folder:
-        fit = [python, "train.py", f"accelerator={accelerator}", f"data.root={args.data_root}"]
+        fit = [python, "train.py", f"accelerator={accelerator}", f"data.root={data_root}"]
         fit += [f"hydra.run.dir={folder}", "+trainer.enable_progress_bar=false"] + (
             ["epochs=2", *small] if args.tiny else []
         )
-        run(fit, "default run", 300)
+        steps.run(fit, "default run", 120)
         metrics = Path(folder) / "metrics.json"
         results["default run fit/seconds"] = (
             json.loads(metrics.read_text())["fit/seconds"] if metrics.is_file() else None
         )
 
-    out = run([python, "benchmarks/sweep_time.py", "--device", args.device, *data, *grid], "sweep time", 400)
+    step_args = ["--steps", "20"] if args.tiny else []
+    out = steps.run([python, "benchmarks/step_time.py", "--device", args.device, *step_args], "step time", 90)
+    results["step: fused Adam / eager"] = number(r"fused Adam\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out)
+    results["step: CUDA graph / eager"] = number(r"CUDA graph\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out)
+
+    out = steps.run(
+        [python, "benchmarks/sweep_time.py", "--device", args.device, *data, *grid], "sweep time", 400
+    )
     results["vectorized / single"] = number(r"vectorized / single: ([\d.]+)x", out)
     results["basic / vectorized"] = number(r"basic / vectorized:\s+([\d.]+)x", out)
     results["test/mse, launchers apart"] = number(r"between the launchers' jobs: ([\d.e+-]+)", out)
-
-    out = run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], "CUDA tests", 300
-    )
-    ran = re.search(r"\d+ (passed|skipped|failed)", out)  # pytest's summary line (skipped: no GPU)
-    failed = sum(float(n) for n in re.findall(r"(\d+) (?:failed|errors?)\b", out))
-    results["CUDA tests failed"] = failed if ran else None
 
     targets = {
         "(a)/(c) per epoch": (">=", 30.0),
@@ -158,17 +194,32 @@ def main() -> None:
         "basic / vectorized": (">=", 8.0),
         "test/mse, launchers apart": ("<=", 1e-3),
         "CUDA tests failed": ("==", 0.0),
+        "step: fused Adam / eager": None,  # measured for the next lever: no target
+        "step: CUDA graph / eager": None,
     }
     compare = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__, "==": float.__eq__}
-    where = f"{args.device}{' (tiny: the dry path)' if args.tiny else ''}"
+    where = torch_device_name(args.device) + (" (tiny: the dry path)" if args.tiny else "")
     print(f"\nGPU check on {where}, {time.strftime('%Y-%m-%d')}\n")
     print("| figure | measured | target | met |")
     print("| --- | --- | --- | --- |")
-    for name, (op, target) in targets.items():
-        value = results[name]
-        met = "n/a (failed)" if value is None else ("yes" if compare[op](float(value), target) else "no")
+    for name, target in targets.items():
+        value = results.get(name)
         shown = "-" if value is None else f"{value:.4g}"
-        print(f"| {name} | {shown} | {op} {target:g} | {met} |")
+        if target is None:
+            print(f"| {name} | {shown} | - | - |")
+            continue
+        op, bound = target
+        met = "n/a (failed)" if value is None else ("yes" if compare[op](float(value), bound) else "no")
+        print(f"| {name} | {shown} | {op} {bound:g} | {met} |")
+
+
+def torch_device_name(device: str) -> str:
+    """The device and the releases that ran on it (the GPU machine has its own torch)."""
+    probe = "import torch, lightning; print(torch.__version__, lightning.__version__, "
+    probe += "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    torch_version, lightning_version, name = (proc.stdout.split(maxsplit=2) + ["?"] * 3)[:3]
+    return f"{device} ({name.strip()}; torch {torch_version}, lightning {lightning_version})"
 
 
 if __name__ == "__main__":

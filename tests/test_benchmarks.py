@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root):
+def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root, tmp_path):
     command = [
         sys.executable,
         "benchmarks/gpu_check.py",
@@ -18,6 +18,10 @@ def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root):
         "--tiny",
         "--data-root",
         str(mnist_root),
+        "--budget",
+        "850",
+        "--log-dir",
+        str(tmp_path),
     ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,9 +34,15 @@ def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root):
         "basic / vectorized",
         "test/mse, launchers apart",
         "CUDA tests failed",
+        "step: fused Adam / eager",
+        "step: CUDA graph / eager",
     ]
-    for name, (measured, _, met, _) in rows.items():
+    for name, (measured, _, met, _) in list(rows.items())[:-2]:
         assert met.strip() in ("yes", "no"), (name, proc.stdout[-4000:])  # measured, not failed
         assert float(measured) >= 0
+    assert float(rows["step: fused Adam / eager"][0]) > 0  # measured; no target
+    assert rows["step: CUDA graph / eager"][0].strip() == "-"  # CUDA only
     assert float(rows["CUDA tests failed"][0]) == 0  # skipped on a CPU: none failed
     assert "FAILED" not in proc.stdout
+    logs = sorted(path.name for path in tmp_path.iterdir())
+    assert logs == ["cuda_tests.log", "default_run.log", "epoch_time.log", "step_time.log", "sweep_time.log"]

@@ -1,0 +1,155 @@
+"""Milliseconds per optimizer step of the default model and loss, by how the step is launched.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--steps N] [--batch 128]
+
+On a GPU the default model (784-128-32-128-784, batch 128) is far too small to fill the chip: a
+step costs what the host spends launching its few dozen kernels, not arithmetic. This measures
+what each lever on that cost buys, on the same images resident on the device, with the project's
+model, objective (MSE + beta * KL) and Adam at its defaults:
+
+  eager        the step train.py takes (forward, objective, backward, Adam's foreach update)
+  fused Adam   the same with Adam(fused=True): the update as one kernel
+  CUDA graph   forward, objective, backward and a capturable fused Adam recorded once and
+               replayed: one launch per step (CUDA only)
+
+Each variant trains its own copy of the same initial weights on the same batches; the table
+gives ms per step (median of rounds), the epoch this is for 430 steps (55k images), and how far
+the variant's loss after the run is from eager's (a lever that changes the training is no lever).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sae.loss import objective  # noqa: E402
+from sae.module import SparseAutoencoderModule  # noqa: E402
+
+STEPS_PER_EPOCH = 430  # 55000 training images in batches of 128
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eager_step(module: SparseAutoencoderModule, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    optimizer = torch.optim.Adam(module.parameters(), lr=module.hparams.lr, fused=fused)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loss = objective("mse", module.method, module.net(x), x)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def graphed_step(
+    module: SparseAutoencoderModule, example: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The whole step as one CUDA graph (PyTorch's whole-network capture recipe)."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=module.hparams.lr, fused=True, capturable=True)
+    static_x = example.clone()
+
+    def body() -> torch.Tensor:
+        loss = objective("mse", module.method, module.net(static_x), static_x)["loss"]
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    # Warm-up on a side stream (allocates grads and Adam's state), then rewind to the same start.
+    start_state = copy.deepcopy(module.state_dict())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    module.load_state_dict(start_state)
+    for state in optimizer.state.values():
+        for value in state.values():
+            value.zero_()  # step counts and moments back to a fresh Adam
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(x)
+        graph.replay()
+        return static_loss.clone()
+
+    return step
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=400, help="steps per round (5 rounds)")
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    initial = SparseAutoencoderModule().to(device)
+    images = torch.rand(args.steps * args.batch, 784, device=device)  # pixel-like values in [0, 1)
+    batches = list(images.split(args.batch))
+
+    variants: dict[str, Callable[[SparseAutoencoderModule], Callable]] = {
+        "eager": lambda m: eager_step(m, fused=False),
+        "fused Adam": lambda m: eager_step(m, fused=True),
+    }
+    if device.type == "cuda":
+        variants["CUDA graph"] = lambda m: graphed_step(m, batches[0])
+    steps = {name: make(copy.deepcopy(initial)) for name, make in variants.items()}
+
+    rounds: dict[str, list[float]] = {name: [] for name in steps}
+    last_loss: dict[str, float] = {}
+    for _ in range(5):  # rounds alternate the variants, so drift slows all alike
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for x in batches:
+                loss = step(x)
+            sync(device)
+            rounds[name].append((time.perf_counter() - start) / len(batches))
+            last_loss[name] = float(loss)
+
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"\nstep time on {args.device} ({where}, torch {torch.__version__}), batch {args.batch}, "
+        f"5 rounds of {len(batches)} steps\n"
+    )
+    header = f"{'variant':<12} {'ms/step':>8} {'s/epoch':>8} {'vs eager':>9} {'loss - eager':>13}"
+    print(header)
+    print("-" * len(header))
+    eager = statistics.median(rounds["eager"])
+    for name, times in rounds.items():
+        median = statistics.median(times)
+        diff = last_loss[name] - last_loss["eager"]
+        print(
+            f"{name:<12} {1e3 * median:>8.3f} {STEPS_PER_EPOCH * median:>8.3f} "
+            f"{eager / median:>8.2f}x {diff:>13.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
