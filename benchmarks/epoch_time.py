@@ -133,7 +133,7 @@ class Interleave(L.Callback):
 
 def test_mse(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -> float:
     """Mean squared error per pixel over the 10k test images, the same function for every variant."""
-    net.eval()
+    net.to(device).eval()  # Lightning hands a fitted module back on the CPU
     total = 0.0
     with torch.no_grad():
         for chunk in images.split(2000):

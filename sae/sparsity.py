@@ -87,7 +87,9 @@ def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
     finite penalty (and gradient) instead of inf/NaN.
     """
     q = rho_hat.clamp(RHO_HAT_CLAMP, 1.0 - RHO_HAT_CLAMP)
-    p = torch.as_tensor(rho, dtype=q.dtype, device=q.device)
+    # A float becomes a 0-d tensor filled on q's device (as_tensor would copy it from the host,
+    # and on a GPU every such copy waits for the queued work: one stall per training step).
+    p = rho if isinstance(rho, Tensor) else torch.full((), rho, dtype=q.dtype, device=q.device)
     return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
 
 
