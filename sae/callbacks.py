@@ -31,7 +31,7 @@ from sae.atomic import write_atomic
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import LinearClassifier, fit_linear_classifier
+from sae.probe import PROBE_SOLVER, LinearClassifier, fit_linear_classifier
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
@@ -127,7 +127,7 @@ class LinearProbe(L.Callback):
     def _pixel_classifier(
         self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
     ) -> LinearClassifier:
-        digest = hashlib.sha256(f"{self.max_iter}|{self.weight_decay}".encode())
+        digest = hashlib.sha256(f"{PROBE_SOLVER}|{self.max_iter}|{self.weight_decay}".encode())
         for t in (train_x, train_y, test_x, test_y):
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         path = self.cache_dir / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if self.cache_dir else None

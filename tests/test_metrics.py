@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
-from sae.probe import linear_probe_accuracy
+from sae.probe import linear_probe_accuracy, probe_loss_and_grad
 from sae.sweep import pareto_front
 
 
@@ -80,6 +81,22 @@ def test_probe_separates_separable_codes_and_not_noise():
     noise = torch.randn(2000, 16, generator=gen)
     chance = linear_probe_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:])
     assert 0.03 < chance < 0.2  # 10 classes
+
+
+def test_probe_loss_and_gradient_match_autograd_in_float64():
+    """The probe's written-out loss and gradient against F.cross_entropy + the penalty, by autograd."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 5, generator=gen, dtype=torch.float64), torch.randint(0, 4, (40,), generator=gen)
+    weight = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = F.cross_entropy(x @ weight + bias, y) + 0.5 * 0.3 * weight.pow(2).sum()
+    expected.backward()
+    one_hot_t = F.one_hot(y, 4).T.to(x.dtype).contiguous()
+    with torch.no_grad():
+        loss, grad_w, grad_b = probe_loss_and_grad(x.T.contiguous(), one_hot_t, weight, bias, 0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad_w, weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, bias.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_probe_is_deterministic():
