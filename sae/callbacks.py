@@ -18,16 +18,15 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from PIL import Image
 from torch import Tensor
 
 from sae.atomic import write_atomic
+from sae.background import run_or_hand_off
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
@@ -147,7 +146,11 @@ class LinearProbe(L.Callback):
 
 
 class RunFigures(L.Callback):
-    """After testing, writes the per-run figures as PNG to `dirpath` and to TensorBoard as images."""
+    """After testing, writes the per-run figures as PNG to `dirpath` and to TensorBoard as images.
+
+    In a sweep whose jobs run one after another in this process, the drawing is handed to a
+    worker process (sae.background) and the next job starts training meanwhile.
+    """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -155,18 +158,15 @@ class RunFigures(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:  # under DDP: one process draws and writes the figures
             return
-        import matplotlib.pyplot as plt
-
-        from sae.plots import run_figures
+        from sae.plots import write_run_figures
 
         images, labels = trainer.datamodule.split("test")
-        sample = images[:16]
         hp = pl_module.hparams
-        figures = run_figures(
-            images.cpu(),
-            labels.cpu(),
+        inputs = dict(
+            images=images.cpu(),
+            labels=labels.cpu(),
             codes=pl_module.encode(images).cpu(),
-            reconstructions=pl_module.reconstruct(sample).cpu(),
+            reconstructions=pl_module.reconstruct(images[:16]).cpu(),
             filters=pl_module.input_filters().cpu(),
             rho=hp.rho,
             l0_threshold=hp.l0_threshold,
@@ -176,15 +176,10 @@ class RunFigures(L.Callback):
             dense_above=hp.dense_density,
             setting=pl_module.setting(),
         )
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         tb = tensorboard(trainer)
-        for name, fig in figures.items():
-            path = self.dirpath / f"{name}.png"
-            write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))
-            plt.close(fig)
-            if tb is not None:  # the saved PNG itself: rendering the figure again costs as much
-                image = np.asarray(Image.open(path).convert("RGB"))
-                tb.experiment.add_image(f"visuals/{name}", image, trainer.global_step, dataformats="HWC")
+        events = tb.log_dir if tb is not None else None
+        label = str(self.dirpath.resolve())  # sae.console.closing_lines asks after it
+        run_or_hand_off(label, write_run_figures, self.dirpath, inputs, events, trainer.global_step)
 
 
 class EpochVisuals(L.Callback):

@@ -103,13 +103,17 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def closing_lines(folder: Path, ckpt_path: str | None = None) -> str:
     """What a run or an evaluation ends with: its folder and the files to open there."""
+    from sae.background import is_pending  # sae.background reports through this module
+
     folder = folder.resolve()
     files = [name for name in ("metrics.json",) if (folder / name).is_file()]
     if ckpt_path:
         path = Path(ckpt_path).resolve()
         files.append(f"{path.relative_to(folder) if path.is_relative_to(folder) else path} (tested)")
     plots = sorted(p.name for p in (folder / "plots").glob("*.png"))
-    if plots:
+    if is_pending(str(folder / "plots")):
+        files.append("plots/ (being drawn beside the next job; all written before the sweep ends)")
+    elif plots:
         files.append(f"plots/ ({', '.join(plots)})")
     lines = [f"run folder: {folder}", *(f"  {f}" for f in files)]
     if (folder / "tensorboard").is_dir():

@@ -6,6 +6,9 @@ PNGs have a known size); `run_figures` builds them all from a model and the test
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
@@ -16,8 +19,10 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from sae.atomic import write_atomic  # noqa: E402
 from sae.sweep import is_number, pareto_front  # noqa: E402
 
 DPI = 100
@@ -264,6 +269,30 @@ def class_heatmap(codes: Tensor, labels: Tensor) -> Figure:
     ax.set_title("Mean activation per unit and digit class (test set)")
     ax.tick_params(axis="y", labelsize=7)
     return fig
+
+
+def write_run_figures(dirpath: Path, inputs: dict[str, Any], events_dir: str | None, step: int) -> None:
+    """run_figures(**inputs) to <dirpath>/<name>.png, and with events_dir to TensorBoard there
+    (tags visuals/<name>, at the optimizer step `step`), in an event file of their own: this can
+    run in a worker process, beside the run's own writer."""
+    figures = run_figures(**inputs)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if events_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(events_dir, filename_suffix=".figures")
+    try:
+        for name, fig in figures.items():
+            path = dirpath / f"{name}.png"
+            write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))
+            plt.close(fig)
+            if writer is not None:  # the saved PNG itself: rendering the figure again costs as much
+                image = np.asarray(Image.open(path).convert("RGB"))
+                writer.add_image(f"visuals/{name}", image, step, dataformats="HWC")
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def run_figures(

@@ -485,6 +485,9 @@ class SweepSummaryCallback(Callback):
             write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from sae.background import wait_for_hand_offs
+
+        wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
         summary = write_summary(config.hydra.sweep.dir)
         report(summary.closing_lines())
         rows = summary.rows

@@ -484,6 +484,12 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     assert all(line in log for line in kept), log
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
+    # Each job's figures were handed to a worker while the next job trained, and all written
+    # by the sweep's end: PNGs (assert_run_folder) and TensorBoard images.
+    assert proc.stdout.count("plots/ (being drawn beside the next job") == 2
+    for job in jobs:
+        images = tensorboard_content(job).Tags()["images"]
+        assert {f"visuals/{name}" for name in FIGURES} <= set(images), images
     betas = []
     for job in jobs:
         metrics = assert_run_folder(job)

@@ -1,0 +1,78 @@
+"""Work a sweep job hands off instead of waiting for: its figures, drawn in one worker process
+while the next job of the sweep trains.
+
+Only where more jobs follow in this process (a multirun with Hydra's basic launcher or the
+vectorized launcher): a single run, evaluate.py, and jobs that run in processes of their own
+(joblib, submitit) do the work at once, as before. The sweep's end waits for every hand-off
+before it writes the summary (sae.sweep.SweepSummaryCallback), and so does the process's exit;
+a hand-off that fails is reported there, naming its folder, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from sae.console import one_line, report
+
+# Launchers that run a sweep's jobs one after another in the launching process.
+IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
+
+_worker: ProcessPoolExecutor | None = None
+_pending: dict[str, Future] = {}
+
+
+def more_jobs_follow() -> bool:
+    """Whether this process runs further jobs after the current one (a multirun launched here)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra: train(cfg) called directly
+        return False
+    launcher = str(hydra.launcher.get("_target_", ""))
+    return str(hydra.mode) == "RunMode.MULTIRUN" and launcher.endswith(IN_PROCESS_LAUNCHERS)
+
+
+def run_or_hand_off(label: str, work: Callable[..., Any], *args: Any) -> bool:
+    """work(*args) in the worker when more jobs follow, else now; whether it was handed off.
+
+    `work` and its arguments must pickle (a module-level function, tensors, paths).
+    """
+    if not more_jobs_follow():
+        work(*args)
+        return False
+    global _worker
+    if _worker is None:
+        # spawn: a fresh interpreter, not a fork of one whose torch threads are running
+        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_wait_at_exit)
+    _pending[label] = _worker.submit(work, *args)
+    return True
+
+
+def is_pending(label: str) -> bool:
+    return label in _pending and not _pending[label].done()
+
+
+def wait_for_hand_offs() -> list[str]:
+    """Wait for every hand-off; one line per failed one (its label and error), also printed."""
+    failures = []
+    for label, future in list(_pending.items()):
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 -- reported, and the sweep goes on
+            failures.append(f"{label}: {one_line(err)}")
+        del _pending[label]
+    for line in failures:
+        report(f"warning: background work failed: {line}")
+    return failures
+
+
+def _wait_at_exit() -> None:
+    wait_for_hand_offs()
+    if _worker is not None:
+        _worker.shutdown()

@@ -1,0 +1,46 @@
+"""sae.background: work runs at once outside a sweep; in one, in a worker process, waited for at
+the sweep's end, and a failure there is reported with its label instead of stopping the sweep."""
+
+from pathlib import Path
+
+import pytest
+
+from sae import background
+
+
+def write_marker(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def fail(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def test_outside_a_sweep_the_work_runs_at_once(tmp_path):
+    assert not background.more_jobs_follow()  # train(cfg) called directly: no Hydra multirun
+    marker = tmp_path / "done"
+    assert background.run_or_hand_off("job", write_marker, marker, "now") is False
+    assert marker.read_text() == "now"
+
+
+def test_in_a_sweep_the_work_is_handed_off_and_failures_are_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    marker = tmp_path / "done"
+    assert background.run_or_hand_off("job 0", write_marker, marker, "later") is True
+    assert background.run_or_hand_off("job 1", fail, "no space left on device") is True
+    failures = background.wait_for_hand_offs()
+    assert marker.read_text() == "later"  # written by the worker process
+    assert failures == ["job 1: no space left on device"]
+    assert "warning: background work failed: job 1: no space left on device" in capsys.readouterr().out
+    assert not background.is_pending("job 0") and background.wait_for_hand_offs() == []
+
+
+@pytest.mark.parametrize("launcher, follow", [("BasicLauncher", True), ("JoblibLauncher", False)])
+def test_only_launchers_that_run_jobs_in_this_process_hand_off(monkeypatch, launcher, follow):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    hydra = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"_target_": f"some.module.{launcher}"}})
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    assert background.more_jobs_follow() is follow
