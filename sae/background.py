@@ -22,7 +22,7 @@ from sae.console import one_line, report
 IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
 
 _worker: ProcessPoolExecutor | None = None
-_pending: dict[str, Future] = {}
+_pending: list[tuple[str, Future]] = []  # in the order handed off
 
 
 def more_jobs_follow() -> bool:
@@ -50,23 +50,24 @@ def run_or_hand_off(label: str, work: Callable[..., Any], *args: Any) -> bool:
         # spawn: a fresh interpreter, not a fork of one whose torch threads are running
         _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         atexit.register(_wait_at_exit)
-    _pending[label] = _worker.submit(work, *args)
+    _pending.append((label, _worker.submit(work, *args)))
     return True
 
 
 def is_pending(label: str) -> bool:
-    return label in _pending and not _pending[label].done()
+    """Whether work handed off under this label is queued or running."""
+    return any(name == label and not future.done() for name, future in _pending)
 
 
 def wait_for_hand_offs() -> list[str]:
     """Wait for every hand-off; one line per failed one (its label and error), also printed."""
     failures = []
-    for label, future in list(_pending.items()):
+    while _pending:
+        label, future = _pending.pop(0)
         try:
             future.result()
         except Exception as err:  # noqa: BLE001 -- reported, and the sweep goes on
             failures.append(f"{label}: {one_line(err)}")
-        del _pending[label]
     for line in failures:
         report(f"warning: background work failed: {line}")
     return failures

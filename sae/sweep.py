@@ -361,10 +361,10 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def write_summary(sweep_dir: str | Path) -> SweepSummary:
+def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     """Write summary.csv, summary.md, pareto.png and sweep_metrics.png into sweep_dir (and, when
     jobs repeat a setting with other seeds, summary_by_setting.csv; for a two-knob grid,
-    sweep_heatmaps.png)."""
+    sweep_heatmaps.png). figures=False: the tables only (write_sweep_figures draws the rest)."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
@@ -408,8 +408,20 @@ def write_summary(sweep_dir: str | Path) -> SweepSummary:
         body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
         files.append("summary_by_setting.csv")
     write_text_atomic(sweep_dir / "summary.md", header + body)
-    files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
+    if figures:
+        files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
+    else:  # drawn apart (write_sweep_figures): the ones on disk
+        files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
     return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
+
+
+def write_sweep_figures(sweep_dir: str | Path) -> list[str]:
+    """pareto.png, sweep_metrics.png (and sweep_heatmaps.png) of the jobs finished so far."""
+    sweep_dir = Path(sweep_dir)
+    jobs = job_dirs(sweep_dir)
+    rows = [job_row(job) for job in jobs]
+    settings = aggregate_seeds(rows, {job.name: _figure_settings(_job_config(job)) for job in jobs})
+    return _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
 
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
@@ -435,6 +447,9 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
         "Ranked as the jobs below, on the settings' means. Every metric's mean and std: "
         "summary_by_setting.csv.\n\n" + markdown_table(table, [*varying, "n", *extra, *shown])
     )
+
+
+SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps")
 
 
 def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str]) -> list[str]:
@@ -471,6 +486,9 @@ def _job_exception(job_return: JobReturn) -> BaseException:
 class SweepSummaryCallback(Callback):
     """Hydra callback: records each job's status and keeps the sweep summary current."""
 
+    def __init__(self) -> None:
+        self._figures_current = False  # the sweep figures drawn (or queued) after the latest job
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
@@ -481,14 +499,25 @@ class SweepSummaryCallback(Callback):
             status = {"status": "ok", "error": ""}
         write_json_atomic(output_dir / STATUS_FILE, status)
         if config.hydra.mode is not None and str(config.hydra.mode) == "RunMode.MULTIRUN":
-            # Also after each job: a sweep that stops part-way still leaves a summary.
-            write_summary(config.hydra.sweep.dir)
+            # Also after each job: a sweep that stops part-way still leaves a summary. Its figures
+            # are drawn beside the next job when one follows in this process (one drawing queued
+            # at a time: the sweep's end draws the final ones).
+            from sae.background import is_pending, run_or_hand_off
+
+            write_summary(config.hydra.sweep.dir, figures=False)
+            label = f"sweep figures {Path(config.hydra.sweep.dir).resolve()}"
+            self._figures_current = not is_pending(label)
+            if self._figures_current:
+                run_or_hand_off(label, write_sweep_figures, config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from sae.background import wait_for_hand_offs
 
-        wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
-        summary = write_summary(config.hydra.sweep.dir)
+        drawing_failed = wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
+        # The sweep figures again, unless those of the last job (in this process) are drawn.
+        summary = write_summary(
+            config.hydra.sweep.dir, figures=bool(drawing_failed) or not self._figures_current
+        )
         report(summary.closing_lines())
         rows = summary.rows
         failed = [r["job"] for r in rows if r["status"] != "ok"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sae.sweep import frontier_ranks, write_summary
+from sae.sweep import frontier_ranks, write_summary, write_sweep_figures
 from tests.conftest import run_script
 
 
@@ -172,7 +172,14 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
                 values.setdefault((beta, rho), []).append(m)
                 fake_job(sweep, str(job), [f"beta={beta}", f"rho={rho}", f"seed={seed}"], m, {"status": "ok"})
                 job += 1
-    write_summary(sweep)
+    tables = write_summary(sweep, figures=False)  # what a job's end writes; the figures apart
+    assert not list(sweep.glob("*.png")) and "pareto.png" not in tables.files
+    assert write_sweep_figures(sweep) == ["pareto.png", "sweep_metrics.png", "sweep_heatmaps.png"]
+    assert write_summary(sweep, figures=False).files[-3:] == [
+        "pareto.png",
+        "sweep_metrics.png",
+        "sweep_heatmaps.png",
+    ]
     with open(sweep / "summary_by_setting.csv") as f:
         settings = list(csv.DictReader(f))
     assert len(settings) == 4
