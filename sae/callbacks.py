@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -89,6 +90,21 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
+class _PixelClassifierMemo(NamedTuple):
+    """The last pixel classifier of this process and the data it was fitted for: the jobs of a
+    sweep share their data, and comparing it costs less than hashing it for the disk cache."""
+
+    settings: str
+    data: tuple[Tensor, ...]
+    classifier: LinearClassifier
+
+    def fits(self, settings: str, data: tuple[Tensor, ...]) -> bool:
+        return settings == self.settings and all(
+            a.device == b.device and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(data, self.data, strict=True)
+        )
+
+
 class LinearProbe(L.Callback):
     """At test time, logs what a logistic-regression classifier reads off the codes and pixels.
 
@@ -103,6 +119,9 @@ class LinearProbe(L.Callback):
     The pixel classifier depends only on the data, so it is cached in `cache_dir` (keyed by a
     hash of the data and the probe settings) and fitted once per data set, not once per run.
     """
+
+    # The last pixel classifier of this process, with its data (sweep jobs share their data).
+    _last_pixel_classifier: ClassVar[_PixelClassifierMemo | None] = None
 
     def __init__(self, max_iter: int = 100, weight_decay: float = 1e-4, cache_dir: str | None = None) -> None:
         self.max_iter = max_iter
@@ -126,8 +145,19 @@ class LinearProbe(L.Callback):
     def _pixel_classifier(
         self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
     ) -> LinearClassifier:
-        digest = hashlib.sha256(f"{PROBE_SOLVER}|{self.max_iter}|{self.weight_decay}".encode())
-        for t in (train_x, train_y, test_x, test_y):
+        data = (train_x, train_y, test_x, test_y)
+        settings = f"{PROBE_SOLVER}|{self.max_iter}|{self.weight_decay}"
+        last = LinearProbe._last_pixel_classifier
+        if last is not None and last.fits(settings, data):
+            return last.classifier  # the previous job's data: no hashing, no load
+        classifier = self._cached_pixel_classifier(settings, data)
+        LinearProbe._last_pixel_classifier = _PixelClassifierMemo(settings, data, classifier)
+        return classifier
+
+    def _cached_pixel_classifier(self, settings: str, data: tuple[Tensor, ...]) -> LinearClassifier:
+        train_x, train_y = data[:2]
+        digest = hashlib.sha256(settings.encode())
+        for t in data:
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         path = self.cache_dir / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if self.cache_dir else None
         if path is not None and path.is_file():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae.callbacks import LinearProbe
 from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
 from sae.probe import linear_probe_accuracy, probe_loss_and_grad
 from sae.sweep import pareto_front
@@ -110,3 +111,23 @@ def test_pareto_front_hand_case():
     # (x, y), both minimised: (1, 5), (2, 3), (4, 1) are optimal; (3, 4) and (5, 5) are dominated.
     xs, ys = [3, 1, 4, 2, 5], [4, 5, 1, 3, 5]
     assert pareto_front(xs, ys) == [1, 3, 2]
+
+
+def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypatch):
+    """Equal data (a sweep's next job): the last classifier, no refit; a new process: the disk
+    cache; other data: a new fit."""
+    monkeypatch.setattr(LinearProbe, "_last_pixel_classifier", None)
+    probe = LinearProbe(max_iter=5, cache_dir=str(tmp_path))
+    fits = []
+    fit = probe._fit
+    monkeypatch.setattr(probe, "_fit", lambda x, y: fits.append(len(x)) or fit(x, y))
+    gen = torch.Generator().manual_seed(3)
+    data = (torch.rand(60, 9, generator=gen), torch.randint(0, 10, (60,), generator=gen))
+    data += (torch.rand(20, 9, generator=gen), torch.randint(0, 10, (20,), generator=gen))
+    first = probe._pixel_classifier(*data)
+    assert probe._pixel_classifier(*(t.clone() for t in data)) is first and fits == [60]
+    monkeypatch.setattr(LinearProbe, "_last_pixel_classifier", None)  # as in a new process
+    from_disk = probe._pixel_classifier(*data)
+    assert fits == [60] and torch.equal(from_disk.weight, first.weight)
+    probe._pixel_classifier(data[0] + 1e-3, *data[1:])
+    assert fits == [60, 60]
