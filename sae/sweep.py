@@ -364,7 +364,7 @@ class SweepSummary:
 def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     """Write summary.csv, summary.md, pareto.png and sweep_metrics.png into sweep_dir (and, when
     jobs repeat a setting with other seeds, summary_by_setting.csv; for a two-knob grid,
-    sweep_heatmaps.png). figures=False: the tables only (write_sweep_figures draws the rest)."""
+    sweep_heatmaps.png). figures=False: the tables only (a job's end, when more jobs follow)."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
@@ -410,18 +410,9 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     write_text_atomic(sweep_dir / "summary.md", header + body)
     if figures:
         files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
-    else:  # drawn apart (write_sweep_figures): the ones on disk
+    else:  # the ones drawn before, on disk
         files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
     return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
-
-
-def write_sweep_figures(sweep_dir: str | Path) -> list[str]:
-    """pareto.png, sweep_metrics.png (and sweep_heatmaps.png) of the jobs finished so far."""
-    sweep_dir = Path(sweep_dir)
-    jobs = job_dirs(sweep_dir)
-    rows = [job_row(job) for job in jobs]
-    settings = aggregate_seeds(rows, {job.name: _figure_settings(_job_config(job)) for job in jobs})
-    return _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
 
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
@@ -486,9 +477,6 @@ def _job_exception(job_return: JobReturn) -> BaseException:
 class SweepSummaryCallback(Callback):
     """Hydra callback: records each job's status and keeps the sweep summary current."""
 
-    def __init__(self) -> None:
-        self._figures_current = False  # the sweep figures drawn (or queued) after the latest job
-
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
@@ -499,25 +487,18 @@ class SweepSummaryCallback(Callback):
             status = {"status": "ok", "error": ""}
         write_json_atomic(output_dir / STATUS_FILE, status)
         if config.hydra.mode is not None and str(config.hydra.mode) == "RunMode.MULTIRUN":
-            # Also after each job: a sweep that stops part-way still leaves a summary. Its figures
-            # are drawn beside the next job when one follows in this process (one drawing queued
-            # at a time: the sweep's end draws the final ones).
-            from sae.background import is_pending, run_or_hand_off
+            # Also after each job: a sweep that stops part-way still leaves a summary. Where more
+            # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on
+            # the sweep's folder): drawing them after every job would cost each job seconds.
+            from sae.background import more_jobs_follow
 
-            write_summary(config.hydra.sweep.dir, figures=False)
-            label = f"sweep figures {Path(config.hydra.sweep.dir).resolve()}"
-            self._figures_current = not is_pending(label)
-            if self._figures_current:
-                run_or_hand_off(label, write_sweep_figures, config.hydra.sweep.dir)
+            write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from sae.background import wait_for_hand_offs
 
-        drawing_failed = wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
-        # The sweep figures again, unless those of the last job (in this process) are drawn.
-        summary = write_summary(
-            config.hydra.sweep.dir, figures=bool(drawing_failed) or not self._figures_current
-        )
+        wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
+        summary = write_summary(config.hydra.sweep.dir)
         report(summary.closing_lines())
         rows = summary.rows
         failed = [r["job"] for r in rows if r["status"] != "ok"]

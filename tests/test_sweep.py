@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sae.sweep import frontier_ranks, write_summary, write_sweep_figures
+from sae.sweep import frontier_ranks, write_summary
 from tests.conftest import run_script
 
 
@@ -172,14 +172,11 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
                 values.setdefault((beta, rho), []).append(m)
                 fake_job(sweep, str(job), [f"beta={beta}", f"rho={rho}", f"seed={seed}"], m, {"status": "ok"})
                 job += 1
-    tables = write_summary(sweep, figures=False)  # what a job's end writes; the figures apart
+    tables = write_summary(sweep, figures=False)  # a job's end when more jobs follow: tables only
     assert not list(sweep.glob("*.png")) and "pareto.png" not in tables.files
-    assert write_sweep_figures(sweep) == ["pareto.png", "sweep_metrics.png", "sweep_heatmaps.png"]
-    assert write_summary(sweep, figures=False).files[-3:] == [
-        "pareto.png",
-        "sweep_metrics.png",
-        "sweep_heatmaps.png",
-    ]
+    drawn = ["pareto.png", "sweep_metrics.png", "sweep_heatmaps.png"]
+    assert write_summary(sweep).files[-3:] == drawn
+    assert write_summary(sweep, figures=False).files[-3:] == drawn  # the ones on disk
     with open(sweep / "summary_by_setting.csv") as f:
         settings = list(csv.DictReader(f))
     assert len(settings) == 4
