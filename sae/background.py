@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from sae.console import one_line, report
@@ -46,12 +48,29 @@ def run_or_hand_off(label: str, work: Callable[..., Any], *args: Any) -> bool:
         work(*args)
         return False
     global _worker
-    if _worker is None:
-        # spawn: a fresh interpreter, not a fork of one whose torch threads are running
-        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_wait_at_exit)
-    _pending.append((label, _worker.submit(work, *args)))
-    return True
+    for _ in range(2):  # a worker that died (killed, out of memory) is replaced once
+        if _worker is None:
+            # spawn: a fresh interpreter, not a fork of one whose torch threads are running
+            spawn = multiprocessing.get_context("spawn")
+            _worker = ProcessPoolExecutor(max_workers=1, mp_context=spawn, initializer=_start_worker)
+            atexit.unregister(_wait_at_exit)  # once, however many workers
+            atexit.register(_wait_at_exit)
+        try:
+            _pending.append((label, _worker.submit(work, *args)))
+            return True
+        except (BrokenProcessPool, RuntimeError):
+            _worker = None
+    work(*args)  # no worker to be had: here and now, as outside a sweep
+    return False
+
+
+def _start_worker() -> None:
+    """In the worker: one thread (the training beside it has the cores), and Ctrl+C left to the
+    main process, which stops the sweep and then waits for the figures of the jobs that finished."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def is_pending(label: str) -> bool:

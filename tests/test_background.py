@@ -1,6 +1,7 @@
 """sae.background: work runs at once outside a sweep; in one, in a worker process, waited for at
 the sweep's end, and a failure there is reported with its label instead of stopping the sweep."""
 
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,26 @@ def test_only_launchers_that_run_jobs_in_this_process_hand_off(monkeypatch, laun
     hydra = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"_target_": f"some.module.{launcher}"}})
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
     assert background.more_jobs_follow() is follow
+
+
+def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, monkeypatch):
+    class Broken:
+        def submit(self, *args):
+            raise BrokenProcessPool("the worker died")
+
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(background, "_worker", Broken())
+    marker = tmp_path / "done"
+    assert background.run_or_hand_off("job", write_marker, marker, "replaced") is True  # a new worker
+    assert background.wait_for_hand_offs() == [] and marker.read_text() == "replaced"
+
+    class Spawner:  # every new worker is broken too
+        def __init__(self, *args, **kwargs):
+            pass
+
+        submit = Broken.submit
+
+    monkeypatch.setattr(background, "ProcessPoolExecutor", Spawner)
+    monkeypatch.setattr(background, "_worker", Broken())
+    assert background.run_or_hand_off("job", write_marker, marker, "here") is False
+    assert marker.read_text() == "here"
