@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from sae.callbacks import RunFigures
-from sae.plots import DEAD_COLOUR, MAX_UNITS, run_figures, sweep_metrics
+from sae.plots import DEAD_COLOUR, MAX_UNITS, reconstruction_grid, run_figures, sweep_metrics
 
 
 @pytest.mark.parametrize("latent_dim", [32, 4096])
@@ -192,3 +192,17 @@ def test_a_numeric_knob_gets_one_line_per_value_of_a_named_one():
         assert legend == {"wide_point=kl", "wide_point=topk"}
     finally:
         plt.close(fig)
+
+
+def test_reconstruction_grid_puts_each_original_above_its_reconstruction():
+    gen = torch.Generator().manual_seed(0)
+    images, recon = torch.rand(3, 784, generator=gen), torch.rand(3, 784, generator=gen)
+    fig = reconstruction_grid(images, recon)
+    (ax,) = fig.axes
+    mosaic = ax.images[0].get_array()
+    assert mosaic.shape == (58, 3 * 30 - 2)  # 2 rows and 3 columns of 28x28 tiles, 2 pixels apart
+    for i in range(3):
+        assert (mosaic[:28, 30 * i : 30 * i + 28] == images[i].reshape(28, 28).numpy()).all()
+        assert (mosaic[30:, 30 * i : 30 * i + 28] == recon[i].reshape(28, 28).numpy()).all()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["original", "reconstruction"]
+    plt.close(fig)
