@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import timed_run  # noqa: E402
+
 PROBES = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
 
 
@@ -44,12 +48,7 @@ def sweep(code: Path, out: Path, args: argparse.Namespace) -> dict:
         "+trainer.enable_progress_bar=false",
         f"hydra.sweep.dir={out}",
     ]
-    print(f"{code}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, cwd=code, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"the sweep in {code} failed:\n{proc.stderr[-3000:]}")
+    wall = timed_run(command, f"the sweep in {code}", cwd=code)
     jobs = sorted((p for p in out.iterdir() if (p / "metrics.json").is_file()), key=lambda p: int(p.name))
     metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in jobs}
     figures = {p.name: len(list((p / "plots").glob("*.png"))) for p in jobs}

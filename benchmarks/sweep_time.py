@@ -18,27 +18,19 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import timed_run  # noqa: E402
+
 BETAS = "1e-3,5e-3,2e-2,5e-2"
 RHOS = "0.02,0.05,0.1,0.2"
-
-
-def run(command: list[str], label: str) -> float:
-    print(f"{label}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-    return seconds
 
 
 def test_mse(sweep: Path) -> dict[tuple[str, str], float]:
@@ -71,9 +63,9 @@ def main() -> None:
         tmp = Path(tmp)
         grid = [f"beta={args.betas}", f"rho={args.rhos}"]
         seconds = {
-            "single": run([*train, *common, f"hydra.run.dir={tmp / 'single'}"], "single"),
-            "basic": run([*train, *common, *grid, f"hydra.sweep.dir={tmp / 'basic'}", "-m"], "basic"),
-            "vectorized": run(
+            "single": timed_run([*train, *common, f"hydra.run.dir={tmp / 'single'}"], "single"),
+            "basic": timed_run([*train, *common, *grid, f"hydra.sweep.dir={tmp / 'basic'}", "-m"], "basic"),
+            "vectorized": timed_run(
                 [*train, *common, *grid, "hydra/launcher=vectorized", f"hydra.sweep.dir={tmp / 'vec'}", "-m"],
                 "vectorized",
             ),
