@@ -10,11 +10,14 @@ import hydra
 from omegaconf import DictConfig
 
 from sae.console import JobFailed, run_command
-from sae.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | JobFailed | None:
+    # Imported here: a sweep's figure worker (sae.background, spawned) imports this file, and
+    # needs none of Lightning.
+    from sae.training import train
+
     metrics = run_command(lambda: train(cfg))
     return metrics if isinstance(metrics, JobFailed) else metrics.get(cfg.optimized_metric)
 
