@@ -1,4 +1,5 @@
-"""What the benchmarks share: conf/train.yaml composed in-process, as train.py composes it."""
+"""What the benchmarks share: conf/train.yaml composed in-process, as train.py composes it; a
+timed command; waiting for the GPU before a clock is read."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -29,3 +31,9 @@ def timed_run(command: list[str], label: str, cwd: Path = ROOT) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
     return seconds
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a clock read next includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -34,15 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import sync  # noqa: E402
 from sae.loss import objective  # noqa: E402
 from sae.module import SparseAutoencoderModule  # noqa: E402
 
 STEPS_PER_EPOCH = 430  # 55000 training images in batches of 128
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def eager_step(module: SparseAutoencoderModule, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
