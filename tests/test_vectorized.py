@@ -51,27 +51,28 @@ def test_vectorized_jobs_match_separate_runs(mnist_root, tmp_path):
     assert [rows[j]["status"] for j in "0123"] == ["ok"] * 4
     assert all(rows[j]["fit/stacked_jobs"] == "4" for j in "0123")
 
-    for job, (beta, seed) in {"0": ("1e-3", 0), "3": ("5e-2", 1)}.items():
-        alone = tmp_path / f"alone{job}"
-        overrides = [TWO_EPOCHS, f"beta={beta}", f"seed={seed}", "lr=3e-3"]
-        expected = train(compose_train(overrides, alone, mnist_root))
-        got = json.loads((sweep / job / "metrics.json").read_text())
-        for key in ("val/loss", "test/mse", "test/fvu", "test/rho_hat_mean", "test/l0", "test/kl"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-7), (job, key)
-        assert got["fit/epochs"] == expected["fit/epochs"] == 2
-        a, b = weights(alone), weights(sweep / job)
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
-        # The same folder as a separate run: checkpoints, figures, events, and evaluate.py reads it.
-        for folder in ("checkpoints", "plots"):
-            names = [{p.name for p in (run / folder).iterdir()} for run in (sweep / job, alone)]
-            assert names[0] == names[1], folder
-        named = dict(kv.split("=") for kv in tensorboard_run(sweep / job).name.split(","))  # knobs set
-        assert (float(named["beta"]), int(named["seed"]), float(named["lr"])) == (float(beta), seed, 3e-3)
-        assert "accelerator" not in named
-        cfg = compose_config("evaluate", [f"ckpt_path={got['ckpt_path']}", f"output_dir={tmp_path / 'e'}"])
-        cfg.data.root, cfg.data.eval_batch_size, cfg.trainer.accelerator = str(mnist_root), 64, "cpu"
-        assert evaluate(cfg)["test/mse"] == pytest.approx(got["test/mse"], rel=1e-6)
+    # The last job (other beta, other seed than the first): the stack gave it its own knobs.
+    job, beta, seed = "3", "5e-2", 1
+    alone = tmp_path / f"alone{job}"
+    overrides = [TWO_EPOCHS, f"beta={beta}", f"seed={seed}", "lr=3e-3"]
+    expected = train(compose_train(overrides, alone, mnist_root))
+    got = json.loads((sweep / job / "metrics.json").read_text())
+    for key in ("val/loss", "test/mse", "test/fvu", "test/rho_hat_mean", "test/l0", "test/kl"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-7), (job, key)
+    assert got["fit/epochs"] == expected["fit/epochs"] == 2
+    a, b = weights(alone), weights(sweep / job)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+    # The same folder as a separate run: checkpoints, figures, events, and evaluate.py reads it.
+    for folder in ("checkpoints", "plots"):
+        names = [{p.name for p in (run / folder).iterdir()} for run in (sweep / job, alone)]
+        assert names[0] == names[1], folder
+    named = dict(kv.split("=") for kv in tensorboard_run(sweep / job).name.split(","))  # knobs set
+    assert (float(named["beta"]), int(named["seed"]), float(named["lr"])) == (float(beta), seed, 3e-3)
+    assert "accelerator" not in named
+    cfg = compose_config("evaluate", [f"ckpt_path={got['ckpt_path']}", f"output_dir={tmp_path / 'e'}"])
+    cfg.data.root, cfg.data.eval_batch_size, cfg.trainer.accelerator = str(mnist_root), 64, "cpu"
+    assert evaluate(cfg)["test/mse"] == pytest.approx(got["test/mse"], rel=1e-6)
 
     # Its last.ckpt resumes like a separate run's: one more epoch ends where 3 epochs in one go do.
     more = ["epochs=3", "beta=5e-2", "seed=1", "lr=3e-3"]
