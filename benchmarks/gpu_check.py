@@ -158,9 +158,8 @@ def main() -> None:
     results: dict[str, float | None] = {}
 
     # Cheapest and most telling first: a step cut off by the budget should be the long sweep.
-    out = steps.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], "CUDA tests", 240
-    )
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]  # one process
+    out = steps.run([*pytest, "tests/test_cuda.py"], "CUDA tests", 240)
     ran = re.search(r"\d+ (passed|skipped|failed)", out)  # pytest's summary line (skipped: no GPU)
     failed = sum(float(n) for n in re.findall(r"(\d+) (?:failed|errors?)\b", out))
     results["CUDA tests failed"] = failed if ran else None
