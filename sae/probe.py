@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 class LinearClassifier(NamedTuple):
-    """Multinomial logistic regression on features standardized with the training statistics."""
+    """Multinomial logistic regression on features standardized with the training statistics,
+    in float64 (fit_linear_classifier says why)."""
 
     mean: Tensor
     std: Tensor
@@ -19,12 +20,12 @@ class LinearClassifier(NamedTuple):
 
     def accuracy(self, x: Tensor, y: Tensor) -> float:
         with torch.no_grad():
-            logits = ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+            logits = ((x.to(self.weight.dtype) - self.mean) / self.std) @ self.weight + self.bias
         return (logits.argmax(dim=1) == y).float().mean().item()
 
 
 # Part of the pixel classifier's cache key: a classifier cached by another solver is refitted.
-PROBE_SOLVER = "lbfgs-written-gradient"
+PROBE_SOLVER = "lbfgs-written-gradient-float64"
 
 
 def probe_loss_and_grad(
@@ -51,14 +52,19 @@ def probe_loss_and_grad(
 def fit_linear_classifier(
     train_x: Tensor, train_y: Tensor, num_classes: int = 10, weight_decay: float = 1e-4, max_iter: int = 100
 ) -> LinearClassifier:
-    """Full-batch L-BFGS from zero weights: deterministic for given inputs (no seed, no batch order)."""
+    """Full-batch L-BFGS from zero weights: deterministic for given inputs (no seed, no batch order).
+
+    In float64: the 100 steps stop before convergence, where float32's rounding (which changes
+    with the thread count) moved the accuracy by up to 0.003; in float64 the same codes give the
+    same accuracy on 1 thread or 2, here or in a sweep's worker process (docs/probe.md).
+    """
     with torch.no_grad():  # the gradient is written out (probe_loss_and_grad); fine under inference mode too
-        x = train_x.detach().float()
+        x = train_x.detach().double()
         mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
         features_t = ((x - mean) / std).T.contiguous()
         one_hot_t = F.one_hot(train_y.detach().to(x.device), num_classes).T.to(x.dtype).contiguous()
-        weight = torch.zeros(x.shape[1], num_classes, device=x.device)
-        bias = torch.zeros(num_classes, device=x.device)
+        weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
+        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
         optimizer = torch.optim.LBFGS(
             [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
         )
