@@ -1,11 +1,13 @@
-"""Work a sweep job hands off instead of waiting for: its figures, drawn in one worker process
-while the next job of the sweep trains.
+"""Work a sweep job hands off instead of waiting for: its figures and its code probe, done in one
+worker process while the next job of the sweep trains.
 
 Only where more jobs follow in this process (a multirun with Hydra's basic launcher or the
 vectorized launcher): a single run, evaluate.py, and jobs that run in processes of their own
-(joblib, submitit) do the work at once, as before. The sweep's end waits for every hand-off
-before it writes the summary (sae.sweep.SweepSummaryCallback), and so does the process's exit;
-a hand-off that fails is reported there, naming its folder, and the sweep goes on.
+(joblib, submitit) do the work at once, as before. A hand-off's result comes back to this
+process, where `then(result)` records it (e.g. a metric into the job's metrics.json): after each
+job for the hand-offs done by then (`collect_finished`), and at the sweep's end for all of them
+(`wait_for_hand_offs`, before the summary is written), or at the process's exit. A hand-off that
+fails is reported there, naming its label, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sae.console import one_line, report
 IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
 
 _worker: ProcessPoolExecutor | None = None
-_pending: list[tuple[str, Future]] = []  # in the order handed off
+_pending: list[tuple[str, Future, Callable[[Any], None] | None]] = []  # in the order handed off
 
 
 def more_jobs_follow() -> bool:
@@ -39,13 +41,19 @@ def more_jobs_follow() -> bool:
     return str(hydra.mode) == "RunMode.MULTIRUN" and launcher.endswith(IN_PROCESS_LAUNCHERS)
 
 
-def run_or_hand_off(label: str, work: Callable[..., Any], *args: Any) -> bool:
+def run_or_hand_off(
+    label: str, work: Callable[..., Any], *args: Any, then: Callable[[Any], None] | None = None
+) -> bool:
     """work(*args) in the worker when more jobs follow, else now; whether it was handed off.
 
-    `work` and its arguments must pickle (a module-level function, tensors, paths).
+    `work` and its arguments must pickle (a module-level function, tensors, paths). `then`, if
+    given, gets work's result in this process: at once when the work ran here, else when the
+    hand-off is collected (never before the job that handed it off has ended).
     """
     if not more_jobs_follow():
-        work(*args)
+        result = work(*args)
+        if then is not None:
+            then(result)
         return False
     global _worker
     for _ in range(2):  # a worker that died (killed, out of memory) is replaced once
@@ -56,11 +64,13 @@ def run_or_hand_off(label: str, work: Callable[..., Any], *args: Any) -> bool:
             atexit.unregister(_wait_at_exit)  # once, however many workers
             atexit.register(_wait_at_exit)
         try:
-            _pending.append((label, _worker.submit(work, *args)))
+            _pending.append((label, _worker.submit(work, *args), then))
             return True
         except (BrokenProcessPool, RuntimeError):
             _worker = None
-    work(*args)  # no worker to be had: here and now, as outside a sweep
+    done: Future = Future()  # no worker to be had: here and now, recorded when collected as above
+    done.set_result(work(*args))
+    _pending.append((label, done, then))
     return False
 
 
@@ -74,17 +84,29 @@ def _start_worker() -> None:
 
 
 def is_pending(label: str) -> bool:
-    """Whether work handed off under this label is queued or running."""
-    return any(name == label and not future.done() for name, future in _pending)
+    """Whether work handed off under this label is queued, running, or done but not yet recorded."""
+    return any(name == label for name, _, _ in _pending)
+
+
+def collect_finished() -> list[str]:
+    """Record the results of the hand-offs finished so far (in the order handed off), without
+    waiting; one line per failed one, also printed."""
+    return _collect(wait=False)
 
 
 def wait_for_hand_offs() -> list[str]:
-    """Wait for every hand-off; one line per failed one (its label and error), also printed."""
+    """Wait for every hand-off and record its result; one line per failed one, also printed."""
+    return _collect(wait=True)
+
+
+def _collect(wait: bool) -> list[str]:
     failures = []
-    while _pending:
-        label, future = _pending.pop(0)
+    while _pending and (wait or _pending[0][1].done()):
+        label, future, then = _pending.pop(0)
         try:
-            future.result()
+            result = future.result()
+            if then is not None:
+                then(result)
         except Exception as err:  # noqa: BLE001 -- reported, and the sweep goes on
             failures.append(f"{label}: {one_line(err)}")
     for line in failures:

@@ -68,3 +68,58 @@ def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, 
     monkeypatch.setattr(background, "_worker", Broken())
     assert background.run_or_hand_off("job", write_marker, marker, "here") is False
     assert marker.read_text() == "here"
+    assert background.wait_for_hand_offs() == []  # ran here: nothing left to record
+
+
+def square(x: float) -> float:
+    return x * x
+
+
+def test_results_are_recorded_here_after_the_job_in_the_order_handed_off(monkeypatch):
+    recorded = []
+    assert background.run_or_hand_off("now", square, 2.0, then=recorded.append) is False
+    assert recorded == [4.0]  # outside a sweep: at once
+
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    for x in (3.0, 4.0):
+        assert background.run_or_hand_off(f"job {x}", square, x, then=recorded.append) is True
+    assert recorded == [4.0]  # never during the job that handed it off
+    assert background.is_pending("job 3.0")
+    background.wait_for_hand_offs()
+    assert recorded == [4.0, 9.0, 16.0] and not background.is_pending("job 3.0")
+
+
+def test_collect_finished_records_what_is_done_and_does_not_wait(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    background.run_or_hand_off("quick", square, 5.0, then=recorded.append)
+    background._pending[0][1].result(timeout=120)  # the worker is done with it
+    gate = tmp_path / "gate"
+    background.run_or_hand_off("waits", wait_for_file, str(gate), then=recorded.append)
+    assert background.collect_finished() == [] and recorded == [25.0]
+    assert background.is_pending("waits")  # still running: left for later
+    gate.write_text("go")
+    background.wait_for_hand_offs()
+    assert recorded == [25.0, "go"]
+
+
+def test_a_failing_record_is_reported_and_the_rest_are_recorded(monkeypatch, capsys):
+    recorded = []
+
+    def refuse(result):
+        raise OSError(f"metrics.json is read-only ({result})")
+
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    background.run_or_hand_off("job 0", square, 2.0, then=refuse)
+    background.run_or_hand_off("job 1", square, 3.0, then=recorded.append)
+    assert background.wait_for_hand_offs() == ["job 0: metrics.json is read-only (4.0)"]
+    assert recorded == [9.0]
+    assert "warning: background work failed: job 0: metrics.json is read-only" in capsys.readouterr().out
+
+
+def wait_for_file(path: str) -> str:
+    import time
+
+    while not Path(path).exists():
+        time.sleep(0.05)
+    return Path(path).read_text()
