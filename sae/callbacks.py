@@ -10,11 +10,13 @@ not there yet for callbacks of that epoch.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import sys
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -26,12 +28,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from sae.atomic import write_atomic
-from sae.background import run_or_hand_off
+from sae.atomic import write_atomic, write_json_atomic
+from sae.background import more_jobs_follow, run_or_hand_off
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import PROBE_SOLVER, LinearClassifier, fit_linear_classifier
+from sae.probe import PROBE_SOLVER, LinearClassifier, fit_linear_classifier, linear_probe_accuracy
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
@@ -90,6 +92,19 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
+def record_metric(metrics_file: Path, events_dir: str | None, step: int, name: str, value: float) -> None:
+    """Add a metric computed after the run wrote its metrics.json (a sweep job's hand-off): to the
+    file, and with events_dir as a TensorBoard scalar at `step`, in an event file of its own."""
+    metrics = json.loads(metrics_file.read_text())
+    metrics[name] = value
+    write_json_atomic(metrics_file, metrics)
+    if events_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(events_dir, filename_suffix=".probe") as writer:
+            writer.add_scalar(name, value, step)
+
+
 class _PixelClassifierMemo(NamedTuple):
     """The last pixel classifier of this process and the data it was fitted for: the jobs of a
     sweep share their data, and comparing it costs less than hashing it for the disk cache."""
@@ -118,15 +133,26 @@ class LinearProbe(L.Callback):
 
     The pixel classifier depends only on the data, so it is cached in `cache_dir` (keyed by a
     hash of the data and the probe settings) and fitted once per data set, not once per run.
+    In a sweep whose jobs run one after another in this process, the code probe is fitted in the
+    worker process (sae.background) while the next job trains, and `test/probe_accuracy` joins
+    the job's metrics.json and TensorBoard when it is done (before the sweep's summary is final);
+    not when the sweep optimizes it (`optimized_metric`): a sweeper reads it at the job's end.
     """
 
     # The last pixel classifier of this process, with its data (sweep jobs share their data).
     _last_pixel_classifier: ClassVar[_PixelClassifierMemo | None] = None
 
-    def __init__(self, max_iter: int = 100, weight_decay: float = 1e-4, cache_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        max_iter: int = 100,
+        weight_decay: float = 1e-4,
+        cache_dir: str | None = None,
+        optimized_metric: str | None = None,
+    ) -> None:
         self.max_iter = max_iter
         self.weight_decay = weight_decay
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.optimized_metric = optimized_metric
 
     def _fit(self, x: Tensor, y: Tensor) -> LinearClassifier:
         return fit_linear_classifier(x, y, max_iter=self.max_iter, weight_decay=self.weight_decay)
@@ -134,13 +160,32 @@ class LinearProbe(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
         (train_x, train_y), (test_x, test_y) = data.split("train"), data.split("test")
-        codes = self._fit(pl_module.encode(train_x), train_y)
-        pl_module.log("test/probe_accuracy", codes.accuracy(pl_module.encode(test_x), test_y))
+        codes = (pl_module.encode(train_x), train_y, pl_module.encode(test_x), test_y)
+        if not self._fit_codes_beside_next_job(trainer, codes):
+            classifier = self._fit(*codes[:2])
+            pl_module.log("test/probe_accuracy", classifier.accuracy(*codes[2:]))
         pixels = self._pixel_classifier(train_x, train_y, test_x, test_y)
         test_x, test_y = test_x.to(pixels.weight.device), test_y.to(pixels.weight.device)
         pl_module.log("test/probe_accuracy_pixels", pixels.accuracy(test_x, test_y))
         recon = pl_module.reconstruct(test_x).to(test_x.device)
         pl_module.log("test/probe_accuracy_reconstructions", pixels.accuracy(recon, test_y))
+
+    def _fit_codes_beside_next_job(self, trainer: L.Trainer, codes: tuple[Tensor, ...]) -> bool:
+        """Hand the code probe to the sweep's worker, if this is a sweep job that may; whether it did."""
+        if self.optimized_metric == "test/probe_accuracy" or trainer.world_size > 1 or not more_jobs_follow():
+            return False
+        metrics_file = Path(trainer.default_root_dir).resolve() / "metrics.json"
+        tb = tensorboard(trainer)
+        record = partial(
+            record_metric,
+            metrics_file,
+            tb.log_dir if tb is not None else None,
+            trainer.global_step,
+            "test/probe_accuracy",
+        )
+        work = (*(t.detach().cpu() for t in codes), 10, self.weight_decay, self.max_iter)
+        run_or_hand_off(str(metrics_file), linear_probe_accuracy, *work, then=record)
+        return True
 
     def _pixel_classifier(
         self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor

@@ -490,14 +490,15 @@ class SweepSummaryCallback(Callback):
             # Also after each job: a sweep that stops part-way still leaves a summary. Where more
             # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on
             # the sweep's folder): drawing them after every job would cost each job seconds.
-            from sae.background import more_jobs_follow
+            from sae.background import collect_finished, more_jobs_follow
 
+            collect_finished()  # earlier jobs' probe accuracies, fitted beside the jobs after them
             write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from sae.background import wait_for_hand_offs
 
-        wait_for_hand_offs()  # the last jobs' figures, drawn while later jobs trained
+        wait_for_hand_offs()  # the last jobs' figures and probes, done while later jobs trained
         summary = write_summary(config.hydra.sweep.dir)
         report(summary.closing_lines())
         rows = summary.rows

@@ -487,9 +487,12 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     # Each job's figures were handed to a worker while the next job trained, and all written
     # by the sweep's end: PNGs (assert_run_folder) and TensorBoard images.
     assert proc.stdout.count("plots/ (being drawn beside the next job") == 2
+    # And the code probe fitted there: in metrics.json (assert_run_folder) and TensorBoard by the end.
+    assert proc.stdout.count("metrics.json (test/probe_accuracy: fitted beside the next job") == 2
     for job in jobs:
-        images = tensorboard_content(job).Tags()["images"]
-        assert {f"visuals/{name}" for name in FIGURES} <= set(images), images
+        tags = tensorboard_content(job).Tags()
+        assert {f"visuals/{name}" for name in FIGURES} <= set(tags["images"]), tags["images"]
+        assert "test/probe_accuracy" in tags["scalars"]
     betas = []
     for job in jobs:
         metrics = assert_run_folder(job)
@@ -524,6 +527,7 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     assert "test/mse" in proc.stdout and f"run folder: {out.resolve()}" in proc.stdout
     assert "test/mse" in (out / "evaluate.log").read_text()
     assert read_metrics(out)["test/mse"] == pytest.approx(job["test/mse"], abs=1e-5)
+    assert read_metrics(out)["test/probe_accuracy"] == job["test/probe_accuracy"]  # fitted here, not there
 
 
 @pytest.mark.slow
