@@ -11,7 +11,9 @@ the other, as a user would:
 and prints, for each: the sweep's wall time (process start to exit, figures and summary
 included), the jobs' training time (sum of fit/seconds), and what each job costs beyond its
 training: (wall - sum of fit/seconds) / jobs, which holds the process start once, and each job's
-set-up, test pass, probe, figures and summary. It also checks that both wrote every job's nine
+set-up, test pass, probe, figures and summary; and that split in two, read off the times each
+job's files were written: its set-up (before its training loop) and its tail (from the end of
+its training to the start of the next job). It also checks that both wrote every job's nine
 figures and metrics, and gives the largest difference of each probe accuracy between the two
 (the same runs, so the same trained models up to float rounding).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +56,32 @@ def sweep(code: Path, out: Path, args: argparse.Namespace) -> dict:
     metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in jobs}
     figures = {p.name: len(list((p / "plots").glob("*.png"))) for p in jobs}
     fit = sum(m["fit/seconds"] for m in metrics.values())
-    return {"wall": wall, "fit": fit, "jobs": len(jobs), "metrics": metrics, "figures": figures}
+    setup, tail = job_phases(jobs, [m["fit/seconds"] for m in metrics.values()])
+    return {
+        "wall": wall,
+        "fit": fit,
+        "jobs": len(jobs),
+        "metrics": metrics,
+        "figures": figures,
+        "setup": setup,
+        "tail": tail,
+    }
+
+
+def job_phases(jobs: list[Path], fit_seconds: list[float]) -> tuple[list[float], list[float]]:
+    """Each job's set-up and tail in seconds, read off the times its files were written.
+
+    A job starts when Hydra writes its .hydra/config.yaml, and its training ends when the last
+    epoch's checkpoints/last.ckpt is written; its set-up is the time before the training loop
+    (start to training end, less fit/seconds), its tail the time from its training's end to the
+    next job's start (test pass, probe, figures or their hand-off, metrics, summary tables).
+    The last job has no next one: its tail is not counted (the sweep's end waits for figures).
+    """
+    starts = [(job / ".hydra" / "config.yaml").stat().st_mtime for job in jobs]
+    trained = [(job / "checkpoints" / "last.ckpt").stat().st_mtime for job in jobs]
+    setup = [end - fit - start for start, end, fit in zip(starts, trained, fit_seconds, strict=True)]
+    tail = [next_start - end for end, next_start in zip(trained[:-1], starts[1:], strict=True)]
+    return setup, tail
 
 
 def main() -> None:
@@ -90,13 +118,21 @@ def main() -> None:
         f"\n{before['jobs']}-job sweep (beta {args.betas} x rho {args.rhos}), {args.epochs} epochs each, "
         f"basic launcher, CPU ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}\n"
     )
-    header = f"{'code':<28} {'wall s':>8} {'fit s':>8} {'beyond training, s/job':>23} {'figures':>8}"
+    header = (
+        f"{'code':<28} {'wall s':>8} {'fit s':>8} {'beyond training, s/job':>23} "
+        f"{'set-up s/job':>13} {'tail s/job':>11} {'tail max':>9} {'figures':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         per_job = (r["wall"] - r["fit"]) / r["jobs"]
+        setup, tail = statistics.median(r["setup"]), statistics.median(r["tail"])
         figures = f"{sum(r['figures'].values())}/{9 * r['jobs']}"
-        print(f"{name:<28} {r['wall']:>8.1f} {r['fit']:>8.1f} {per_job:>23.2f} {figures:>8}")
+        print(
+            f"{name:<28} {r['wall']:>8.1f} {r['fit']:>8.1f} {per_job:>23.2f} "
+            f"{setup:>13.2f} {tail:>11.2f} {max(r['tail']):>9.2f} {figures:>8}"
+        )
+    print("(set-up and tail: medians over the jobs; the tail of the last job is not counted)")
     print(f"\nwall time, baseline / this checkout: {before['wall'] / after['wall']:.2f}x")
     for key in PROBES:
         diffs = [abs(after["metrics"][j][key] - m[key]) for j, m in before["metrics"].items()]
