@@ -179,12 +179,30 @@ class _IndexedTensors(Dataset):
         return len(self.images)
 
 
+# The splits read last in this process, by file and the files' size and time: the jobs of a sweep
+# run in one process read the same files, once. Callers index or copy them, never change them.
+_read: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
 def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     """Read one MNIST split as (float images in [0, 1] flattened to 784, int64 labels)."""
     raw = Path(root) / "MNIST" / "raw"
     prefix = "train" if train else "t10k"
     images_file, labels_file = (raw / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
     count = check_split_files(images_file, labels_file, root)
+    files = (images_file, labels_file)
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _read:
+        stale = [k for k in _read if k[0][0] == key[0][0]]  # an earlier version of these files
+        for k in stale:
+            del _read[k]
+        _read[key] = _read_mnist_split(root, train, raw, labels_file, count)
+    return _read[key]
+
+
+def _read_mnist_split(
+    root: str | Path, train: bool, raw: Path, labels_file: Path, count: int
+) -> tuple[Tensor, Tensor]:
     try:
         ds = MNIST(str(root), train=train, download=False)
     except (RuntimeError, AssertionError, ValueError, OSError) as err:

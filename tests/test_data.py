@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.data import BatchIndexSampler, DataError, MNISTDataModule
+from sae.data import BatchIndexSampler, DataError, MNISTDataModule, load_mnist_split
 from tests.conftest import N_TEST, N_TRAIN, write_idx_images, write_idx_labels
 
 
@@ -243,3 +243,19 @@ def test_real_mnist(real_mnist_root):
     # MNIST's published mean pixel intensity is about 0.1307.
     assert float(x.mean()) == pytest.approx(0.1307, abs=2e-3)
     assert torch.bincount(dm.split("test")[1]).tolist()[:2] == [980, 1135]
+
+
+def test_a_split_is_read_once_per_process_until_its_files_change(mnist_root, tmp_path):
+    """A sweep's jobs in one process share the read; a file rewritten since is read again."""
+    root = tmp_path / "copy"
+    shutil.copytree(mnist_root, root)
+    first = load_mnist_split(root, train=False)
+    again = load_mnist_split(root, train=False)
+    assert again[0] is first[0] and again[1] is first[1]
+    labels_file = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    raw = bytearray(labels_file.read_bytes())
+    raw[8] = (raw[8] + 1) % 10  # the first test label, changed
+    labels_file.write_bytes(bytes(raw))
+    changed = load_mnist_split(root, train=False)
+    assert changed[1] is not first[1] and int(changed[1][0]) == (int(first[1][0]) + 1) % 10
+    assert torch.equal(changed[0], first[0])
