@@ -8,6 +8,7 @@ interrupted or ran on another machine can be summarised too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -100,7 +101,7 @@ def job_row(job: Path) -> dict[str, Any]:
     """job, each override as a column, status (ok / failed / incomplete), error, every metric."""
     row: dict[str, Any] = {"job": job.name}
     overrides_file = job / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    overrides = _read_yaml(overrides_file) if overrides_file.is_file() else []
     for item in overrides or []:
         if str(item).startswith("~"):
             continue  # a deletion (~callbacks.x) sets no value
@@ -167,7 +168,21 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _job_config(job: Path) -> dict[str, Any]:
-    return yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
+    return _read_yaml(job / ".hydra" / "config.yaml") or {}
+
+
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it
+_yaml_read: dict[tuple[str, int, int], Any] = {}
+
+
+def _read_yaml(path: Path) -> Any:
+    """A job's .hydra file, parsed once per version: the summary rewritten after each of a sweep's
+    n jobs reads every job's files, n^2 reads over the sweep."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _yaml_read:
+        _yaml_read[key] = yaml.load(path.read_text(), Loader=_SafeLoader)
+    return copy.deepcopy(_yaml_read[key])
 
 
 def _objective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
