@@ -243,6 +243,30 @@ def test_main_returns_the_optimized_metric_for_sweepers(mnist_root, tmp_path):
     assert value == read_metrics(tmp_path)["val/loss"]
 
 
+def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
+    mnist_root, tmp_path, monkeypatch
+):
+    """Where more jobs follow in this process, test/probe_accuracy joins metrics.json when the hand-off
+    is collected; with optimized_metric=test/probe_accuracy it is there as the job returns."""
+    from sae import background
+
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr("sae.callbacks.more_jobs_follow", lambda: True)
+    lean_but_probe = [o for o in LEAN if o != "~callbacks.linear_probe"]
+    handed = train(compose_train([*lean_but_probe, "debug=limit"], tmp_path / "handed", mnist_root))
+    assert "test/probe_accuracy" not in handed and "test/probe_accuracy_pixels" in handed
+    assert background.is_pending(str((tmp_path / "handed" / "metrics.json").resolve()))
+    assert background.wait_for_hand_offs() == []
+    recorded = read_metrics(tmp_path / "handed")
+    assert 0 < recorded["test/probe_accuracy"] <= 1
+    assert {k: v for k, v in recorded.items() if k != "test/probe_accuracy"} == handed  # nothing else changed
+
+    needed = ["optimized_metric=test/probe_accuracy", *lean_but_probe, "debug=limit"]
+    at_once = train(compose_train(needed, tmp_path / "at_once", mnist_root))
+    assert at_once["test/probe_accuracy"] == recorded["test/probe_accuracy"]  # the same run, fitted here
+    assert not background.is_pending(str((tmp_path / "at_once" / "metrics.json").resolve()))
+
+
 def test_same_seed_same_run_other_seed_other_run(mnist_root, tmp_path):
     def run(name: str, seed: int) -> dict:
         return train(compose_train([*LEAN, "debug=limit", f"seed={seed}"], tmp_path / name, mnist_root))
