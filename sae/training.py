@@ -60,8 +60,9 @@ def _train(
         cfg.output_dir = str(output_dir)
         remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
         report(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
-    if cfg.get("threads"):  # e.g. a share of the cores when several jobs run at once
-        torch.set_num_threads(cfg.threads)
+    threads = thread_count(cfg)
+    if threads:
+        torch.set_num_threads(threads)
     datamodule, module = build_data_and_module(cfg)
     report(module.describe())
     if replay is not None:
@@ -99,6 +100,19 @@ def _train(
         report(format_metrics(metrics))
         report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
+
+
+def thread_count(cfg: DictConfig) -> int | None:
+    """The torch threads for this run: `threads` when set (e.g. a share of the cores when several
+    jobs run at once); inside a SLURM job, the cores of its allocation (SLURM_CPUS_PER_TASK),
+    unless OMP_NUM_THREADS says otherwise: torch reads neither SLURM variable, and a cluster that
+    does not bind tasks to cores would leave it every core of the node; else torch's default."""
+    if cfg.get("threads"):
+        return int(cfg.threads)
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0 and "OMP_NUM_THREADS" not in os.environ:
+        return int(cpus)
+    return None
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoencoderModule]:

@@ -267,6 +267,22 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     assert not background.is_pending(str((tmp_path / "at_once" / "metrics.json").resolve()))
 
 
+def test_a_slurm_job_trains_on_the_cores_of_its_allocation(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from sae.training import thread_count
+
+    default = OmegaConf.create({"threads": None})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert thread_count(default) is None  # torch's default
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert thread_count(default) == 3
+    assert thread_count(OmegaConf.create({"threads": 2})) == 2  # the config's setting first
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert thread_count(default) is None  # the user's OMP_NUM_THREADS, which torch reads itself
+
+
 def test_same_seed_same_run_other_seed_other_run(mnist_root, tmp_path):
     def run(name: str, seed: int) -> dict:
         return train(compose_train([*LEAN, "debug=limit", f"seed={seed}"], tmp_path / name, mnist_root))
