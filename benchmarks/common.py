@@ -1,5 +1,5 @@
-"""What the benchmarks share: conf/train.yaml composed in-process, as train.py composes it; a
-timed command; waiting for the GPU before a clock is read."""
+"""What the benchmarks share: conf/train.yaml composed in-process, as train.py composes it; the
+16-job sweep grid; a timed command; waiting for the GPU before a clock is read."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The sweep benchmarks' grid (sweep_time, sweep_tail): 4 beta x 4 rho, 16 jobs.
+BETAS = "1e-3,5e-3,2e-2,5e-2"
+RHOS = "0.02,0.05,0.1,0.2"
 
 
 def train_config(data_root: str, output_dir: str, *overrides: str) -> DictConfig:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import timed_run  # noqa: E402
+from benchmarks.common import BETAS, RHOS, timed_run  # noqa: E402
 
 PROBES = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
 
@@ -88,8 +88,8 @@ def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--baseline", required=True, help="the commit to compare with (e.g. HEAD~3)")
-    parser.add_argument("--betas", default="1e-3,5e-3,2e-2,5e-2")
-    parser.add_argument("--rhos", default="0.02,0.05,0.1,0.2")
+    parser.add_argument("--betas", default=BETAS)
+    parser.add_argument("--rhos", default=RHOS)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-root", default=os.environ.get("SAE_DATA_DIR", "data"))
     args = parser.parse_args()

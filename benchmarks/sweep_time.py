@@ -27,10 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import timed_run  # noqa: E402
-
-BETAS = "1e-3,5e-3,2e-2,5e-2"
-RHOS = "0.02,0.05,0.1,0.2"
+from benchmarks.common import BETAS, RHOS, timed_run  # noqa: E402
 
 
 def test_mse(sweep: Path) -> dict[tuple[str, str], float]:
