@@ -183,8 +183,8 @@ class LinearProbe(L.Callback):
             trainer.global_step,
             "test/probe_accuracy",
         )
-        work = (*(t.detach().cpu() for t in codes), 10, self.weight_decay, self.max_iter)
-        run_or_hand_off(str(metrics_file), linear_probe_accuracy, *work, then=record)
+        fit = partial(linear_probe_accuracy, weight_decay=self.weight_decay, max_iter=self.max_iter)
+        run_or_hand_off(str(metrics_file), fit, *(t.detach().cpu() for t in codes), then=record)
         return True
 
     def _pixel_classifier(
