@@ -70,7 +70,24 @@ class RunFolderCheckpoint(ModelCheckpoint):
     saved path is taken by its file name inside this folder; a path that was not in the run's
     checkpoint folder, or whose file is not here, is dropped, so nothing outside the run folder is
     ever tested or loaded.
+
+    `save_last=True` writes last.ckpt at the end of every epoch (after its validation). Lightning's
+    own `save_last=True` writes it only when a best checkpoint is saved at the same step: after an
+    epoch that did not improve val/loss, last.ckpt would still hold an earlier epoch, and a resumed
+    or extended run would train again from there.
     """
+
+    def __init__(self, *args: Any, save_last: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, save_last=False, **kwargs)
+        self.last_every_epoch = bool(save_last)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # after the epoch's validation and best save
+        if self.last_every_epoch and self.dirpath and not trainer.fast_dev_run:
+            self.last_model_path = str(
+                Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            )
+            trainer.save_checkpoint(self.last_model_path)  # the state saved names it, as Lightning's does
 
     @property
     def state_key(self) -> str:

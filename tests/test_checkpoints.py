@@ -97,3 +97,20 @@ def test_evaluate_checks_the_checkpoints_data_settings_before_testing(mnist_root
     with pytest.raises(DataError, match=r"data.val_size=100 must be in \[0, 80\): .*train-images-idx3-ubyte"):
         evaluate(cfg)
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_last_ckpt_holds_the_last_epoch_also_when_it_was_not_the_best(mnist_root, tmp_path):
+    # mode=max: the first epoch stays "best" (the loss falls), so no later epoch writes a best
+    # checkpoint; Lightning's own save_last would then leave last.ckpt at the first epoch.
+    cfg = compose_train(
+        [*LEAN, "debug=limit", "epochs=3", "callbacks.model_checkpoint.mode=max"], tmp_path, mnist_root
+    )
+    train(cfg)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    best = torch.load(folder / "best-epoch000.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"]
+    [state] = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["last_model_path"] == str(folder / "last.ckpt")
+    assert state["best_model_path"] == str(folder / "best-epoch000.ckpt")
