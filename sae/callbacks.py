@@ -34,6 +34,7 @@ from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
 from sae.probe import PROBE_SOLVER, LinearClassifier, fit_linear_classifier, linear_probe_accuracy
+from sae.run_folder import record_status
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
@@ -394,7 +395,8 @@ class SaveOnInterrupt(L.Callback):
     Lightning turns SIGTERM into an exception between batches by itself; Ctrl+C would land
     anywhere, even halfway through an optimizer step, so the first one only asks to stop and the
     stop happens before the next batch (a second Ctrl+C interrupts at once). The checkpoint then
-    holds whole steps, and `resume=RUN_DIR` continues exactly where the run stopped.
+    holds whole steps, and `resume=RUN_DIR` continues exactly where the run stopped. The run
+    folder's status.json says "interrupted" and how to continue (a sweep's summary shows it).
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -438,4 +440,10 @@ class SaveOnInterrupt(L.Callback):
                 f"{where}: the training data cannot resume mid-epoch, so {path} stays at the end of "
                 "the last completed epoch"
             )
-        report(f"{said}; continue with: python train.py resume={self.dirpath.parent}", stream=sys.stderr)
+        said = f"{said}; continue with: python train.py resume={self.dirpath.parent}"
+        if trainer.is_global_zero:
+            try:
+                record_status(self.dirpath.parent, "interrupted", said)
+            except OSError:
+                pass  # the line below still says it
+        report(said, stream=sys.stderr)

@@ -167,13 +167,13 @@ def _record_failure(line: str) -> None:
     """status.json in the run folder Hydra made, as a sweep job's: failed, and the line."""
     from hydra.core.hydra_config import HydraConfig
 
-    from sae.atomic import write_json_atomic
+    from sae.run_folder import record_status
 
     if HydraConfig.initialized():
         folder = Path(HydraConfig.get().runtime.output_dir)
         if folder.is_dir():
             try:
-                write_json_atomic(folder / "status.json", {"status": "failed", "error": line})
+                record_status(folder, "failed", line)
             except OSError:
                 pass  # e.g. the folder cannot be written: the line itself says so
 

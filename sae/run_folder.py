@@ -12,6 +12,7 @@ process the lock is re-entrant (the Hydra callback takes it before Hydra writes 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -22,10 +23,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sae.atomic import CannotWrite, cannot_write_message
+from sae.atomic import CannotWrite, cannot_write_message, write_json_atomic
 from sae.console import UserError, one_line
 
 LOCK_FILE = ".lock"
+# How a run ended, written by the run (or, for a SLURM job that died, by its sweep): "ok",
+# "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
+STATUS_FILE = "status.json"
 _held: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, in this process
 
 
@@ -87,6 +91,19 @@ def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def record_status(folder: str | Path, status: str, error: str = "") -> None:
+    """Write <folder>/status.json: how the run ended (ok, failed, interrupted) and why."""
+    write_json_atomic(Path(folder) / STATUS_FILE, {"status": status, "error": error})
+
+
+def recorded_status(folder: str | Path) -> dict[str, str]:
+    """The folder's status.json ({} if there is none, or it cannot be read)."""
+    try:
+        return json.loads((Path(folder) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _is_rank_zero() -> bool:

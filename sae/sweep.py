@@ -24,8 +24,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sae.atomic import write_atomic, write_json_atomic, write_text_atomic
+from sae.atomic import write_atomic, write_text_atomic
 from sae.console import JobFailed, one_line, report
+from sae.run_folder import record_status, recorded_status
 
 # The reference notebook's baselines, each with what it was trained on. Its published test MSE is
 # not what its own loop gives when run here (10 epochs on the 60k training images); this project's
@@ -81,7 +82,6 @@ NON_OVERRIDE_COLUMNS = (
 )  # jobs that differ only in these are repeats of one setting
 # The ranking across objective knobs: reconstruction against sparsity, as the Pareto plot shows it.
 FRONTIER_AXES = ("test/l0", "test/mse")
-STATUS_FILE = "status.json"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -98,7 +98,8 @@ def _parse_value(text: str) -> Any:
 
 
 def job_row(job: Path) -> dict[str, Any]:
-    """job, each override as a column, status (ok / failed / incomplete), error, every metric."""
+    """job, each override as a column, status (ok / failed / interrupted / incomplete), error, every
+    metric."""
     row: dict[str, Any] = {"job": job.name}
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = _read_yaml(overrides_file) if overrides_file.is_file() else []
@@ -108,10 +109,10 @@ def job_row(job: Path) -> dict[str, Any]:
         key, _, value = str(item).lstrip("+").partition("=")
         if not key.startswith("hydra.") and "enable_progress_bar" not in key:
             row[key] = _parse_value(value)
-    metrics_file, status_file = job / "metrics.json", job / STATUS_FILE
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    if status.get("status") == "failed":
-        row.update(status="failed", error=status.get("error", ""))
+    metrics_file = job / "metrics.json"
+    status = recorded_status(job)
+    if status.get("status") in ("failed", "interrupted"):
+        row.update(status=status["status"], error=status.get("error", ""))
     elif metrics_file.is_file():
         row.update(status="ok", error="")
         row.update(json.loads(metrics_file.read_text()))
@@ -495,12 +496,11 @@ class SweepSummaryCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
-            status = {"status": "failed", "error": one_line(_job_exception(job_return))}
+            record_status(output_dir, "failed", one_line(_job_exception(job_return)))
         elif isinstance(job_return.return_value, JobFailed):
-            status = {"status": "failed", "error": job_return.return_value.error}
+            record_status(output_dir, "failed", job_return.return_value.error)
         else:
-            status = {"status": "ok", "error": ""}
-        write_json_atomic(output_dir / STATUS_FILE, status)
+            record_status(output_dir, "ok")
         if config.hydra.mode is not None and str(config.hydra.mode) == "RunMode.MULTIRUN":
             # Also after each job: a sweep that stops part-way still leaves a summary. Where more
             # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on

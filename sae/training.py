@@ -24,7 +24,7 @@ from sae.console import closing_lines, format_metrics, report, tidy_library_outp
 from sae.data import MNISTDataModule
 from sae.loggers import tensorboard_run_name
 from sae.module import SparseAutoencoderModule
-from sae.run_folder import remove_leftover_temporary_files, writing_run_folder
+from sae.run_folder import record_status, remove_leftover_temporary_files, writing_run_folder
 
 if TYPE_CHECKING:
     from sae.stacked import JobRecord
@@ -38,6 +38,9 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
     """
     tidy_library_output()
     validate_train_config(cfg)
+    if not cfg.get("resume") and requeued_by_slurm(Path(cfg.output_dir)):
+        report(f"SLURM restarted this job (preempted or requeued): it continues from {cfg.output_dir}")
+        cfg.resume = cfg.output_dir
     resumed_with = {}
     if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
         resumed_with = resume_with_run_settings(cfg, command_override_keys(cfg))
@@ -97,9 +100,17 @@ def _train(
         metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
+        record_status(output_dir, "ok")  # a resumed run's "interrupted" no longer holds
         report(format_metrics(metrics))
         report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
+
+
+def requeued_by_slurm(output_dir: Path) -> bool:
+    """Whether this is a SLURM job run again (requeued after preemption, a node failure, `scontrol
+    requeue`) that finds its own last.ckpt: it then resumes instead of starting over in its folder."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    return restarts.isdigit() and int(restarts) > 0 and (output_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def thread_count(cfg: DictConfig) -> int | None:

@@ -340,3 +340,18 @@ def test_resume_without_last_ckpt_says_how_to_continue_and_leftovers_are_removed
     leftover.write_bytes(b"half a checkpoint")
     assert train(cfg)["fit/epochs"] == 2
     assert not leftover.exists()
+
+
+def test_a_slurm_job_run_again_resumes_only_from_its_own_last_ckpt(tmp_path, monkeypatch):
+    from sae.training import requeued_by_slurm
+
+    run = tmp_path / "0"
+    (run / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert not requeued_by_slurm(run)  # requeued before it saved anything: it starts afresh
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert requeued_by_slurm(run)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first run (a folder reused by hand) does not
+    assert not requeued_by_slurm(run)
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert not requeued_by_slurm(run)
