@@ -309,3 +309,88 @@ def test_summary_md_shows_the_key_metrics_and_names_the_others(tmp_path):
     assert "Also in summary.csv, one column each: `test/l1`." in text
     with open(sweep / "summary.csv") as f:
         assert "test/l1" in next(csv.reader(f))
+
+
+class _Job:
+    """A submitit job as the launcher sees it: its results, or the error of a job that left none."""
+
+    job_id = "7_1"
+    state = "CANCELLED by 0"
+
+    def __init__(self, error=None, job_return=None, stderr="/sweep/.submitit/7_1/7_1_0_log.err"):
+        from types import SimpleNamespace
+
+        self.error, self.job_return, self.paths = error, job_return, SimpleNamespace(stderr=stderr)
+
+    def results(self):
+        if self.error is not None:
+            raise self.error
+        return [self.job_return]
+
+
+@pytest.fixture
+def slurm_launcher(tmp_path, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra_plugins.sae_submitit_launchers.submitit_launchers import SlurmLauncher
+
+    launcher = SlurmLauncher(partition="debug")
+    job_folder = tmp_path / "1"
+    job_folder.mkdir()
+    monkeypatch.setattr(launcher, "_job_folder", lambda overrides, job_num: job_folder)
+    return launcher, job_folder
+
+
+def test_a_slurm_job_that_left_no_result_is_recorded_failed_and_the_sweep_goes_on(slurm_launcher):
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from sae.console import JobFailed
+    from sae.sweep import job_row
+
+    launcher, job_folder = slurm_launcher
+    error = UncompletedJobError(
+        "Job 7_1 (task: 0) with path /x.pkl\nhas not produced any output (state: CANCELLED)"
+    )
+    outcome = launcher._outcome(_Job(error), ["beta=-1"], 1)
+    assert outcome.status == JobStatus.COMPLETED  # Hydra's sweeper would raise at a FAILED one
+    assert isinstance(outcome.return_value, JobFailed)
+    log = "/sweep/.submitit/7_1/7_1_0_log.err"
+    line = f"slurm job 7_1 ended without a result (state CANCELLED by 0); its log: {log}"
+    assert outcome.return_value.error == line
+    assert json.loads((job_folder / "status.json").read_text()) == {"status": "failed", "error": line}
+    assert (job_row(job_folder)["status"], job_row(job_folder)["error"]) == ("failed", line)
+
+    # submitit's own error (the job timed out too often): its traceback's last line says why
+    last = "UncompletedJobError: Job not requeued because: timed-out too many times."
+    traceback = f"Traceback (most recent call last):\n  ...\n{last}\n"
+    outcome = launcher._outcome(_Job(FailedJobError(traceback)), ["beta=-1"], 1)
+    assert outcome.return_value.error.endswith(
+        "timed-out too many times.; its log: /sweep/.submitit/7_1/7_1_0_log.err"
+    )
+
+    # a job that finished, or failed with an error of ours (a bug), hands back its own JobReturn
+    for finished in (
+        JobReturn(status=JobStatus.COMPLETED, _return_value=0.25),
+        JobReturn(status=JobStatus.FAILED, _return_value=ValueError("a bug")),
+    ):
+        assert launcher._outcome(_Job(job_return=finished), ["beta=-1"], 1) is finished
+    # one submitit ended from within (out of time, not requeued) goes on as failed
+    out_of_time = UncompletedJobError("Job not requeued because: timed-out too many times.")
+    ended = JobReturn(status=JobStatus.FAILED, _return_value=out_of_time)
+    outcome = launcher._outcome(_Job(job_return=ended), ["beta=-1"], 1)
+    assert outcome.status == JobStatus.COMPLETED
+    assert outcome.return_value.error == "Job not requeued because: timed-out too many times."
+
+
+def test_a_slurm_job_that_saved_itself_on_sigterm_keeps_its_interrupted_status(slurm_launcher):
+    from submitit.core.utils import UncompletedJobError
+
+    from sae.run_folder import record_status
+    from sae.sweep import job_row
+
+    launcher, job_folder = slurm_launcher
+    said = f"interrupted at step 20 (epoch 2): saved ...; continue with: python train.py resume={job_folder}"
+    record_status(job_folder, "interrupted", said)
+    outcome = launcher._outcome(_Job(UncompletedJobError("has not produced any output")), ["epochs=9"], 1)
+    assert outcome.return_value.error == said
+    assert job_row(job_folder)["status"] == "interrupted" and job_row(job_folder)["error"] == said
