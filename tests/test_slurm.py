@@ -35,6 +35,9 @@ pytestmark = [
     ),
 ]
 
+# What a job writes after training (probe, figures) is the same on any launcher (tested with the
+# basic one); left out where a test is about what the cluster does to the job.
+NO_RUN_VISUALS = ["~callbacks.linear_probe", "~callbacks.run_figures", "~callbacks.epoch_visuals"]
 # The recipe on a CPU-only partition (the local cluster's): one core and a little memory per job.
 ON_THE_CLUSTER = [
     "launcher=submitit_slurm_cpu",
@@ -45,24 +48,25 @@ ON_THE_CLUSTER = [
 ]
 
 
-def test_a_two_job_sweep_runs_as_slurm_jobs_and_ends_with_its_summary(mnist_root, tmp_path):
+def test_a_sweep_runs_as_slurm_jobs_and_a_failing_job_leaves_the_others_to_finish(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
     command = train_command(mnist_root, "epochs=1", f"hydra.sweep.dir={sweep}", *ON_THE_CLUSTER)
-    command += ["beta=1e-3,5e-3", "-m"]
+    command += ["beta=1e-3,5e-3,-1", "-m"]  # the third job's value is invalid
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(sweep / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["beta"], r["status"]) for r in rows] == [("0.001", "ok"), ("0.005", "ok")]
-    assert all(float(r["test/mse"]) > 0 and 0 < float(r["test/probe_accuracy"]) <= 1 for r in rows)
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # it says a job failed
+    assert "1 of 3 jobs failed or did not finish (jobs 2)" in proc.stderr, proc.stderr[-3000:]
+    rows = summary_rows(sweep)
+    assert [(r["beta"], r["status"]) for r in rows] == [("0.001", "ok"), ("0.005", "ok"), ("-1", "failed")]
+    assert "beta=-1 must be a number" in rows[2]["error"]
+    assert all(float(r["test/mse"]) > 0 and 0 < float(r["test/probe_accuracy"]) <= 1 for r in rows[:2])
     assert int(rows[0]["fit/threads"]) == 1  # the job's allocation: cpus_per_task cores
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert (sweep / job / "plots" / "unit_means.png").is_file()
     # submitit's folder of the array: each job's SLURM output, written by the job on its node
     logs = list((sweep / ".submitit").glob("*/*_log.out"))
-    assert len(logs) == 2, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
-    assert all("run folder:" in log.read_text() for log in logs)
+    assert len(logs) == 3, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
+    assert sum("run folder:" in log.read_text() for log in logs) == 2
     job_output = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
     assert "Traceback" not in job_output and "srun` command is available" not in job_output
     assert "srun` command is available" not in proc.stdout + proc.stderr  # nor on the login node
@@ -93,18 +97,6 @@ def summary_rows(sweep) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_a_failing_job_is_marked_failed_and_the_other_finishes(mnist_root, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(mnist_root, sweep, "epochs=1", "beta=5e-3,-1")
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0, output[-3000:]  # the command says a job failed
-    assert "1 of 2 jobs failed or did not finish (jobs 1)" in output, output[-3000:]
-    rows = summary_rows(sweep)
-    assert [(r["beta"], r["status"]) for r in rows] == [("0.005", "ok"), ("-1", "failed")]
-    assert "beta=-1 must be a number" in rows[1]["error"]
-    assert float(rows[0]["test/mse"]) > 0
-
-
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -125,9 +117,8 @@ def array_job_ids(sweep) -> dict[int, str]:
 def kill_training(job_id: str) -> None:
     """SIGKILL the job's training process, as the kernel's OOM killer would (`scancel --signal=KILL`
     would not do: SLURM treats it as a cancel, SIGTERM first)."""
-    raw_id = subprocess.run(["squeue", "-h", "-o", "%A", "-j", job_id], capture_output=True, text=True).stdout
     listed = subprocess.run(
-        ["scontrol", "listpids", raw_id.strip()], capture_output=True, text=True, check=True
+        ["scontrol", "listpids", raw_job_id(job_id)], capture_output=True, text=True, check=True
     )
     pids = [int(line.split()[0]) for line in listed.stdout.splitlines()[1:] if line.split()[2] == "0"]
     assert pids, listed.stdout  # step 0: srun's task, the python process of the job
@@ -135,27 +126,33 @@ def kill_training(job_id: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_scancel_leaves_last_ckpt_to_resume_and_a_killed_job_is_marked_failed(mnist_root, tmp_path):
-    """What preemption sends (SIGTERM, scancel) and what a kill for memory does (SIGKILL), a job each.
+def test_scancel_kill_and_requeue_each_end_as_a_cluster_user_expects(mnist_root, tmp_path):
+    """What a cluster does to jobs, one job each: scancel (SIGTERM, as preemption), a SIGKILL of the
+    training process (as the kernel's OOM killer), and scontrol requeue (preemption with requeue,
+    a failed node).
 
-    Both jobs would train for long; each is stopped once it has written its first last.ckpt. The
-    sweep must end by itself (submitit learns the killed job's end from sacct), with both jobs
-    in its summary, and the SIGTERM'd one must finish with resume=.
+    Jobs 0 and 1 would train for long, and each is stopped once it has written its first
+    last.ckpt; job 2 starts when a core frees and is requeued once it has one. The sweep must end
+    by itself (submitit learns the killed jobs' end from sacct) with all three in its summary:
+    job 0 interrupted (and resume= finishes it), job 1 failed, job 2 resumed by itself and ok.
     """
     sweep = tmp_path / "sweep"
-    proc = slurm_sweep(mnist_root, sweep, "epochs=2000", "seed=0,1")
-    try:  # one after the other: on a one-core node the second job starts when the first ends
-        wait_for(lambda: (sweep / "0" / "checkpoints" / "last.ckpt").is_file(), 300, "job 0's last.ckpt")
+    last_ckpt = {job: sweep / str(job) / "checkpoints" / "last.ckpt" for job in (0, 1, 2)}
+    proc = slurm_sweep(mnist_root, sweep, *NO_RUN_VISUALS, "epochs=2000,2001,30")
+    try:  # one after the other: on a one-core node each job starts when the one before ends
+        wait_for(last_ckpt[0].is_file, 300, "job 0's last.ckpt")
         subprocess.run(["scancel", array_job_ids(sweep)[0]], check=True)  # SIGTERM, SIGKILL after KillWait
-        wait_for(lambda: (sweep / "1" / "checkpoints" / "last.ckpt").is_file(), 300, "job 1's last.ckpt")
+        wait_for(last_ckpt[1].is_file, 300, "job 1's last.ckpt")
         kill_training(array_job_ids(sweep)[1])
+        wait_for(last_ckpt[2].is_file, 300, "job 2's last.ckpt")
+        requeue(array_job_ids(sweep)[2])
         output, _ = proc.communicate(timeout=300)
     finally:  # a failure above must not leave the sweep or its jobs running
         proc.kill()
         for job_id in array_job_ids(sweep).values():
             subprocess.run(["scancel", job_id], capture_output=True)
     assert proc.returncode != 0
-    assert "2 of 2 jobs failed or did not finish" in output, output[-3000:]
+    assert "2 of 3 jobs failed or did not finish (jobs 0, 1)" in output, output[-3000:]
     assert "Bypassing sacct error" not in output  # the cluster keeps accounting: no warning per poll
     rows = {r["job"]: r for r in summary_rows(sweep)}
     assert rows["0"]["status"] == "interrupted", rows["0"]
@@ -163,11 +160,19 @@ def test_scancel_leaves_last_ckpt_to_resume_and_a_killed_job_is_marked_failed(mn
     assert rows["1"]["status"] == "failed", rows["1"]
     assert f"slurm job {array_job_ids(sweep)[1]} ended without a result (state FAILED)" in rows["1"]["error"]
 
+    # the requeued job resumed by itself and finished all its epochs
+    assert rows["2"]["status"] == "ok", rows["2"]
+    assert rows["2"]["resumed_from"] == str(last_ckpt[2].resolve())
+    job_2_log = "".join(
+        p.read_text() for p in (sweep / ".submitit" / array_job_ids(sweep)[2]).glob("*_log.*")
+    )
+    assert "interrupted at step" in job_2_log and "SLURM restarted this job" in job_2_log, job_2_log[-3000:]
+    assert torch.load(last_ckpt[2], map_location="cpu", weights_only=True)["epoch"] == 29  # its 30th epoch
+
     # resume= finishes the interrupted job where it stopped (one more epoch, here, outside SLURM)
-    stopped = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    epochs = stopped["epoch"] + 1
+    stopped = torch.load(last_ckpt[0], map_location="cpu", weights_only=True)
     resumed = subprocess.run(
-        train_command(mnist_root, f"resume={sweep / '0'}", f"epochs={epochs}"),
+        train_command(mnist_root, *NO_RUN_VISUALS, f"resume={sweep / '0'}", f"epochs={stopped['epoch'] + 1}"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -175,8 +180,22 @@ def test_scancel_leaves_last_ckpt_to_resume_and_a_killed_job_is_marked_failed(mn
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert metrics["resumed_from"] == str((sweep / "0" / "checkpoints" / "last.ckpt").resolve())
+    assert metrics["resumed_from"] == str(last_ckpt[0].resolve())
     assert job_row(sweep / "0")["status"] == "ok"
+
+
+def requeue(job_id: str) -> None:
+    """scontrol requeue, then let it start again at once (SLURM holds a requeued job for 2 minutes).
+
+    job_id as <array>_<index>: the last task's plain id is the array's, which would requeue them all."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # SIGTERM, then back in the queue
+
+    def pending() -> bool:
+        state = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job_id], capture_output=True, text=True)
+        return "PENDING" in state.stdout
+
+    wait_for(pending, 60, f"job {job_id} to be back in the queue")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
 def raw_job_id(job_id: str) -> str:
@@ -184,41 +203,3 @@ def raw_job_id(job_id: str) -> str:
     listed = subprocess.run(["squeue", "-h", "-o", "%A", "-j", job_id], capture_output=True, text=True)
     assert listed.stdout.strip(), f"{job_id} is not in the queue: {listed.stderr}"
     return listed.stdout.strip()
-
-
-def test_a_requeued_job_continues_from_its_last_ckpt(mnist_root, tmp_path):
-    """Preemption with requeue (or a node failure) runs the job again: it resumes, it does not
-    start over, and the sweep ends as if nothing happened."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(mnist_root, sweep, "epochs=40", "seed=0")
-    try:
-        wait_for(lambda: (sweep / "0" / "checkpoints" / "last.ckpt").is_file(), 300, "the job's last.ckpt")
-        job_id = raw_job_id(array_job_ids(sweep)[0])
-        subprocess.run(["scontrol", "requeue", job_id], check=True)  # SIGTERM, then back in the queue
-        wait_for(
-            lambda: (
-                "PENDING"
-                in subprocess.run(
-                    ["squeue", "-h", "-o", "%T", "-j", job_id], capture_output=True, text=True
-                ).stdout
-            ),
-            60,
-            "the requeued job to be pending",
-        )
-        subprocess.run(
-            ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True
-        )  # no 2-min wait
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        for array_task in array_job_ids(sweep).values():
-            subprocess.run(["scancel", array_task], capture_output=True)
-    assert proc.returncode == 0, output[-3000:]
-    [row] = summary_rows(sweep)
-    assert row["status"] == "ok"
-    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert metrics["resumed_from"] == str((sweep / "0" / "checkpoints" / "last.ckpt").resolve())
-    log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
-    assert "interrupted at step" in log and "SLURM restarted this job" in log, log[-3000:]
-    last = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["epoch"] == 39  # its 40th epoch (counted from 0): all of them, in two runs
