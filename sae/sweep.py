@@ -491,7 +491,7 @@ def _job_exception(job_return: JobReturn) -> BaseException:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: records each job's status and keeps the sweep summary current."""
+    """Hydra callback: records a failed job's status and keeps the sweep summary current."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
@@ -499,8 +499,7 @@ class SweepSummaryCallback(Callback):
             record_status(output_dir, "failed", one_line(_job_exception(job_return)))
         elif isinstance(job_return.return_value, JobFailed):
             record_status(output_dir, "failed", job_return.return_value.error)
-        else:
-            record_status(output_dir, "ok")
+        # a job that finished has recorded "ok" itself (train(), in the folder it trained in)
         if config.hydra.mode is not None and str(config.hydra.mode) == "RunMode.MULTIRUN":
             # Also after each job: a sweep that stops part-way still leaves a summary. Where more
             # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on
