@@ -168,9 +168,14 @@ def load_checkpoint(
     return module, dict(ckpt.get("datamodule_hyper_parameters") or {})
 
 
+def last_checkpoint_path(run: str | Path) -> Path:
+    """Where a run folder keeps the checkpoint that resume= continues from (it may not exist)."""
+    return Path(run) / "checkpoints" / "last.ckpt"
+
+
 def last_checkpoint(run: str | Path) -> Path:
     """A run folder's checkpoints/last.ckpt, or a one-line CheckpointError saying what to do."""
-    path = Path(run) / "checkpoints" / "last.ckpt"
+    path = last_checkpoint_path(run)
     others = sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)  # newest last
     if not path.is_file() and others:  # e.g. killed while writing its first last.ckpt
         raise CheckpointError(

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, ListConfig
 
 from sae.atomic import write_json_atomic
-from sae.checkpoints import checkpoint_to_resume, resume_with_run_settings
+from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, resume_with_run_settings
 from sae.config import command_override_keys, validate_train_config, without_retired_keys
 from sae.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
@@ -110,7 +110,7 @@ def requeued_by_slurm(output_dir: Path) -> bool:
     """Whether this is a SLURM job run again (requeued after preemption, a node failure, `scontrol
     requeue`) that finds its own last.ckpt: it then resumes instead of starting over in its folder."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "")
-    return restarts.isdigit() and int(restarts) > 0 and (output_dir / "checkpoints" / "last.ckpt").is_file()
+    return restarts.isdigit() and int(restarts) > 0 and last_checkpoint_path(output_dir).is_file()
 
 
 def thread_count(cfg: DictConfig) -> int | None:
