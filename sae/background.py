@@ -64,6 +64,7 @@ def run_or_hand_off(
             atexit.unregister(_wait_at_exit)  # once, however many workers
             atexit.register(_wait_at_exit)
         try:
+            _to_shared_memory(args)
             _pending.append((label, _worker.submit(work, *args), then))
             return True
         except (BrokenProcessPool, RuntimeError):
@@ -72,6 +73,27 @@ def run_or_hand_off(
     done.set_result(work(*args))
     _pending.append((label, done, then))
     return False
+
+
+def _to_shared_memory(value: Any) -> None:
+    """Move the CPU tensors of a hand-off's arguments (and modules' parameters) into shared memory
+    now, in this thread. The worker gets them through shared memory either way (torch's pickling),
+    but the pool pickles in a thread of its own, maybe while the next job reads the same tensor
+    (a data split its jobs share), and moving a tensor's memory under a reader is not safe. Sent
+    again, a tensor already there costs no copy."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            value.share_memory_()
+    elif isinstance(value, torch.nn.Module):
+        value.share_memory()
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _to_shared_memory(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _to_shared_memory(item)
 
 
 def _start_worker() -> None:

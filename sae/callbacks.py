@@ -9,7 +9,7 @@ not there yet for callbacks of that epoch.
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import signal
 import sys
@@ -18,7 +18,6 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -26,14 +25,14 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import Tensor
+from torch import Tensor, nn
 
-from sae.atomic import write_atomic, write_json_atomic
+from sae.atomic import write_json_atomic
 from sae.background import more_jobs_follow, run_or_hand_off
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import PROBE_SOLVER, LinearClassifier, fit_linear_classifier, linear_probe_accuracy
+from sae.probe import probe_accuracies
 from sae.run_folder import record_status
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
@@ -93,32 +92,18 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-def record_metric(metrics_file: Path, events_dir: str | None, step: int, name: str, value: float) -> None:
-    """Add a metric computed after the run wrote its metrics.json (a sweep job's hand-off): to the
-    file, and with events_dir as a TensorBoard scalar at `step`, in an event file of its own."""
+def record_metrics(metrics_file: Path, events_dir: str | None, step: int, values: dict[str, float]) -> None:
+    """Add metrics computed after the run wrote its metrics.json (a sweep job's hand-off): to the
+    file, and with events_dir as TensorBoard scalars at `step`, in an event file of their own."""
     metrics = json.loads(metrics_file.read_text())
-    metrics[name] = value
+    metrics.update(values)
     write_json_atomic(metrics_file, metrics)
     if events_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(events_dir, filename_suffix=".probe") as writer:
-            writer.add_scalar(name, value, step)
-
-
-class _PixelClassifierMemo(NamedTuple):
-    """The last pixel classifier of this process and the data it was fitted for: the jobs of a
-    sweep share their data, and comparing it costs less than hashing it for the disk cache."""
-
-    settings: str
-    data: tuple[Tensor, ...]
-    classifier: LinearClassifier
-
-    def fits(self, settings: str, data: tuple[Tensor, ...]) -> bool:
-        return settings == self.settings and all(
-            a.device == b.device and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-            for a, b in zip(data, self.data, strict=True)
-        )
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
 
 
 class LinearProbe(L.Callback):
@@ -133,15 +118,15 @@ class LinearProbe(L.Callback):
       autoencoder (the analogue of "loss recovered" in SAE work on language models).
 
     The pixel classifier depends only on the data, so it is cached in `cache_dir` (keyed by a
-    hash of the data and the probe settings) and fitted once per data set, not once per run.
-    In a sweep whose jobs run one after another in this process, the code probe is fitted in the
-    worker process (sae.background) while the next job trains, and `test/probe_accuracy` joins
-    the job's metrics.json and TensorBoard when it is done (before the sweep's summary is final);
-    not when the sweep optimizes it (`optimized_metric`): a sweeper reads it at the job's end.
+    hash of the data and the probe settings) and fitted once per data set, not once per run
+    (sae.probe.pixel_classifier). In a sweep whose jobs run one after another in this process,
+    the three are computed in the worker process (sae.background) from a copy of the model while
+    the next job trains, and join the job's metrics.json and TensorBoard when done (before the
+    sweep's summary is final); not when the sweep optimizes one of them (`optimized_metric`): a
+    sweeper reads it at the job's end.
     """
 
-    # The last pixel classifier of this process, with its data (sweep jobs share their data).
-    _last_pixel_classifier: ClassVar[_PixelClassifierMemo | None] = None
+    PREFIX = "test/"
 
     def __init__(
         self,
@@ -155,70 +140,34 @@ class LinearProbe(L.Callback):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.optimized_metric = optimized_metric
 
-    def _fit(self, x: Tensor, y: Tensor) -> LinearClassifier:
-        return fit_linear_classifier(x, y, max_iter=self.max_iter, weight_decay=self.weight_decay)
-
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
-        (train_x, train_y), (test_x, test_y) = data.split("train"), data.split("test")
-        codes = (pl_module.encode(train_x), train_y, pl_module.encode(test_x), test_y)
-        if not self._fit_codes_beside_next_job(trainer, codes):
-            classifier = self._fit(*codes[:2])
-            pl_module.log("test/probe_accuracy", classifier.accuracy(*codes[2:]))
-        pixels = self._pixel_classifier(train_x, train_y, test_x, test_y)
-        test_x, test_y = test_x.to(pixels.weight.device), test_y.to(pixels.weight.device)
-        pl_module.log("test/probe_accuracy_pixels", pixels.accuracy(test_x, test_y))
-        recon = pl_module.reconstruct(test_x).to(test_x.device)
-        pl_module.log("test/probe_accuracy_reconstructions", pixels.accuracy(recon, test_y))
+        inputs = (*data.split("train"), *data.split("test"))
+        settings = dict(weight_decay=self.weight_decay, max_iter=self.max_iter, cache_dir=self.cache_dir)
+        if self._hand_off(trainer, pl_module.net, inputs, settings):
+            return
+        for name, value in probe_accuracies(pl_module.net, *inputs, **settings).items():
+            pl_module.log(self.PREFIX + name, value)
 
-    def _fit_codes_beside_next_job(self, trainer: L.Trainer, codes: tuple[Tensor, ...]) -> bool:
-        """Hand the code probe to the sweep's worker, if this is a sweep job that may; whether it did."""
-        if self.optimized_metric == "test/probe_accuracy" or trainer.world_size > 1 or not more_jobs_follow():
+    def _hand_off(
+        self, trainer: L.Trainer, net: nn.Module, inputs: tuple[Tensor, ...], settings: dict
+    ) -> bool:
+        """Hand the probes to the sweep's worker, if this is a sweep job that may; whether it did."""
+        optimized = str(self.optimized_metric or "").startswith(self.PREFIX + "probe_accuracy")
+        if optimized or trainer.world_size > 1 or not more_jobs_follow():
             return False
         metrics_file = Path(trainer.default_root_dir).resolve() / "metrics.json"
         tb = tensorboard(trainer)
-        record = partial(
-            record_metric,
-            metrics_file,
-            tb.log_dir if tb is not None else None,
-            trainer.global_step,
-            "test/probe_accuracy",
-        )
-        fit = partial(linear_probe_accuracy, weight_decay=self.weight_decay, max_iter=self.max_iter)
-        run_or_hand_off(str(metrics_file), fit, *(t.detach().cpu() for t in codes), then=record)
+        events = tb.log_dir if tb is not None else None
+        record = partial(_record_probes, metrics_file, events, trainer.global_step, self.PREFIX)
+        model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
+        work = partial(probe_accuracies, **settings)
+        run_or_hand_off(str(metrics_file), work, model, *(t.detach().cpu() for t in inputs), then=record)
         return True
 
-    def _pixel_classifier(
-        self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
-    ) -> LinearClassifier:
-        data = (train_x, train_y, test_x, test_y)
-        settings = f"{PROBE_SOLVER}|{self.max_iter}|{self.weight_decay}"
-        last = LinearProbe._last_pixel_classifier
-        if last is not None and last.fits(settings, data):
-            return last.classifier  # the previous job's data: no hashing, no load
-        classifier = self._cached_pixel_classifier(settings, data)
-        LinearProbe._last_pixel_classifier = _PixelClassifierMemo(settings, data, classifier)
-        return classifier
 
-    def _cached_pixel_classifier(self, settings: str, data: tuple[Tensor, ...]) -> LinearClassifier:
-        train_x, train_y = data[:2]
-        digest = hashlib.sha256(settings.encode())
-        for t in data:
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        path = self.cache_dir / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if self.cache_dir else None
-        if path is not None and path.is_file():
-            try:
-                saved = torch.load(path, map_location=train_x.device, weights_only=True)
-                return LinearClassifier(**{k: saved[k] for k in LinearClassifier._fields})
-            except Exception:  # noqa: BLE001 -- an unreadable cache only costs the refit below
-                pass
-        classifier = self._fit(train_x, train_y)
-        if path is not None:
-            try:
-                write_atomic(path, lambda f: torch.save(classifier._asdict(), f))
-            except OSError:
-                pass  # a read-only cache folder only costs the refit
-        return classifier
+def _record_probes(metrics_file: Path, events_dir: str | None, step: int, prefix: str, values: dict) -> None:
+    record_metrics(metrics_file, events_dir, step, {prefix + name: value for name, value in values.items()})
 
 
 class RunFigures(L.Callback):

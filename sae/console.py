@@ -108,7 +108,7 @@ def closing_lines(folder: Path, ckpt_path: str | None = None) -> str:
     folder = folder.resolve()
     files = [name for name in ("metrics.json",) if (folder / name).is_file()]
     if files and is_pending(str(folder / "metrics.json")):
-        files[0] += " (test/probe_accuracy: fitted beside the next job, added before the sweep ends)"
+        files[0] += " (test/probe_accuracy*: computed beside the next job, added before the sweep ends)"
     if ckpt_path:
         path = Path(ckpt_path).resolve()
         files.append(f"{path.relative_to(folder) if path.is_relative_to(folder) else path} (tested)")

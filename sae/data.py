@@ -14,6 +14,7 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -200,6 +201,31 @@ def load_mnist_split(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     return _read[key]
 
 
+class TrainValSplit(NamedTuple):
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    train_indices: Tensor  # into the 60k training images, sorted
+
+
+# The last split made in this process, with the images it was made from: a sweep's jobs share it
+# (and a job handing its probe to sae.background sends the same tensors again, not a copy).
+_last_split: tuple[Tensor, int, int, TrainValSplit] | None = None
+
+
+def train_val_split(images: Tensor, labels: Tensor, val_size: int, split_seed: int) -> TrainValSplit:
+    """The training images split into train and val by a permutation seeded with split_seed; each
+    part keeps the images' order. Callers index or copy the parts, never change them."""
+    global _last_split
+    if _last_split is not None and _last_split[0] is images and _last_split[1:3] == (val_size, split_seed):
+        return _last_split[3]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    train, val = (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+    split = TrainValSplit(train, val, train_idx)
+    _last_split = (images, val_size, split_seed, split)
+    return split
+
+
 def _read_mnist_split(
     root: str | Path, train: bool, raw: Path, labels_file: Path, count: int
 ) -> tuple[Tensor, Tensor]:
@@ -358,15 +384,10 @@ class MNISTDataModule(L.LightningDataModule):
                 raise DataError(
                     f"data.val_size={hp.val_size} must be in [0, {len(images)}) for {len(images)} images"
                 )
-            generator = torch.Generator().manual_seed(hp.split_seed)
-            order = torch.randperm(len(images), generator=generator)
-            val_idx, train_idx = (
-                order[: hp.val_size].sort().values,
-                order[hp.val_size :].sort().values,
-            )
-            self.train_indices = train_idx  # into the 60k training images, e.g. for comparisons
-            self._keep("train", images[train_idx], labels[train_idx])
-            self._keep("val", images[val_idx], labels[val_idx])
+            split = train_val_split(images, labels, hp.val_size, hp.split_seed)
+            self.train_indices = split.train_indices  # into the 60k training images, e.g. for comparisons
+            self._keep("train", *split.train)
+            self._keep("val", *split.val)
         if "test" in wanted and "test" not in self.splits:
             self._keep("test", *load_mnist_split(hp.root, train=False))
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from sae.atomic import write_atomic
 
 
 class LinearClassifier(NamedTuple):
@@ -91,3 +95,117 @@ def linear_probe_accuracy(
     """Test accuracy of a logistic regression fitted on (train_x, train_y)."""
     classifier = fit_linear_classifier(train_x, train_y, num_classes, weight_decay, max_iter)
     return classifier.accuracy(test_x, test_y)
+
+
+def probe_accuracies(
+    autoencoder: nn.Module,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    cache_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """What logistic regression reads off an autoencoder's codes and reconstructions, against the
+    pixels (sae.callbacks.LinearProbe says what each number means).
+
+    `autoencoder` is an sae.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
+    any device. Called in the run's process, or in a sweep's worker process with a copy of the
+    model (sae.background): the same inputs give the same numbers in both.
+    """
+    with torch.no_grad():
+        codes = fit_linear_classifier(
+            autoencoder.encode_all(train_x), train_y, weight_decay=weight_decay, max_iter=max_iter
+        )
+        code_accuracy = codes.accuracy(autoencoder.encode_all(test_x), test_y.to(codes.weight.device))
+        pixels, pixel_accuracy = pixel_classifier(
+            train_x, train_y, test_x, test_y, weight_decay, max_iter, cache_dir
+        )
+        recon = autoencoder(test_x.to(next(autoencoder.parameters()).device)).recon.to(pixels.weight.device)
+        return {
+            "probe_accuracy": code_accuracy,
+            "probe_accuracy_pixels": pixel_accuracy,
+            "probe_accuracy_reconstructions": pixels.accuracy(recon, test_y.to(pixels.weight.device)),
+        }
+
+
+class _PixelClassifierMemo(NamedTuple):
+    """The last pixel classifier of this process, the data it was fitted for and its test accuracy:
+    the jobs of a sweep share their data, and comparing it costs less than hashing it."""
+
+    settings: str
+    data: tuple[Tensor, ...]
+    classifier: LinearClassifier
+    test_accuracy: float
+
+    def fits(self, settings: str, data: tuple[Tensor, ...]) -> bool:
+        return settings == self.settings and all(
+            _same_memory(a, b)
+            or (a.device == b.device and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+            for a, b in zip(data, self.data, strict=True)
+        )
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors view the same memory the same way (the same split sent again, here or
+    through shared memory to a worker); the memo holds b, so its memory cannot have been reused."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+_last_pixel_classifier: _PixelClassifierMemo | None = None
+
+
+def pixel_classifier(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    cache_dir: str | Path | None = None,
+) -> tuple[LinearClassifier, float]:
+    """The classifier fitted on the training pixels, and its accuracy on the test pixels.
+
+    It depends only on the data, so it is fitted once per data set: kept for the next call in this
+    process, and cached in `cache_dir` by a hash of the data and the settings.
+    """
+    global _last_pixel_classifier
+    data = (train_x, train_y, test_x, test_y)
+    settings = f"{PROBE_SOLVER}|{max_iter}|{weight_decay}"
+    last = _last_pixel_classifier
+    if last is not None and last.fits(settings, data):
+        return last.classifier, last.test_accuracy
+    classifier = _cached_pixel_classifier(settings, data, weight_decay, max_iter, cache_dir)
+    accuracy = classifier.accuracy(test_x.to(classifier.weight.device), test_y.to(classifier.weight.device))
+    _last_pixel_classifier = _PixelClassifierMemo(settings, data, classifier, accuracy)
+    return classifier, accuracy
+
+
+def _cached_pixel_classifier(
+    settings: str, data: tuple[Tensor, ...], weight_decay: float, max_iter: int, cache_dir: str | Path | None
+) -> LinearClassifier:
+    train_x, train_y = data[:2]
+    digest = hashlib.sha256(settings.encode())
+    for t in data:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    path = Path(cache_dir) / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, map_location=train_x.device, weights_only=True)
+            return LinearClassifier(**{k: saved[k] for k in LinearClassifier._fields})
+        except Exception:  # noqa: BLE001 -- an unreadable cache only costs the refit below
+            pass
+    classifier = fit_linear_classifier(train_x, train_y, weight_decay=weight_decay, max_iter=max_iter)
+    if path is not None:
+        try:
+            write_atomic(path, lambda f: torch.save(classifier._asdict(), f))
+        except OSError:
+            pass  # a read-only cache folder only costs the refit
+    return classifier

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae.callbacks import LinearProbe
 from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
 from sae.probe import linear_probe_accuracy, probe_loss_and_grad
 from sae.sweep import pareto_front
@@ -136,20 +135,27 @@ def test_pareto_front_hand_case():
 
 
 def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypatch):
-    """Equal data (a sweep's next job): the last classifier, no refit; a new process: the disk
-    cache; other data: a new fit."""
-    monkeypatch.setattr(LinearProbe, "_last_pixel_classifier", None)
-    probe = LinearProbe(max_iter=5, cache_dir=str(tmp_path))
+    """The same tensors or equal data (a sweep's next job): the last classifier and its test
+    accuracy, no refit; a new process: the disk cache; other data: a new fit."""
+    from sae import probe
+
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)
     fits = []
-    fit = probe._fit
-    monkeypatch.setattr(probe, "_fit", lambda x, y: fits.append(len(x)) or fit(x, y))
+    fit = probe.fit_linear_classifier
+    counted = lambda x, y, **kw: fits.append(len(x)) or fit(x, y, **kw)  # noqa: E731
+    monkeypatch.setattr(probe, "fit_linear_classifier", counted)
     gen = torch.Generator().manual_seed(3)
     data = (torch.rand(60, 9, generator=gen), torch.randint(0, 10, (60,), generator=gen))
     data += (torch.rand(20, 9, generator=gen), torch.randint(0, 10, (20,), generator=gen))
-    first = probe._pixel_classifier(*data)
-    assert probe._pixel_classifier(*(t.clone() for t in data)) is first and fits == [60]
-    monkeypatch.setattr(LinearProbe, "_last_pixel_classifier", None)  # as in a new process
-    from_disk = probe._pixel_classifier(*data)
+    first, accuracy = probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path)
+    assert accuracy == first.accuracy(*data[2:])
+    assert probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path) == (first, accuracy)
+    clones = [t.clone() for t in data]
+    assert probe.pixel_classifier(*clones, max_iter=5, cache_dir=tmp_path)[0] is first and fits == [60]
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)  # as in a new process
+    from_disk, _ = probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path)
     assert fits == [60] and torch.equal(from_disk.weight, first.weight)
-    probe._pixel_classifier(data[0] + 1e-3, *data[1:])
+    probe.pixel_classifier(data[0] + 1e-3, *data[1:], max_iter=5, cache_dir=tmp_path)
     assert fits == [60, 60]
+    probe.pixel_classifier(*data, max_iter=6, cache_dir=tmp_path)  # other settings: refit
+    assert fits == [60, 60, 60]
