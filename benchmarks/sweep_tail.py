@@ -56,32 +56,30 @@ def sweep(code: Path, out: Path, args: argparse.Namespace) -> dict:
     metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in jobs}
     figures = {p.name: len(list((p / "plots").glob("*.png"))) for p in jobs}
     fit = sum(m["fit/seconds"] for m in metrics.values())
-    setup, tail = job_phases(jobs, [m["fit/seconds"] for m in metrics.values()])
-    return {
-        "wall": wall,
-        "fit": fit,
-        "jobs": len(jobs),
-        "metrics": metrics,
-        "figures": figures,
-        "setup": setup,
-        "tail": tail,
-    }
+    phases = job_phases(jobs, [m["fit/seconds"] for m in metrics.values()])
+    return {"wall": wall, "fit": fit, "jobs": len(jobs), "metrics": metrics, "figures": figures, **phases}
 
 
-def job_phases(jobs: list[Path], fit_seconds: list[float]) -> tuple[list[float], list[float]]:
+def job_phases(jobs: list[Path], fit_seconds: list[float]) -> dict[str, list[float]]:
     """Each job's set-up and tail in seconds, read off the times its files were written.
 
     A job starts when Hydra writes its .hydra/config.yaml, and its training ends when the last
     epoch's checkpoints/last.ckpt is written; its set-up is the time before the training loop
     (start to training end, less fit/seconds), its tail the time from its training's end to the
-    next job's start (test pass, probe, figures or their hand-off, metrics, summary tables).
-    The last job has no next one: its tail is not counted (the sweep's end waits for figures).
+    next job's start. The tail in two: the job's own (to its status.json, which train() writes
+    last: test pass, probes and figures or their hand-off, metrics.json) and the switch to the
+    next job (the summary tables, Hydra composing the next job's config). The last job has no
+    next one: its tail is not counted (the sweep's end waits for its hand-offs).
     """
     starts = [(job / ".hydra" / "config.yaml").stat().st_mtime for job in jobs]
     trained = [(job / "checkpoints" / "last.ckpt").stat().st_mtime for job in jobs]
-    setup = [end - fit - start for start, end, fit in zip(starts, trained, fit_seconds, strict=True)]
-    tail = [next_start - end for end, next_start in zip(trained[:-1], starts[1:], strict=True)]
-    return setup, tail
+    ended = [(job / "status.json").stat().st_mtime for job in jobs]
+    return {
+        "setup": [end - fit - start for start, end, fit in zip(starts, trained, fit_seconds, strict=True)],
+        "tail": [next_start - end for end, next_start in zip(trained[:-1], starts[1:], strict=True)],
+        "own": [end - done for done, end in zip(trained[:-1], ended[:-1], strict=True)],
+        "switch": [next_start - end for end, next_start in zip(ended[:-1], starts[1:], strict=True)],
+    }
 
 
 def main() -> None:
@@ -120,19 +118,23 @@ def main() -> None:
     )
     header = (
         f"{'code':<28} {'wall s':>8} {'fit s':>8} {'beyond training, s/job':>23} "
-        f"{'set-up s/job':>13} {'tail s/job':>11} {'tail max':>9} {'figures':>8}"
+        f"{'set-up s/job':>13} {'tail s/job':>11} {'own':>6} {'switch':>7} {'tail max':>9} {'figures':>8}"
     )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         per_job = (r["wall"] - r["fit"]) / r["jobs"]
-        setup, tail = statistics.median(r["setup"]), statistics.median(r["tail"])
+        setup, tail, own, switch = (statistics.median(r[k]) for k in ("setup", "tail", "own", "switch"))
         figures = f"{sum(r['figures'].values())}/{9 * r['jobs']}"
         print(
             f"{name:<28} {r['wall']:>8.1f} {r['fit']:>8.1f} {per_job:>23.2f} "
-            f"{setup:>13.2f} {tail:>11.2f} {max(r['tail']):>9.2f} {figures:>8}"
+            f"{setup:>13.2f} {tail:>11.2f} {own:>6.2f} {switch:>7.2f} {max(r['tail']):>9.2f} {figures:>8}"
         )
-    print("(set-up and tail: medians over the jobs; the tail of the last job is not counted)")
+    print(
+        "(set-up and tail: medians over the jobs, the last job's tail not counted; the tail = the job's "
+        "own (test pass, probes, figures or their hand-off, metrics.json) + the switch to the next job "
+        "(summary tables, Hydra composing its config))"
+    )
     print(f"\nwall time, baseline / this checkout: {before['wall'] / after['wall']:.2f}x")
     for key in PROBES:
         diffs = [abs(after["metrics"][j][key] - m[key]) for j, m in before["metrics"].items()]
