@@ -1,4 +1,4 @@
-"""Work a sweep job hands off instead of waiting for: its figures and its code probe, done in one
+"""Work a sweep job hands off instead of waiting for: its figures and its probes, done in one
 worker process while the next job of the sweep trains.
 
 Only where more jobs follow in this process (a multirun with Hydra's basic launcher or the

@@ -161,7 +161,7 @@ class LinearProbe(L.Callback):
         events = tb.log_dir if tb is not None else None
         record = partial(_record_probes, metrics_file, events, trainer.global_step, self.PREFIX)
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
-        work = partial(probe_accuracies, **settings)
+        work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
         run_or_hand_off(str(metrics_file), work, model, *(t.detach().cpu() for t in inputs), then=record)
         return True
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -106,28 +108,46 @@ def probe_accuracies(
     weight_decay: float = 1e-4,
     max_iter: int = 100,
     cache_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, float]:
     """What logistic regression reads off an autoencoder's codes and reconstructions, against the
     pixels (sae.callbacks.LinearProbe says what each number means).
 
     `autoencoder` is an sae.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
     any device. Called in the run's process, or in a sweep's worker process with a copy of the
-    model (sae.background): the same inputs give the same numbers in both.
+    model (sae.background) and `threads` the run's torch thread count: on a CPU, a float32 code
+    depends on the thread count in its last bits (a matrix product's sums are split differently),
+    and the early-stopped probe can read that (docs/probe.md), so the worker encodes as the run
+    would. The fits are in float64, the same on any thread count. So the same inputs give the
+    same numbers in both places.
     """
+    with torch.no_grad(), _torch_threads(threads):
+        train_codes, test_codes = autoencoder.encode_all(train_x), autoencoder.encode_all(test_x)
+        recon = autoencoder(test_x.to(next(autoencoder.parameters()).device)).recon
     with torch.no_grad():
-        codes = fit_linear_classifier(
-            autoencoder.encode_all(train_x), train_y, weight_decay=weight_decay, max_iter=max_iter
-        )
-        code_accuracy = codes.accuracy(autoencoder.encode_all(test_x), test_y.to(codes.weight.device))
+        codes = fit_linear_classifier(train_codes, train_y, weight_decay=weight_decay, max_iter=max_iter)
+        code_accuracy = codes.accuracy(test_codes, test_y.to(codes.weight.device))
         pixels, pixel_accuracy = pixel_classifier(
             train_x, train_y, test_x, test_y, weight_decay, max_iter, cache_dir
         )
-        recon = autoencoder(test_x.to(next(autoencoder.parameters()).device)).recon.to(pixels.weight.device)
+        recon = recon.to(pixels.weight.device)
         return {
             "probe_accuracy": code_accuracy,
             "probe_accuracy_pixels": pixel_accuracy,
             "probe_accuracy_reconstructions": pixels.accuracy(recon, test_y.to(pixels.weight.device)),
         }
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `threads` (None: left as it is) inside the block."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _PixelClassifierMemo(NamedTuple):

@@ -159,3 +159,35 @@ def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypa
     assert fits == [60, 60]
     probe.pixel_classifier(*data, max_iter=6, cache_dir=tmp_path)  # other settings: refit
     assert fits == [60, 60, 60]
+
+
+def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count(monkeypatch, tmp_path):
+    """The three numbers against the classifiers fitted by hand; the codes and reconstructions are
+    computed on `threads` (a sweep's worker encodes on the job's count: float32 codes differ in
+    their last bits between thread counts), and the caller's count is restored after."""
+    from sae import probe
+    from sae.model import SparseAutoencoder
+
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)
+    torch.manual_seed(0)
+    model = SparseAutoencoder(input_dim=12, hidden_dims=(8,), latent_dim=4).eval()
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 10, (160,), generator=gen)
+    images = torch.rand(10, 12, generator=gen)[labels] * 0.5 + torch.rand(160, 12, generator=gen) * 0.5
+    train_x, train_y, test_x, test_y = images[:120], labels[:120], images[120:], labels[120:]
+    seen = []
+    encode_all = model.encode_all
+    monkeypatch.setattr(model, "encode_all", lambda x: seen.append(torch.get_num_threads()) or encode_all(x))
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    values = probe.probe_accuracies(model, train_x, train_y, test_x, test_y, max_iter=20, threads=other)
+    assert seen == [other, other] and torch.get_num_threads() == before
+    with torch.no_grad():
+        codes = probe.fit_linear_classifier(encode_all(train_x), train_y, max_iter=20)
+        pixels = probe.fit_linear_classifier(train_x, train_y, max_iter=20)
+        recon = model(test_x).recon
+    assert values == {
+        "probe_accuracy": codes.accuracy(encode_all(test_x), test_y),
+        "probe_accuracy_pixels": pixels.accuracy(test_x, test_y),
+        "probe_accuracy_reconstructions": pixels.accuracy(recon, test_y),
+    }
