@@ -8,18 +8,24 @@ Part 1, for each latent_dim: the default run (784-128-latent-128-784, KL) for on
 process, as train.py builds it (no logger); then its test as train.py runs it, with each tail
 callback's hook timed: the test pass (metrics over the 10k test images), the probe
 (`LinearProbe`: a classifier fitted on the 55k training codes, and the pixel classifier scored on
-reconstructions) and the figures (`RunFigures`: nine PNGs). Part 2: one epoch of N default jobs
-(differing in beta and seed) stacked into one model, as the vectorized launcher trains them,
-against N times one job's stacked epoch. Prints both tables and draws both curves.
+reconstructions) and the figures (`RunFigures`: nine PNGs); then the same test as a job of a
+sweep run in one process takes it: the seconds on the job's path ("sweep job tail": the test
+pass, and the probes and figures handed to the worker process) and the worker's seconds for
+them ("worker", on its one thread; the first width's includes loading the pixel classifier).
+Part 2: one epoch of N default jobs (differing in beta and seed) stacked into one model, as the
+vectorized launcher trains them, against N times one job's stacked epoch.
+Prints both tables and draws both curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -65,16 +71,37 @@ def one_job(data_root: str, overrides: list[str], latent_dim: int) -> dict[str, 
                 callback.on_test_epoch_end = timed(callback.on_test_epoch_end, spent, "probe")
             if isinstance(callback, RunFigures):
                 callback.on_test_end = timed(callback.on_test_end, spent, "figures")
+        best = trainer.checkpoint_callback.best_model_path
         start = time.perf_counter()
-        run_test(trainer, module, datamodule, ckpt_path=trainer.checkpoint_callback.best_model_path)
+        run_test(trainer, module, datamodule, ckpt_path=best)
         tail = time.perf_counter() - start
-    return {
-        "epoch": epoch,
-        "test pass": tail - spent["probe"] - spent["figures"],
-        "probe": spent["probe"],
-        "figures": spent["figures"],
-        "tail": tail,
-    }
+        times = {
+            "epoch": epoch,
+            "test pass": tail - spent["probe"] - spent["figures"],
+            "probe": spent["probe"],
+            "figures": spent["figures"],
+            "tail": tail,
+        }
+        times["sweep job tail"], times["worker"] = sweep_job_tail(trainer, module, datamodule, best)
+    return times
+
+
+def sweep_job_tail(trainer, module, datamodule, ckpt_path: str) -> tuple[float, float]:
+    """The same test as a job of a sweep run in one process would run it: the seconds on the
+    job's path (probes and figures handed to the worker), then the worker's seconds for them."""
+    from sae import background
+
+    Path(trainer.default_root_dir, "metrics.json").write_text("{}")  # where the probes' numbers go
+    with in_a_sweep():
+        start = time.perf_counter()
+        run_test(trainer, module, datamodule, ckpt_path=ckpt_path)
+        on_path = time.perf_counter() - start
+        start = time.perf_counter()
+        failed = background.wait_for_hand_offs()
+        worker = time.perf_counter() - start
+    if failed:
+        raise RuntimeError(f"the hand-off failed: {failed}")
+    return on_path, worker
 
 
 def stacked_epoch(data_root: str, overrides: list[str], jobs: int) -> float:
@@ -95,6 +122,32 @@ def stacked_epoch(data_root: str, overrides: list[str], jobs: int) -> float:
         return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def in_a_sweep() -> Iterator[None]:
+    """As if more jobs of a sweep followed in this process: work is handed to the worker."""
+    import sae.background
+    import sae.callbacks
+
+    modules = (sae.background, sae.callbacks)  # each asks its own name
+    asked = [m.more_jobs_follow for m in modules]
+    for m in modules:
+        m.more_jobs_follow = lambda: True
+    try:
+        yield
+    finally:
+        for m, ask in zip(modules, asked, strict=True):
+            m.more_jobs_follow = ask
+
+
+def warm_up_worker() -> None:
+    """Start the sweep's worker process before anything is timed (a sweep starts it once)."""
+    from sae import background
+
+    with in_a_sweep():
+        background.run_or_hand_off("warm-up", time.sleep, 0)
+        background.wait_for_hand_offs()
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -107,6 +160,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     quiet_library_noise()
+    warm_up_worker()
 
     print(f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     by_width = {}
@@ -121,7 +175,7 @@ def main() -> None:
         by_jobs[n] = stacked_epoch(args.data_root, args.overrides, n)
         print(f"{n} stacked jobs: {by_jobs[n]:.2f} s an epoch", flush=True)
 
-    parts = ["epoch", "test pass", "probe", "figures", "tail"]
+    parts = ["epoch", "test pass", "probe", "figures", "tail", "sweep job tail", "worker"]
     print("\n| latent_dim | " + " | ".join(f"{p} s" for p in parts) + " |")
     print("| --- |" + " --- |" * len(parts))
     for width, row in by_width.items():
