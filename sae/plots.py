@@ -6,6 +6,8 @@ PNGs have a known size); `run_figures` builds them all from a model and the test
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,6 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from sae.atomic import write_atomic  # noqa: E402
@@ -288,20 +289,31 @@ def write_run_figures(dirpath: Path, inputs: dict[str, Any], events_dir: str | N
     dirpath.mkdir(parents=True, exist_ok=True)
     writer = None
     if events_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.writer import FileWriter
 
-        writer = SummaryWriter(events_dir, filename_suffix=".figures")
+        writer = FileWriter(events_dir, filename_suffix=".figures")
     try:
         for name, fig in figures.items():
-            path = dirpath / f"{name}.png"
-            write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))
+            png = io.BytesIO()
+            fig.savefig(png, format="png")
             plt.close(fig)
-            if writer is not None:  # the saved PNG itself: rendering the figure again costs as much
-                image = np.asarray(Image.open(path).convert("RGB"))
-                writer.add_image(f"visuals/{name}", image, step, dataformats="HWC")
+            write_atomic(dirpath / f"{name}.png", lambda f, png=png: f.write(png.getbuffer()))
+            if writer is not None:  # the same PNG: TensorBoard keeps images PNG-encoded
+                writer.add_summary(png_image_summary(f"visuals/{name}", png.getvalue()), step)
     finally:
         if writer is not None:
             writer.close()
+
+
+def png_image_summary(tag: str, png: bytes):
+    """A TensorBoard image summary holding a PNG file's bytes as they are (SummaryWriter.add_image
+    would take pixels and encode them again)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk, first after the signature
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[png[25]]  # grey, RGB, grey + alpha, RGBA
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 def run_figures(

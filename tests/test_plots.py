@@ -11,7 +11,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from sae.callbacks import RunFigures
-from sae.plots import DEAD_COLOUR, MAX_UNITS, reconstruction_grid, run_figures, sweep_metrics
+from sae.plots import (
+    DEAD_COLOUR,
+    MAX_UNITS,
+    reconstruction_grid,
+    run_figures,
+    sweep_metrics,
+    write_run_figures,
+)
 
 
 @pytest.mark.parametrize("latent_dim", [32, 4096])
@@ -102,6 +109,25 @@ def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     for name in ("latent_histogram", "code_heatmap"):  # drawn before it, and complete
         with Image.open(plots / f"{name}.png") as png:
             png.verify()
+
+
+def test_tensorboard_gets_each_figure_as_the_png_written(tmp_path):
+    """The figures' TensorBoard images are the PNG files' bytes, with their width and height."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images, labels = torch.rand(50, 784), torch.arange(50) % 10
+    inputs = dict(images=images, labels=labels, codes=torch.rand(50, 8), reconstructions=images[:4])
+    inputs |= dict(filters=torch.randn(16, 784), rho=0.05, decoded_units=torch.randn(8, 784))
+    write_run_figures(tmp_path / "plots", inputs, str(tmp_path / "events"), step=7)
+    events = EventAccumulator(str(tmp_path / "events"), size_guidance={"images": 0})
+    events.Reload()
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert sorted(events.Tags()["images"]) == sorted(f"visuals/{png.stem}" for png in pngs) and len(pngs) == 8
+    for png in pngs:
+        (image,) = events.Images(f"visuals/{png.stem}")
+        with Image.open(png) as written:
+            assert (image.width, image.height) == written.size
+        assert image.step == 7 and image.encoded_image_string == png.read_bytes()
 
 
 def test_figures_mark_what_their_titles_and_scales_say():

@@ -222,8 +222,12 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
     assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']", "val_size": 100})
     assert_probe_reads_reconstructions(metrics, mnist_root)
 
-    ecfg = evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "eval")
-    again = evaluate(ecfg)
+    ecfg = evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "eval", "threads=1")  # the run's
+    try:
+        again = evaluate(ecfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert again == read_metrics(tmp_path / "eval")
     assert_figures(tmp_path / "eval" / "plots")
     for key in [k for k in metrics if k.startswith("test/")]:
