@@ -1,8 +1,9 @@
 """Lightning callbacks that turn a run into something to look at: probe, figures, TensorBoard views.
 
 They read the module and the data only through small documented interfaces: the module's
-`hparams`, `encode`, `reconstruct`, `input_filters` and the codes its validation/test steps
-return (see SparseAutoencoderModule), and the data module's `split(name)`. Lightning runs a
+`hparams`, `encode`, `reconstruct`, `input_filters`, the codes its validation/test steps
+return, and `net`, the autoencoder itself (the probes take it, or a copy of it to a sweep's
+worker; see SparseAutoencoderModule), and the data module's `split(name)`. Lightning runs a
 callback's epoch-end hook before the module's, so what the module computes at an epoch's end is
 not there yet for callbacks of that epoch.
 """
