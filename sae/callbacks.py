@@ -33,7 +33,7 @@ from sae.background import more_jobs_follow, run_or_hand_off
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import probe_accuracies
+from sae.probe import ProbeData, probe_accuracies
 from sae.run_folder import record_status
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
@@ -143,16 +143,14 @@ class LinearProbe(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
-        inputs = (*data.split("train"), *data.split("test"))
+        inputs = ProbeData(*data.split("train"), *data.split("test"))
         settings = dict(weight_decay=self.weight_decay, max_iter=self.max_iter, cache_dir=self.cache_dir)
         if self._hand_off(trainer, pl_module.net, inputs, settings):
             return
-        for name, value in probe_accuracies(pl_module.net, *inputs, **settings).items():
+        for name, value in probe_accuracies(pl_module.net, inputs, **settings).items():
             pl_module.log(self.PREFIX + name, value)
 
-    def _hand_off(
-        self, trainer: L.Trainer, net: nn.Module, inputs: tuple[Tensor, ...], settings: dict
-    ) -> bool:
+    def _hand_off(self, trainer: L.Trainer, net: nn.Module, inputs: ProbeData, settings: dict) -> bool:
         """Hand the probes to the sweep's worker, if this is a sweep job that may; whether it did."""
         optimized = str(self.optimized_metric or "").startswith(self.PREFIX + "probe_accuracy")
         if optimized or trainer.world_size > 1 or not more_jobs_follow():
@@ -163,7 +161,8 @@ class LinearProbe(L.Callback):
         record = partial(_record_probes, metrics_file, events, trainer.global_step, self.PREFIX)
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
         work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
-        run_or_hand_off(str(metrics_file), work, model, *(t.detach().cpu() for t in inputs), then=record)
+        data = ProbeData(*(t.detach().cpu() for t in inputs))
+        run_or_hand_off(str(metrics_file), work, model, data, then=record)
         return True
 
 

@@ -99,12 +99,18 @@ def linear_probe_accuracy(
     return classifier.accuracy(test_x, test_y)
 
 
+class ProbeData(NamedTuple):
+    """The images and labels a probe is fitted on (the training split) and scored on (test)."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
 def probe_accuracies(
     autoencoder: nn.Module,
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
+    data: ProbeData,
     weight_decay: float = 1e-4,
     max_iter: int = 100,
     cache_dir: str | Path | None = None,
@@ -122,19 +128,17 @@ def probe_accuracies(
     same numbers in both places.
     """
     with torch.no_grad(), _torch_threads(threads):
-        train_codes, test_codes = autoencoder.encode_all(train_x), autoencoder.encode_all(test_x)
-        recon = autoencoder(test_x.to(next(autoencoder.parameters()).device)).recon
+        train_codes, test_codes = autoencoder.encode_all(data.train_x), autoencoder.encode_all(data.test_x)
+        recon = autoencoder(data.test_x.to(next(autoencoder.parameters()).device)).recon
     with torch.no_grad():
-        codes = fit_linear_classifier(train_codes, train_y, weight_decay=weight_decay, max_iter=max_iter)
-        code_accuracy = codes.accuracy(test_codes, test_y.to(codes.weight.device))
-        pixels, pixel_accuracy = pixel_classifier(
-            train_x, train_y, test_x, test_y, weight_decay, max_iter, cache_dir
-        )
-        recon = recon.to(pixels.weight.device)
+        codes = fit_linear_classifier(train_codes, data.train_y, weight_decay=weight_decay, max_iter=max_iter)
+        code_accuracy = codes.accuracy(test_codes, data.test_y.to(codes.weight.device))
+        pixels, pixel_accuracy = pixel_classifier(data, weight_decay, max_iter, cache_dir)
+        test_y = data.test_y.to(pixels.weight.device)
         return {
             "probe_accuracy": code_accuracy,
             "probe_accuracy_pixels": pixel_accuracy,
-            "probe_accuracy_reconstructions": pixels.accuracy(recon, test_y.to(pixels.weight.device)),
+            "probe_accuracy_reconstructions": pixels.accuracy(recon.to(pixels.weight.device), test_y),
         }
 
 
@@ -183,13 +187,7 @@ _last_pixel_classifier: _PixelClassifierMemo | None = None
 
 
 def pixel_classifier(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    weight_decay: float = 1e-4,
-    max_iter: int = 100,
-    cache_dir: str | Path | None = None,
+    data: ProbeData, weight_decay: float = 1e-4, max_iter: int = 100, cache_dir: str | Path | None = None
 ) -> tuple[LinearClassifier, float]:
     """The classifier fitted on the training pixels, and its accuracy on the test pixels.
 
@@ -197,13 +195,13 @@ def pixel_classifier(
     process, and cached in `cache_dir` by a hash of the data and the settings.
     """
     global _last_pixel_classifier
-    data = (train_x, train_y, test_x, test_y)
     settings = f"{PROBE_SOLVER}|{max_iter}|{weight_decay}"
     last = _last_pixel_classifier
     if last is not None and last.fits(settings, data):
         return last.classifier, last.test_accuracy
     classifier = _cached_pixel_classifier(settings, data, weight_decay, max_iter, cache_dir)
-    accuracy = classifier.accuracy(test_x.to(classifier.weight.device), test_y.to(classifier.weight.device))
+    device = classifier.weight.device
+    accuracy = classifier.accuracy(data.test_x.to(device), data.test_y.to(device))
     _last_pixel_classifier = _PixelClassifierMemo(settings, data, classifier, accuracy)
     return classifier, accuracy
 

@@ -145,19 +145,24 @@ def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypa
     counted = lambda x, y, **kw: fits.append(len(x)) or fit(x, y, **kw)  # noqa: E731
     monkeypatch.setattr(probe, "fit_linear_classifier", counted)
     gen = torch.Generator().manual_seed(3)
-    data = (torch.rand(60, 9, generator=gen), torch.randint(0, 10, (60,), generator=gen))
-    data += (torch.rand(20, 9, generator=gen), torch.randint(0, 10, (20,), generator=gen))
-    first, accuracy = probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path)
-    assert accuracy == first.accuracy(*data[2:])
-    assert probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path) == (first, accuracy)
-    clones = [t.clone() for t in data]
-    assert probe.pixel_classifier(*clones, max_iter=5, cache_dir=tmp_path)[0] is first and fits == [60]
+    data = probe.ProbeData(
+        torch.rand(60, 9, generator=gen),
+        torch.randint(0, 10, (60,), generator=gen),
+        torch.rand(20, 9, generator=gen),
+        torch.randint(0, 10, (20,), generator=gen),
+    )
+    settings = dict(max_iter=5, cache_dir=tmp_path)
+    first, accuracy = probe.pixel_classifier(data, **settings)
+    assert accuracy == first.accuracy(data.test_x, data.test_y)
+    assert probe.pixel_classifier(data, **settings) == (first, accuracy)
+    clones = probe.ProbeData(*(t.clone() for t in data))
+    assert probe.pixel_classifier(clones, **settings)[0] is first and fits == [60]
     monkeypatch.setattr(probe, "_last_pixel_classifier", None)  # as in a new process
-    from_disk, _ = probe.pixel_classifier(*data, max_iter=5, cache_dir=tmp_path)
+    from_disk, _ = probe.pixel_classifier(data, **settings)
     assert fits == [60] and torch.equal(from_disk.weight, first.weight)
-    probe.pixel_classifier(data[0] + 1e-3, *data[1:], max_iter=5, cache_dir=tmp_path)
+    probe.pixel_classifier(data._replace(train_x=data.train_x + 1e-3), **settings)
     assert fits == [60, 60]
-    probe.pixel_classifier(*data, max_iter=6, cache_dir=tmp_path)  # other settings: refit
+    probe.pixel_classifier(data, max_iter=6, cache_dir=tmp_path)  # other settings: refit
     assert fits == [60, 60, 60]
 
 
@@ -180,7 +185,8 @@ def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count
     monkeypatch.setattr(model, "encode_all", lambda x: seen.append(torch.get_num_threads()) or encode_all(x))
     before = torch.get_num_threads()
     other = 2 if before == 1 else 1
-    values = probe.probe_accuracies(model, train_x, train_y, test_x, test_y, max_iter=20, threads=other)
+    data = probe.ProbeData(train_x, train_y, test_x, test_y)
+    values = probe.probe_accuracies(model, data, max_iter=20, threads=other)
     assert seen == [other, other] and torch.get_num_threads() == before
     with torch.no_grad():
         codes = probe.fit_linear_classifier(encode_all(train_x), train_y, max_iter=20)
