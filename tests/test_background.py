@@ -98,7 +98,8 @@ def test_collect_finished_records_what_is_done_and_does_not_wait(tmp_path, monke
     background.run_or_hand_off("waits", wait_for_file, str(gate), then=recorded.append)
     assert background.collect_finished() == [] and recorded == [25.0]
     assert background.is_pending("waits")  # still running: left for later
-    gate.write_text("go")
+    (tmp_path / "gate.tmp").write_text("go")
+    (tmp_path / "gate.tmp").rename(gate)  # at once: the worker polls, and could read a file still empty
     background.wait_for_hand_offs()
     assert recorded == [25.0, "go"]
 
