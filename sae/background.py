@@ -27,6 +27,7 @@ IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
 
 _worker: ProcessPoolExecutor | None = None
 _pending: list[tuple[str, Future, Callable[[Any], None] | None]] = []  # in the order handed off
+_sharing_refused = False  # shared memory failed once in this process: no more hand-offs
 
 
 def more_jobs_follow() -> bool:
@@ -56,7 +57,8 @@ def run_or_hand_off(
             then(result)
         return False
     global _worker
-    for _ in range(2):  # a worker that died (killed, out of memory) is replaced once
+    tries = 2 if _can_share(args) else 0  # a worker that died (killed, out of memory) is replaced once
+    for _ in range(tries):
         if _worker is None:
             # spawn: a fresh interpreter, not a fork of one whose torch threads are running
             spawn = multiprocessing.get_context("spawn")
@@ -64,7 +66,6 @@ def run_or_hand_off(
             atexit.unregister(_wait_at_exit)  # once, however many workers
             atexit.register(_wait_at_exit)
         try:
-            _to_shared_memory(args)
             _pending.append((label, _worker.submit(work, *args), then))
             return True
         except (BrokenProcessPool, RuntimeError):
@@ -73,6 +74,25 @@ def run_or_hand_off(
     done.set_result(work(*args))
     _pending.append((label, done, then))
     return False
+
+
+def _can_share(args: tuple) -> bool:
+    """Move a hand-off's tensors into shared memory (below); False, said once, where that fails
+    (e.g. a container's small /dev/shm): the work is then done in this process, as before."""
+    global _sharing_refused
+    if _sharing_refused:
+        return False
+    try:
+        _to_shared_memory(args)
+        return True
+    except (RuntimeError, OSError) as err:
+        _sharing_refused = True
+        report(
+            f"warning: the sweep's figures and probes are computed in each job, not beside the next one: "
+            f"shared memory refused their data ({one_line(err)}); a container needs a larger /dev/shm "
+            "(e.g. docker run --shm-size=2g)"
+        )
+        return False
 
 
 def _to_shared_memory(value: Any) -> None:

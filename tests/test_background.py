@@ -71,6 +71,31 @@ def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, 
     assert background.wait_for_hand_offs() == []  # ran here: nothing left to record
 
 
+def test_where_shared_memory_refuses_the_data_the_work_is_done_here_said_once(tmp_path, monkeypatch, capsys):
+    """A container's small /dev/shm: torch cannot move a tensor there. The sweep goes on with each
+    job doing its own work (recorded as a hand-off is), after one warning naming the fix."""
+    import torch
+
+    def refuse(tensor):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(background, "_sharing_refused", False)
+    monkeypatch.setattr(torch.Tensor, "share_memory_", refuse)
+    recorded = []
+    for x in (2.0, 3.0):
+        handed = background.run_or_hand_off(f"job {x}", scale, torch.full((4,), x), then=recorded.append)
+        assert handed is False and recorded == []  # done here; recorded when collected, as a hand-off
+    assert background.wait_for_hand_offs() == []
+    assert [r.tolist() for r in recorded] == [[4.0] * 4, [9.0] * 4]
+    said = capsys.readouterr().out
+    assert said.count("warning: ") == 1 and "No space left on device" in said and "--shm-size" in said
+
+
+def scale(tensor):
+    return tensor * tensor[0]
+
+
 def square(x: float) -> float:
     return x * x
 
