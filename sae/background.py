@@ -27,7 +27,7 @@ IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
 
 _worker: ProcessPoolExecutor | None = None
 _pending: list[tuple[str, Future, Callable[[Any], None] | None]] = []  # in the order handed off
-_sharing_refused = False  # shared memory failed once in this process: no more hand-offs
+_sharing_refused = False  # shared memory refused a hand-off's data (said once per process)
 
 
 def more_jobs_follow() -> bool:
@@ -77,21 +77,20 @@ def run_or_hand_off(
 
 
 def _can_share(args: tuple) -> bool:
-    """Move a hand-off's tensors into shared memory (below); False, said once, where that fails
-    (e.g. a container's small /dev/shm): the work is then done in this process, as before."""
+    """Move a hand-off's tensors into shared memory (below); False where that fails (e.g. a
+    container's small /dev/shm), said once: that work is then done in this process, as before."""
     global _sharing_refused
-    if _sharing_refused:
-        return False
     try:
         _to_shared_memory(args)
         return True
     except (RuntimeError, OSError) as err:
-        _sharing_refused = True
-        report(
-            f"warning: the sweep's figures and probes are computed in each job, not beside the next one: "
-            f"shared memory refused their data ({one_line(err)}); a container needs a larger /dev/shm "
-            "(e.g. docker run --shm-size=2g)"
-        )
+        if not _sharing_refused:
+            _sharing_refused = True
+            report(
+                f"warning: shared memory refused data a sweep job hands to its worker ({one_line(err)}): "
+                "what does not fit is computed in the job instead; a container needs a larger /dev/shm "
+                "(e.g. docker run --shm-size=2g)"
+            )
         return False
 
 

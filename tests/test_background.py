@@ -72,8 +72,8 @@ def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, 
 
 
 def test_where_shared_memory_refuses_the_data_the_work_is_done_here_said_once(tmp_path, monkeypatch, capsys):
-    """A container's small /dev/shm: torch cannot move a tensor there. The sweep goes on with each
-    job doing its own work (recorded as a hand-off is), after one warning naming the fix."""
+    """A container's small /dev/shm: torch cannot move a tensor there. The sweep goes on with that
+    work done in the job (recorded as a hand-off is), after one warning naming the fix."""
     import torch
 
     def refuse(tensor):
