@@ -125,18 +125,14 @@ def stacked_epoch(data_root: str, overrides: list[str], jobs: int) -> float:
 @contextlib.contextmanager
 def in_a_sweep() -> Iterator[None]:
     """As if more jobs of a sweep followed in this process: work is handed to the worker."""
-    import sae.background
-    import sae.callbacks
+    from sae import background
 
-    modules = (sae.background, sae.callbacks)  # each asks its own name
-    asked = [m.more_jobs_follow for m in modules]
-    for m in modules:
-        m.more_jobs_follow = lambda: True
+    asked = background.more_jobs_follow
+    background.more_jobs_follow = lambda: True
     try:
         yield
     finally:
-        for m, ask in zip(modules, asked, strict=True):
-            m.more_jobs_follow = ask
+        background.more_jobs_follow = asked
 
 
 def warm_up_worker() -> None:

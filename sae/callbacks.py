@@ -28,8 +28,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
+from sae import background
 from sae.atomic import write_json_atomic
-from sae.background import more_jobs_follow, run_or_hand_off
 from sae.config import command_override_keys
 from sae.console import report
 from sae.lightning_internals import tensorboard_file_writer
@@ -153,7 +153,7 @@ class LinearProbe(L.Callback):
     def _hand_off(self, trainer: L.Trainer, net: nn.Module, inputs: ProbeData, settings: dict) -> bool:
         """Hand the probes to the sweep's worker, if this is a sweep job that may; whether it did."""
         optimized = str(self.optimized_metric or "").startswith(self.PREFIX + "probe_accuracy")
-        if optimized or trainer.world_size > 1 or not more_jobs_follow():
+        if optimized or trainer.world_size > 1 or not background.more_jobs_follow():
             return False
         metrics_file = Path(trainer.default_root_dir).resolve() / "metrics.json"
         tb = tensorboard(trainer)
@@ -162,7 +162,7 @@ class LinearProbe(L.Callback):
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
         work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
         data = ProbeData(*(t.detach().cpu() for t in inputs))
-        run_or_hand_off(str(metrics_file), work, model, data, then=record)
+        background.run_or_hand_off(str(metrics_file), work, model, data, then=record)
         return True
 
 
@@ -204,7 +204,8 @@ class RunFigures(L.Callback):
         tb = tensorboard(trainer)
         events = tb.log_dir if tb is not None else None
         label = str(self.dirpath.resolve())  # sae.console.closing_lines asks after it
-        run_or_hand_off(label, write_run_figures, self.dirpath, inputs, events, trainer.global_step)
+        step = trainer.global_step
+        background.run_or_hand_off(label, write_run_figures, self.dirpath, inputs, events, step)
 
 
 class EpochVisuals(L.Callback):

@@ -255,7 +255,6 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     from sae import background
 
     monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
-    monkeypatch.setattr("sae.callbacks.more_jobs_follow", lambda: True)
     lean_but_probe = [o for o in LEAN if o != "~callbacks.linear_probe"]
     handed = train(compose_train([*lean_but_probe, "debug=limit"], tmp_path / "handed", mnist_root))
     probes = ["test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions"]
