@@ -6,7 +6,6 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -15,7 +14,7 @@ from sae.checkpoints import load_checkpoint
 from sae.config import ConfigError, without_retired_keys
 from sae.console import UserError, closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
-from sae.training import build_trainer, run_test, thread_count
+from sae.training import build_trainer, run_test, use_thread_count
 
 # Data settings a model was trained with, which its evaluation reuses: the probe fits on the
 # training split the model was trained on. Where the data comes from is the command line's.
@@ -25,8 +24,7 @@ TRAINING_DATA_SETTINGS = ("val_size", "split_seed", "seed", "batch_size")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the test split through the checkpoint's model; write and return the metrics."""
     tidy_library_output()
-    if threads := thread_count(cfg):  # the run's own count (fit/threads) reproduces its probe exactly
-        torch.set_num_threads(threads)
+    use_thread_count(cfg)  # the run's own count (fit/threads) reproduces its probe exactly
     module, trained_on = load_checkpoint(cfg.ckpt_path)
     defaults = inspect.signature(MNISTDataModule).parameters
     settings = {}

@@ -63,9 +63,7 @@ def _train(
         cfg.output_dir = str(output_dir)
         remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
         report(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
-    threads = thread_count(cfg)
-    if threads:
-        torch.set_num_threads(threads)
+    use_thread_count(cfg)
     datamodule, module = build_data_and_module(cfg)
     report(module.describe())
     if replay is not None:
@@ -111,6 +109,12 @@ def requeued_by_slurm(output_dir: Path) -> bool:
     requeue`) that finds its own last.ckpt: it then resumes instead of starting over in its folder."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "")
     return restarts.isdigit() and int(restarts) > 0 and last_checkpoint_path(output_dir).is_file()
+
+
+def use_thread_count(cfg: DictConfig) -> None:
+    """Set torch's CPU threads to thread_count(cfg), where that names a count."""
+    if threads := thread_count(cfg):
+        torch.set_num_threads(threads)
 
 
 def thread_count(cfg: DictConfig) -> int | None:
