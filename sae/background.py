@@ -57,8 +57,8 @@ def run_or_hand_off(
             then(result)
         return False
     global _worker
-    tries = 2 if _can_share(args) else 0  # a worker that died (killed, out of memory) is replaced once
-    for _ in range(tries):
+    tries = 2 if _can_share(args) else 0  # none for data that shared memory refused
+    for _ in range(tries):  # a worker that died (killed, out of memory) is replaced once
         if _worker is None:
             # spawn: a fresh interpreter, not a fork of one whose torch threads are running
             spawn = multiprocessing.get_context("spawn")

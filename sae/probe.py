@@ -127,10 +127,11 @@ def probe_accuracies(
     would. The fits are in float64, the same on any thread count. So the same inputs give the
     same numbers in both places.
     """
-    with torch.no_grad(), _torch_threads(threads):
-        train_codes, test_codes = autoencoder.encode_all(data.train_x), autoencoder.encode_all(data.test_x)
-        recon = autoencoder(data.test_x.to(next(autoencoder.parameters()).device)).recon
     with torch.no_grad():
+        with _torch_threads(threads):
+            train_codes = autoencoder.encode_all(data.train_x)
+            test_codes = autoencoder.encode_all(data.test_x)
+            recon = autoencoder(data.test_x.to(next(autoencoder.parameters()).device)).recon
         codes = fit_linear_classifier(train_codes, data.train_y, weight_decay=weight_decay, max_iter=max_iter)
         code_accuracy = codes.accuracy(test_codes, data.test_y.to(codes.weight.device))
         pixels, pixel_accuracy = pixel_classifier(data, weight_decay, max_iter, cache_dir)
@@ -165,22 +166,17 @@ class _PixelClassifierMemo(NamedTuple):
 
     def fits(self, settings: str, data: tuple[Tensor, ...]) -> bool:
         return settings == self.settings and all(
-            _same_memory(a, b)
-            or (a.device == b.device and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
-            for a, b in zip(data, self.data, strict=True)
+            _same_values(a, b) for a, b in zip(data, self.data, strict=True)
         )
 
 
-def _same_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors view the same memory the same way (the same split sent again, here or
-    through shared memory to a worker); the memo holds b, so its memory cannot have been reused."""
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-    )
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values: at once when they view the same memory the same
+    way (the same split sent again, here or through shared memory to a worker; the memo holds b,
+    so its memory cannot have been reused), else by comparing them."""
+    if (a.device, a.dtype, a.shape) != (b.device, b.dtype, b.shape):
+        return False
+    return (a.stride(), a.data_ptr()) == (b.stride(), b.data_ptr()) or torch.equal(a, b)
 
 
 _last_pixel_classifier: _PixelClassifierMemo | None = None
