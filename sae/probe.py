@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.atomic import write_atomic
+from sae.console import one_line, report
 
 
 class LinearClassifier(NamedTuple):
@@ -211,15 +212,41 @@ def _cached_pixel_classifier(
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     path = Path(cache_dir) / f"pixel_probe-{digest.hexdigest()[:32]}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        try:
-            saved = torch.load(path, map_location=train_x.device, weights_only=True)
-            return LinearClassifier(**{k: saved[k] for k in LinearClassifier._fields})
-        except Exception:  # noqa: BLE001 -- an unreadable cache only costs the refit below
-            pass
+        cached = _read_cached_classifier(path, train_x, train_y)
+        if cached is not None:
+            return cached
     classifier = fit_linear_classifier(train_x, train_y, weight_decay=weight_decay, max_iter=max_iter)
     if path is not None:
+        record = classifier._asdict() | {"train_accuracy": classifier.accuracy(train_x, train_y)}
         try:
-            write_atomic(path, lambda f: torch.save(classifier._asdict(), f))
+            write_atomic(path, lambda f: torch.save(record, f))
         except OSError:
             pass  # a read-only cache folder only costs the refit
     return classifier
+
+
+def _read_cached_classifier(path: Path, train_x: Tensor, train_y: Tensor) -> LinearClassifier | None:
+    """A cached pixel classifier, checked as input: finite float64 tensors of the shapes the data
+    needs, that classify the training pixels as they did when written (a damaged or zeroed file
+    scores at chance). None, said in one line, for one that fails: it is fitted again."""
+    features = train_x.shape[1]
+    shapes = {"mean": (features,), "std": (features,), "weight": (features, 10), "bias": (10,)}
+    try:
+        saved = torch.load(path, map_location=train_x.device, weights_only=True)
+        for name, shape in shapes.items():
+            if not isinstance(saved, dict) or name not in saved:
+                raise ValueError(f"it holds no {name}")
+            t = saved[name]
+            if not isinstance(t, Tensor) or t.dtype != torch.float64 or tuple(t.shape) != shape:
+                found = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} is {found}, not float64 {shape}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} is not finite")
+        classifier = LinearClassifier(**{k: saved[k] for k in LinearClassifier._fields})
+        recorded, accuracy = saved.get("train_accuracy"), classifier.accuracy(train_x, train_y)
+        if not isinstance(recorded, float) or abs(accuracy - recorded) > 1e-9:
+            raise ValueError(f"it scores {accuracy:.4f} on the training pixels, written with {recorded!r}")
+        return classifier
+    except Exception as err:  # noqa: BLE001 -- a damaged cache only costs a refit, said once
+        report(f"warning: pixel-probe cache {path} is damaged ({one_line(err)}); fitted again and rewritten")
+        return None

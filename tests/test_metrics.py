@@ -166,6 +166,55 @@ def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypa
     assert fits == [60, 60, 60]
 
 
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            lambda saved: (
+                {
+                    k: torch.zeros_like(v) if k != "std" else v
+                    for k, v in saved.items()
+                    if k != "train_accuracy"
+                }
+                | {"train_accuracy": saved["train_accuracy"]}
+            ),
+            "it scores",
+        ),
+        (
+            lambda saved: saved | {"weight": torch.zeros(9, 3, dtype=torch.float64)},
+            "weight is torch.float64 (9, 3)",
+        ),
+        (
+            lambda saved: saved | {"bias": torch.full((10,), float("nan"), dtype=torch.float64)},
+            "bias is not finite",
+        ),
+        (lambda saved: {"weight": 1}, "it holds no mean"),
+    ],
+    ids=["zeroed", "wrong_shape", "not_finite", "not_a_classifier"],
+)
+def test_a_damaged_pixel_probe_cache_is_said_and_fitted_again(tmp_path, monkeypatch, capsys, damage, said):
+    """The cache is input: a file zeroed, of another shape, or not a classifier at all would give
+    a baseline at chance or fail mid-probe; it is refused in one line and the classifier refitted."""
+    from sae import probe
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (200,), generator=gen)
+    images = torch.rand(10, 9, generator=gen)[labels] + 0.3 * torch.rand(200, 9, generator=gen)
+    data = probe.ProbeData(images[:150], labels[:150], images[150:], labels[150:])
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)
+    fitted, accuracy = probe.pixel_classifier(data, max_iter=20, cache_dir=tmp_path)
+    [path] = tmp_path.glob("pixel_probe-*.pt")
+    torch.save(damage(torch.load(path, weights_only=True)), path)
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)  # as in a new process
+    again, again_accuracy = probe.pixel_classifier(data, max_iter=20, cache_dir=tmp_path)
+    assert again_accuracy == accuracy > 0.5 and torch.equal(again.weight, fitted.weight)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "pixel-probe cache" in line]
+    assert line.startswith(f"warning: pixel-probe cache {path} is damaged (") and said in line
+    monkeypatch.setattr(probe, "_last_pixel_classifier", None)
+    probe.pixel_classifier(data, max_iter=20, cache_dir=tmp_path)  # rewritten: read without a word
+    assert "pixel-probe cache" not in capsys.readouterr().out
+
+
 def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count(monkeypatch, tmp_path):
     """The three numbers against the classifiers fitted by hand; the codes and reconstructions are
     computed on `threads` (a sweep's worker encodes on the job's count: float32 codes differ in
