@@ -7,20 +7,29 @@ hyperparameters as such), so a crafted pickle cannot run code.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sae.atomic import write_atomic
-from sae.config import MIRRORS, ConfigError
+from sae.config import (
+    DATA_RULES,
+    RENAMED,
+    ConfigError,
+    check_model_settings,
+    check_settings,
+    model_settings,
+)
 from sae.console import UserError, one_line
 from sae.module import SparseAutoencoderModule
 
@@ -57,7 +66,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
         write_atomic(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        ckpt = read_checkpoint(path, map_location=map_location or "cpu")
+        # Its settings and weights checked as evaluate.py checks them, before Lightning reads any.
+        check_weights(path, ckpt, SparseAutoencoderModule(**saved_settings(path, ckpt).model))
+        return ckpt
+
+
+def refuse_restore(path: str, err: BaseException) -> CheckpointError:
+    """What a checkpoint Lightning cannot restore is reported as (lightning_internals' guard)."""
+    return CheckpointError(
+        f"{path}: Lightning cannot restore its training state ({type(err).__name__}: {one_line(err)}); "
+        "refused (not a checkpoint this project wrote, or altered)"
+    )
 
 
 class RunFolderCheckpoint(ModelCheckpoint):
@@ -148,24 +168,141 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # Module settings that older checkpoints carry and the module no longer takes: metric definitions
 # since replaced (dead = never active, by firing frequency), not part of the trained model.
 RETIRED_HPARAMS = ("dead_threshold", "saturation_level")
+# Data settings that older checkpoints carry under a name since changed (sae.config.RENAMED).
+RETIRED_DATA_HPARAMS = tuple(old.split(".", 1)[1] for old in RENAMED if old.startswith("data."))
+
+
+@dataclass(frozen=True)
+class SavedSettings:
+    """What a checkpoint says it was trained with, each value checked by the rule of the setting
+    it fills (sae.config, as on the command line): plain values only, never handed to Hydra."""
+
+    model: dict[str, Any]  # SparseAutoencoderModule's arguments
+    data: dict[str, Any]  # MNISTDataModule's arguments, as saved (older checkpoints: fewer)
+    epochs: int | None  # the epochs the run was set to train (None: not recorded)
+
+
+def saved_settings(path: str | Path, ckpt: dict) -> SavedSettings:
+    """The checkpoint's settings, checked; a value of the wrong type or range, or a key this version
+    does not know, is a one-line CheckpointError naming the file and the key."""
+    model = _mapping(path, ckpt, "hyper_parameters")
+    data = _mapping(path, ckpt, "datamodule_hyper_parameters")
+    model = {k: v for k, v in model.items() if k not in RETIRED_HPARAMS}
+    data = {k: v for k, v in data.items() if k not in RETIRED_DATA_HPARAMS}
+    epochs = ckpt.get("epochs")
+    try:
+        check_model_settings(model, lambda key: f"hyper_parameters.{key}")
+        check_settings(data, DATA_RULES, lambda key: f"datamodule_hyper_parameters.{key}", "the data")
+        check_settings({"epochs": epochs}, {"epochs": _EPOCHS}, str, "a checkpoint")
+    except ConfigError as err:
+        raise CheckpointError(
+            f"{path}: {err}; refused (not a checkpoint this project wrote, or altered)"
+        ) from err
+    return SavedSettings(model, data, epochs)
+
+
+_EPOCHS = (
+    lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "an integer >= 1",
+)
+
+
+def _mapping(path: str | Path, ckpt: dict, key: str) -> dict[str, Any]:
+    value = ckpt.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise CheckpointError(
+            f"{path}: {key} is a {type(value).__name__}, not a mapping of settings; refused (not a "
+            "checkpoint this project wrote, or altered)"
+        )
+    return dict(value)
 
 
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SparseAutoencoderModule, dict]:
-    """Rebuild the module from a checkpoint's own hyperparameters and weights.
+    """Rebuild the module from a checkpoint's own (checked) hyperparameters and weights.
 
     Returns the SparseAutoencoderModule and the data settings it was trained with (the data
-    module's saved hyperparameters, empty if there were none).
+    module's saved hyperparameters, checked; empty if there were none).
     """
     ckpt = read_checkpoint(path, map_location)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in RETIRED_HPARAMS}
+    settings = saved_settings(path, ckpt)
+    module = SparseAutoencoderModule(**settings.model)
+    check_weights(path, ckpt, module)
+    module.load_state_dict(ckpt["state_dict"])
+    return module, settings.data
+
+
+def check_weights(path: str | Path, ckpt: dict, module: torch.nn.Module) -> None:
+    """The checkpoint's state_dict holds a tensor of the right shape for each of the module's
+    weights and buffers, and nothing else; else a one-line CheckpointError."""
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict is a {type(state).__name__}, not the model's weights")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        said = "; ".join(
+            f"{what} {', '.join(map(str, keys[:3]))}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        )
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its hyper_parameters describe ({said})"
+        )
+    for key, tensor in expected.items():
+        held = state[key]
+        if not isinstance(held, torch.Tensor) or held.shape != tensor.shape or not held.is_floating_point():
+            shape = tuple(held.shape) if isinstance(held, torch.Tensor) else type(held).__name__
+            raise CheckpointError(
+                f"{path}: state_dict.{key} is {shape}, the model its hyper_parameters describe needs a "
+                f"float tensor of shape {tuple(tensor.shape)}"
+            )
+
+
+def check_training_state(path: str | Path, ckpt: dict, module: SparseAutoencoderModule) -> None:
+    """What Lightning restores to continue training is there and fits the module: the weights, the
+    optimizer state (one Adam over the module's parameters) and the loops' progress. A checkpoint
+    without them would silently train again from epoch 0, or fail inside Lightning."""
+    check_weights(path, ckpt, module)
+    loops = ckpt.get("loops")
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    missing = ["loops.fit_loop"] if not isinstance(fit_loop, dict) else []
+    missing += [
+        f"loops.fit_loop.{k}" for k in FIT_PROGRESS if not missing and not isinstance(fit_loop.get(k), dict)
+    ]
+    if missing:  # Lightning would start counting again from epoch 0, silently
+        raise CheckpointError(
+            f"{path} holds no training progress ({missing[0]} is missing): training cannot continue "
+            "from it; test it with evaluate.py, or start a new run"
+        )
+    for key in ("epoch", "global_step"):
+        _count(path, key, ckpt.get(key))
+    _check_progress(path, "loops", loops)
+    callbacks = ckpt.get("callbacks")
+    if not isinstance(callbacks, dict):
+        raise CheckpointError(f"{path}: callbacks is a {type(callbacks).__name__}, not the callbacks' state")
+    elapsed = (callbacks.get("Timer") or {}).get("time_elapsed", {})
+    if not isinstance(elapsed, dict) or not all(_is_number(v) and v >= 0 for v in elapsed.values()):
+        raise CheckpointError(f"{path}: callbacks.Timer.time_elapsed={elapsed!r} must map stages to seconds")
+    states = ckpt.get("optimizer_states")
+    params = list(module.parameters())
     try:
-        module = SparseAutoencoderModule(**hparams)
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} does not fit SparseAutoencoderModule: {one_line(err)}") from err
-    return module, dict(ckpt.get("datamodule_hyper_parameters") or {})
+        if not isinstance(states, list) or len(states) != 1:
+            raise ValueError(f"{len(states) if isinstance(states, list) else 'no'} optimizer states, not one")
+        state = states[0]
+        torch.optim.Adam(params).load_state_dict(copy.deepcopy(state))  # groups and parameter counts
+        for index, moments in state["state"].items():
+            for name, value in moments.items():
+                if name != "step" and tuple(value.shape) != tuple(params[index].shape):
+                    raise ValueError(f"{name} of parameter {index} is {tuple(value.shape)}")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: its optimizer state does not fit the model ({one_line(err)}); refused"
+        ) from err
 
 
 def last_checkpoint_path(run: str | Path) -> Path:
@@ -187,11 +324,48 @@ def last_checkpoint(run: str | Path) -> Path:
     return path
 
 
+def _count(path: str | Path, key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointError(f"{path}: {key}={value!r} must be an integer >= 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# The parts of Lightning's fit loop state that say where training stopped: the epoch, the batch in
+# it, and the optimizer steps (global_step). Lightning skips a part that is missing.
+FIT_PROGRESS = (
+    "epoch_progress",
+    "epoch_loop.batch_progress",
+    "epoch_loop.manual_optimization.optim_step_progress",
+)
+# Progress counters in Lightning's loops state: how many batches, epochs, steps were ready, started...
+PROGRESS_COUNTERS = {"ready", "started", "processed", "completed"}
+
+
+def _check_progress(path: str | Path, where: str, node: Any) -> None:
+    """Lightning's loops state: nested mappings whose progress counters are integers >= 0 and whose
+    flags are bools (Lightning loads them as given, and fails later, mid-run, on anything else)."""
+    if isinstance(node, dict):
+        if node and set(node) <= PROGRESS_COUNTERS:
+            for key, value in node.items():
+                _count(path, f"{where}.{key}", value)
+            return
+        for key, value in node.items():
+            if key == "is_last_batch" and not isinstance(value, bool):
+                raise CheckpointError(f"{path}: {where}.{key}={value!r} must be true or false")
+            if key == "_batches_that_stepped":
+                _count(path, f"{where}.{key}", value)
+            _check_progress(path, f"{where}.{key}", value)
+
+
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     """The checkpoint fit continues from: resume=RUN_DIR's last.ckpt, or ckpt_path=FILE.
 
-    Checked before anything runs: the file must be a readable checkpoint of the same architecture
-    as the config, or the run stops with one line saying which key differs.
+    Checked before anything runs: the file must be a readable checkpoint of this project whose
+    settings pass the config's rules, of the same architecture as the config, with a training
+    state (weights, optimizer, loops) that fits it; else the run stops with one line.
     """
     if cfg.get("resume") and cfg.get("ckpt_path"):
         raise ConfigError(f"resume={cfg.resume} and ckpt_path={cfg.ckpt_path}: pass one of them")
@@ -201,8 +375,9 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
         path = Path(cfg.ckpt_path)
     else:
         return None
-    saved = read_checkpoint(path)["hyper_parameters"]
-    wanted = OmegaConf.to_container(cfg.model, resolve=True)
+    ckpt = read_checkpoint(path)
+    saved = saved_settings(path, ckpt).model
+    wanted = model_settings(cfg)
     defaults = inspect.signature(SparseAutoencoderModule).parameters
     for key in ARCHITECTURE:
         held = saved.get(key, defaults[key].default)  # a key newer than the checkpoint: its default
@@ -211,58 +386,5 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
                 f"{path} holds a model with {key}={held}, the config asks for {key}={wanted[key]}; "
                 f"pass the same model settings to continue it"
             )
+    check_training_state(path, ckpt, SparseAutoencoderModule(**saved))
     return str(path)
-
-
-# Data settings a resumed run keeps (what its checkpoint's weights were trained on); the rest of
-# the data group (where the files are, evaluation batches, workers) may change on resume.
-KEPT_DATA_SETTINGS = ("seed", "batch_size", "val_size", "split_seed")
-CHANGEABLE_ON_RESUME = ("epochs",)  # applied for real and recorded in metrics.json
-
-
-def resume_with_run_settings(cfg: DictConfig, explicit: list[str] | None) -> dict[str, Any]:
-    """Make cfg train what the resumed run (cfg.resume) trained: its own settings, from its last.ckpt.
-
-    `explicit` are the override keys the resume command set (None: take cfg literally, as an
-    in-process caller means every value). A training setting the command sets to another value
-    than the run's is refused in one line; one it does not set is taken from the run; `epochs`
-    may change (more training), and then it is returned, to be recorded.
-    """
-    run = Path(cfg.resume)
-    ckpt = read_checkpoint(last_checkpoint(run))
-    settings = {_config_key("model", k): v for k, v in ckpt["hyper_parameters"].items()}
-    data = ckpt.get("datamodule_hyper_parameters") or {}
-    settings |= {_config_key("data", k): data[k] for k in KEPT_DATA_SETTINGS if k in data}
-    settings["epochs"] = ckpt.get("epochs")  # the epochs the run was set to train (module hook)
-
-    def set_by_command(key: str) -> bool:
-        return explicit is None or any(key == e or key.startswith(e + ".") for e in explicit)
-
-    changed = {}
-    for key, saved in settings.items():
-        if saved is None or OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            continue
-        current = OmegaConf.select(cfg, key)
-        if isinstance(current, DictConfig | ListConfig):
-            current = OmegaConf.to_container(current)
-        if current == saved:
-            continue
-        if not set_by_command(key):
-            OmegaConf.update(cfg, key, saved, merge=False)
-        elif key in CHANGEABLE_ON_RESUME:
-            changed[key] = current
-        else:
-            raise ConfigError(
-                f"resume={cfg.resume}: {key}={current} differs from the run's {key}={saved}; a resumed run "
-                "keeps the settings it was trained with: drop the override, or start a new run"
-            )
-    return changed
-
-
-_ABSENT = object()
-
-
-def _config_key(group: str, name: str) -> str:
-    """Where a saved hyperparameter lives in the training config: its top-level knob if it has one."""
-    key = f"{group}.{name}"
-    return MIRRORS.get(key, key)

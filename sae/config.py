@@ -7,12 +7,17 @@ run that trains on a meaningless objective.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from sae.console import UserError
+from sae.console import UserError, one_line
 from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
 from sae.sparsity import METHODS
@@ -20,6 +25,7 @@ from sae.sparsity import METHODS
 HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "topk"]  # topk is the latent's, with k
 
 MNIST_TRAIN_IMAGES = 60000
+MNIST_PIXELS = 28 * 28
 FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
 MAX_LR = FLOAT32_MAX * 0.1
 MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything uses
@@ -85,99 +91,349 @@ def check_one_spelling(cfg: DictConfig) -> None:
             raise ConfigError(f"{old} was renamed {new}: set {new}={raw} instead")
 
 
-def without_retired_keys(node: DictConfig, group: str) -> DictConfig:
-    """A copy of a config group (e.g. cfg.data for "data") without its renamed keys, to instantiate."""
-    retired = [old.split(".", 1)[1] for old in RENAMED if old.startswith(f"{group}.")]
-    if not any(key in node for key in retired):
-        return node
-    node = node.copy()
-    with open_dict(node):
-        for key in retired:
-            node.pop(key, None)
-    return node
+# What each setting may be: a test of the (resolved, plain) value and the words that say it (or a
+# function that gives them).
+Rule = tuple[Callable[[Any], bool], str | Callable[[], str]]
+
+
+def _number_in(low: float, high: float, closed: str = "()") -> Rule:
+    def ok(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        above = v >= low if closed[0] == "[" else v > low
+        below = v <= high if closed[1] == "]" else v < high
+        return above and below
+
+    shown = [f"{b:.3g}" if abs(b) > 1e6 else f"{b:g}" for b in (low, high)]
+    return ok, f"a number in {closed[0]}{shown[0]}, {shown[1]}{closed[1]}"
+
+
+def _int_at_least(low: int, nullable: bool = False) -> Rule:
+    return (
+        lambda v: (nullable and v is None) or (_is_int(v) and v >= low),
+        f"an integer >= {low}" + (" (or null)" if nullable else ""),
+    )
+
+
+def _one_of(choices: Iterable[str]) -> Rule:
+    """One of `choices`, read when checked: a registry (METHODS) may grow after import."""
+    return (
+        lambda v: isinstance(v, str) and v in choices,
+        lambda: f"one of {', '.join(choices)}",
+    )
+
+
+def _list_of(item: Callable[[Any], bool], allowed: str, non_empty: bool = False) -> Rule:
+    return (
+        lambda v: isinstance(v, list | tuple) and (len(v) > 0 or not non_empty) and all(map(item, v)),
+        allowed,
+    )
+
+
+_BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+_SEED: Rule = (
+    lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_SEED),
+    f"an integer in [0, {MAX_SEED}] (or null)",
+)
+_UNIT: Rule = _number_in(0, 1, "[]")
+
+# SparseAutoencoderModule's arguments (what a checkpoint's hyper_parameters hold).
+MODEL_RULES: dict[str, Rule] = {
+    "input_dim": (
+        lambda v: v == MNIST_PIXELS and _is_int(v),
+        f"{MNIST_PIXELS}: MNIST images have 28x28 pixels",
+    ),
+    "hidden_dims": (
+        lambda v: isinstance(v, list | tuple) and all(_is_int(h) and h >= 1 for h in v),
+        "a list of integers >= 1, e.g. [128]",
+    ),
+    "latent_dim": _int_at_least(1),
+    "activation": _one_of(HIDDEN_ACTIVATIONS),
+    "latent_activation": _one_of(ACTIVATIONS),
+    "output_activation": _one_of(HIDDEN_ACTIVATIONS),
+    "recon_loss": _one_of(RECONSTRUCTION_LOSSES),
+    "sparsity": _one_of(METHODS),
+    "sparsity_layers": _list_of(lambda v: isinstance(v, str), "a list of layer names, e.g. [latent]", True),
+    "k": (lambda v: v is None or _is_int(v), "an integer (or null)"),  # its range: with a topk latent
+    "auxk": _BOOL,
+    "auxk_alpha": _number_in(0, FLOAT32_MAX, "[]"),
+    "auxk_k": _int_at_least(1, nullable=True),
+    "auxk_dead_after": _int_at_least(1),
+    "rho": _number_in(0, 1),
+    "beta": _number_in(0, FLOAT32_MAX, "[]"),
+    # Adam divides lr by 1 - beta1 = 0.1 at the first step, in float32.
+    "lr": _number_in(0, MAX_LR, "(]"),
+    "l0_threshold": _UNIT,
+    "rare_density": _UNIT,
+    "dense_density": _UNIT,
+    "l0_also_at": _list_of(lambda v: _UNIT[0](v), "a list of numbers in [0, 1], e.g. [0.05, 0.5]"),
+}
+# MNISTDataModule's arguments (what a checkpoint's datamodule_hyper_parameters hold).
+DATA_RULES: dict[str, Rule] = {
+    "root": (
+        lambda v: isinstance(v, str) and v != "",
+        "a folder path (quote one that reads as a number or a bool: data.root='123')",
+    ),
+    "download": _BOOL,
+    "val_size": (
+        lambda v: _is_int(v) and 0 <= v < MNIST_TRAIN_IMAGES,
+        f"an integer in [0, {MNIST_TRAIN_IMAGES}): images held out of the training set",
+    ),
+    "batch_size": _int_at_least(1),
+    "eval_batch_size": _int_at_least(1),
+    "num_workers": _int_at_least(0),
+    "seed": _SEED,
+    "split_seed": (_is_int, "an integer"),
+    "on_device": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "batches_per_call": _int_at_least(1),
+}
+# The top-level settings of a training config that are not copied into a group.
+TOP_LEVEL_RULES: dict[str, Rule] = {
+    "epochs": _int_at_least(1),
+    "threads": _int_at_least(1, nullable=True),
+    "seed": _SEED,
+    "optimized_metric": (lambda v: isinstance(v, str) and "/" in v, "a metric name, e.g. val/loss"),
+    "resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "a run folder (or null)"),
+    "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a checkpoint file (or null)"),
+}
+
+
+def check_settings(
+    values: Mapping[str, Any], rules: Mapping[str, Rule], name: Callable[[str], str], what: str
+) -> None:
+    """Raise ConfigError on the first value that breaks its rule, or a key no rule knows (with the
+    nearest known key). `name(key)` is how the message spells the key (`rho`, `model.activation`,
+    `hyper_parameters.rho`); `what` names the settings, for an unknown key."""
+    for key, value in values.items():
+        if key not in rules:
+            raise ConfigError(f"{name(key)} is not a setting of {what}{did_you_mean(key, rules)}")
+        ok, allowed = rules[key]
+        if not plain_value(value) or not ok(value):
+            said = allowed() if callable(allowed) else allowed
+            raise ConfigError(f"{name(key)}={_shown(value)} must be {said}")
+
+
+def check_model_settings(model: Mapping[str, Any], name: Callable[[str], str]) -> None:
+    """The module's arguments, one by one (MODEL_RULES), then how they go together."""
+    check_settings(model, MODEL_RULES, name, "the model")
+    settings = dict(_module_defaults()) | dict(model)
+    method = METHODS[settings["sparsity"]]
+    latent = settings["latent_activation"]
+    _check(
+        latent in method.latent_activations,
+        name("latent_activation"),
+        latent,
+        f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
+    )
+    width = settings["latent_dim"]
+    if latent == "topk":
+        k = settings["k"]
+        _check(
+            _is_int(k) and 1 <= k <= width,
+            name("k"),
+            k,
+            f"an integer in [1, latent_dim={width}]: units kept per input",
+        )
+    if settings["auxk"]:
+        _check(settings["sparsity"] == "topk", name("auxk"), True, "false unless sparsity=topk")
+        aux_k = settings["auxk_k"]
+        ok = aux_k is None or aux_k <= width
+        _check(ok, name("auxk_k"), aux_k, f"an integer in [1, latent_dim={width}] (or null)")
+    layers = list(settings["sparsity_layers"])
+    if method.only_latent:
+        _check(layers == ["latent"], name("sparsity_layers"), layers, f"[latent] with sparsity={method.name}")
+    names = layer_names(len(settings["hidden_dims"]))
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        raise ConfigError(
+            f"{name('sparsity_layers')}={layers}: {', '.join(unknown)} not in this model's layers "
+            f"{', '.join(names)}"
+        )
+
+
+def _module_defaults() -> dict[str, Any]:
+    from sae.module import SparseAutoencoderModule
+
+    return {k: p.default for k, p in inspect.signature(SparseAutoencoderModule).parameters.items()}
+
+
+def plain_value(value: Any) -> bool:
+    """Whether value is what a setting may hold: null, a bool, a finite or infinite number, a
+    string that is not an interpolation (`${...}` would be resolved: a path into other settings or
+    a resolver's call), or a list of those. Never a mapping: a mapping with `_target_` is code
+    to Hydra's instantiate."""
+    if value is None or isinstance(value, bool | int | float):
+        return True
+    if isinstance(value, str):
+        return "${" not in value
+    if isinstance(value, list | tuple):
+        return all(plain_value(v) for v in value)
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: short, on one line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """ "; did you mean X?" for the known key nearest to key, or ""."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def knob_name(group: str) -> Callable[[str], str]:
+    """How a command-line message names a group's key: its top-level knob where it follows one."""
+    return lambda key: MIRRORS.get(f"{group}.{key}", f"{group}.{key}")
+
+
+def group_settings(cfg: DictConfig, group: str, target: str) -> dict[str, Any]:
+    """A config group's settings (model or data) as plain values, resolved, without the keys that
+    are not arguments (`_target_`, `_convert_`, retired names); ConfigError where one cannot be
+    resolved, or where `_target_` names another class than `target`: the project builds its own
+    model and data module from checked settings, never a class a config names."""
+    node = cfg.get(group)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{group}={_shown(node)} must be the {group} settings (a config group)")
+    try:
+        values = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{group}: {one_line(err)}") from err
+    named = values.pop("_target_", target)
+    if named != target:
+        raise ConfigError(f"{group}._target_={named!r}: the {group} is {target}; remove the override")
+    values.pop("_convert_", None)
+    for old in RENAMED:
+        if old.startswith(f"{group}."):
+            values.pop(old.split(".", 1)[1], None)
+    return values
+
+
+MODEL_TARGET = "sae.module.SparseAutoencoderModule"
+DATA_TARGET = "sae.data.MNISTDataModule"
+
+
+def model_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The model's arguments from a training config, checked (SparseAutoencoderModule(**them))."""
+    model = group_settings(cfg, "model", MODEL_TARGET)
+    check_model_settings(model, knob_name("model"))
+    return model
+
+
+def data_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The data module's arguments from a config, checked (MNISTDataModule(**them)); a null among
+    them takes the data module's default (evaluate.py's training settings are the checkpoint's)."""
+    data = group_settings(cfg, "data", DATA_TARGET)
+    check_settings(data, DATA_RULES, knob_name("data"), "the data")
+    return data
 
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid value among the knobs a researcher sets."""
     check_one_spelling(cfg)
-    rho, beta, lr = cfg.rho, cfg.beta, cfg.lr
-    _check(_is_number(rho) and 0 < rho < 1, "rho", rho, "a number in (0, 1)")
-    _check(_is_number(beta) and 0 <= beta <= FLOAT32_MAX, "beta", beta, f"a number in [0, {FLOAT32_MAX:.3g}]")
-    # Adam divides lr by 1 - beta1 = 0.1 at the first step, in float32.
-    _check(_is_number(lr) and 0 < lr <= MAX_LR, "lr", lr, f"a number in (0, {MAX_LR:.3g}]")
-    for key in ("latent_dim", "epochs", "batch_size"):
-        _check(_is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
-    seed_ok = cfg.seed is None or (_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED)
-    _check(seed_ok, "seed", cfg.seed, f"an integer in [0, {MAX_SEED}] (or null)")
-    threads = cfg.get("threads")
-    ok = threads is None or (_is_int(threads) and threads >= 1)
-    _check(ok, "threads", threads, "an integer >= 1 (or null)")
+    check_top_level_keys(cfg)
+    top = {k: cfg.get(k) for k in TOP_LEVEL_RULES if k in cfg}
+    check_settings(top, TOP_LEVEL_RULES, str, "train.py")
+    model_settings(cfg)
+    data_settings(cfg)
+    check_trainer(cfg)
+    check_memory(cfg)
 
-    model = cfg.model
-    choices = {
-        "recon_loss": RECONSTRUCTION_LOSSES,
-        "activation": HIDDEN_ACTIVATIONS,
-        "latent_activation": ACTIVATIONS,
-        "output_activation": HIDDEN_ACTIVATIONS,
-        "sparsity": METHODS,
-    }
-    for key, allowed in choices.items():
-        _check(model[key] in allowed, f"model.{key}", model[key], f"one of {', '.join(allowed)}")
-    method = METHODS[model.sparsity]
-    _check(
-        model.latent_activation in method.latent_activations,
-        "model.latent_activation",
-        model.latent_activation,
-        f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
-    )
-    if model.latent_activation == "topk":
-        k, width = model.get("k"), model.latent_dim
-        _check(
-            _is_int(k) and 1 <= k <= width,
-            "k",
-            k,
-            f"an integer in [1, latent_dim={width}]: units kept per input",
-        )
-    _check(isinstance(model.get("auxk", False), bool), "model.auxk", model.get("auxk"), "true or false")
-    if model.get("auxk"):
-        _check(model.sparsity == "topk", "model.auxk", model.auxk, "false unless sparsity=topk")
-        alpha, aux_k, after = model.auxk_alpha, model.auxk_k, model.auxk_dead_after
-        _check(_is_number(alpha) and alpha >= 0, "model.auxk_alpha", alpha, "a number >= 0")
-        ok = aux_k is None or (_is_int(aux_k) and 1 <= aux_k <= model.latent_dim)
-        _check(ok, "model.auxk_k", aux_k, f"an integer in [1, latent_dim={model.latent_dim}] (or null)")
-        _check(_is_int(after) and after >= 1, "model.auxk_dead_after", after, "an integer >= 1")
-    if method.only_latent:
-        layers = list(model.sparsity_layers)
-        _check(layers == ["latent"], "model.sparsity_layers", layers, f"[latent] with sparsity={method.name}")
-    for key in ("hidden_dims", "sparsity_layers"):
-        value = model[key]
-        example = "[128]" if key == "hidden_dims" else "[latent]"
-        _check(isinstance(value, ListConfig | list), f"model.{key}", value, f"a list, e.g. {example}")
-    hidden = list(model.hidden_dims)
-    _check(
-        all(_is_int(h) and h >= 1 for h in hidden), "model.hidden_dims", hidden, "integers >= 1, e.g. [128]"
-    )
-    names = layer_names(len(hidden))
-    unknown = [name for name in model.sparsity_layers if name not in names]
+
+# The top-level keys of a composed training config (tests/test_config.py checks every preset).
+TRAIN_TOP_LEVEL = (
+    *("rho", "beta", "latent_dim", "k", "lr", "epochs", "batch_size", "seed", "threads"),
+    *("optimized_metric", "resume", "ckpt_path", "output_dir"),
+    *("model", "data", "trainer", "logger", "callbacks", "hydra"),
+)
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """Refuse a top-level key no config of this project uses (`+bta=0.1`), naming the nearest."""
+    known = TRAIN_TOP_LEVEL
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(f"{key} is not a setting of train.py{did_you_mean(key, sorted(known))}")
+
+
+EVALUATE_TOP_LEVEL = (
+    *("ckpt_path", "sweep_dir", "threads", "output_dir"),
+    *("data", "trainer", "logger", "callbacks", "hydra"),
+)
+EVALUATE_RULES: dict[str, Rule] = {
+    "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a checkpoint file (or null)"),
+    "sweep_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "a sweep folder (or null)"),
+    "threads": TOP_LEVEL_RULES["threads"],
+    "output_dir": (lambda v: isinstance(v, str) and v != "", "a folder"),
+}
+
+
+def validate_evaluate_config(cfg: DictConfig) -> None:
+    """evaluate.py's checks: its own keys, the data settings it takes from the command line (the
+    training ones, null here, come from the checkpoint and are checked there), the trainer."""
+    unknown = [k for k in cfg if k not in EVALUATE_TOP_LEVEL]
     if unknown:
         raise ConfigError(
-            f"model.sparsity_layers={list(model.sparsity_layers)}: {', '.join(map(str, unknown))} "
-            f"not in this model's layers {', '.join(names)}"
+            f"{unknown[0]} is not a setting of evaluate.py{did_you_mean(unknown[0], EVALUATE_TOP_LEVEL)}"
         )
+    check_settings({k: cfg.get(k) for k in EVALUATE_RULES if k in cfg}, EVALUATE_RULES, str, "evaluate.py")
+    data = {k: v for k, v in group_settings(cfg, "data", DATA_TARGET).items() if v is not None}
+    check_settings(data, DATA_RULES, lambda key: f"data.{key}", "the data")
+    check_trainer(cfg)
 
-    for key in ("l0_threshold", "rare_density", "dense_density"):
-        value = model[key]
-        _check(_is_number(value) and 0 <= value <= 1, f"model.{key}", value, "a number in [0, 1]")
-    also = model.l0_also_at
-    _check(
-        isinstance(also, ListConfig | list) and all(_is_number(t) and 0 <= t <= 1 for t in also),
-        "model.l0_also_at",
-        also,
-        "a list of numbers in [0, 1], e.g. [0.05, 0.5]",
+
+# Lightning's names for the numeric precisions this model trains and tests in.
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
+
+
+def _batch_limit(positive: bool) -> Rule:
+    low = "1" if positive else "0"
+    return (
+        lambda v: (
+            (_is_int(v) and v >= int(low))
+            or (isinstance(v, float) and (0 < v if positive else 0 <= v) and v <= 1)
+        ),
+        f"an integer >= {low} (batches) or a fraction in {'(' if positive else '['}0, 1] of the split",
     )
 
-    # The module takes its optimizer steps itself (one per batch, several batches per call).
+
+TRAINER_RULES: dict[str, Rule] = {
+    "log_every_n_steps": _int_at_least(0),
+    "limit_train_batches": _batch_limit(positive=True),
+    "limit_val_batches": _batch_limit(positive=False),
+    "limit_test_batches": _batch_limit(positive=True),
+    "precision": (
+        lambda v: str(v) in PRECISIONS and isinstance(v, str | int),
+        f"one of {', '.join(PRECISIONS)}",
+    ),
+    "num_sanity_val_steps": _int_at_least(-1),
+    "enable_progress_bar": _BOOL,
+    "enable_model_summary": _BOOL,
+    "enable_checkpointing": _BOOL,
+}
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The trainer settings the module or the run depends on, and the keys Lightning's Trainer
+    takes; the values not checked here are Lightning's to check (sae.training.build_trainer)."""
     trainer = cfg.get("trainer") or {}
+    if not isinstance(trainer, DictConfig):
+        raise ConfigError(f"trainer={_shown(trainer)} must be the trainer settings (a mapping)")
+    keys = [k for k in trainer if k != "_target_"]
+    known = _trainer_arguments()
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"trainer.{unknown[0]} is not an argument of Lightning's Trainer{did_you_mean(unknown[0], known)}"
+        )
+    try:
+        values = {k: trainer[k] for k in keys if k in TRAINER_RULES}
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"trainer: {one_line(err)}") from err
+    check_settings(values, TRAINER_RULES, lambda key: f"trainer.{key}", "the trainer")
+    # The module takes its optimizer steps itself (one per batch, several batches per call).
     for key, off in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (None, 1))):
         value = trainer.get(key)
         if value not in off:
@@ -201,14 +457,11 @@ def validate_train_config(cfg: DictConfig) -> None:
             "accelerator=auto (a GPU when there is one)"
         )
 
-    data = cfg.data
-    for key, low in (("eval_batch_size", 1), ("num_workers", 0), ("batches_per_call", 1)):
-        _check(_is_int(data[key]) and data[key] >= low, f"data.{key}", data[key], f"an integer >= {low}")
-    _check(_is_int(data.split_seed), "data.split_seed", data.split_seed, "an integer")
-    val_size = data.val_size
-    allowed = f"an integer in [0, {MNIST_TRAIN_IMAGES}): images held out of the training set"
-    _check(_is_int(val_size) and 0 <= val_size < MNIST_TRAIN_IMAGES, "data.val_size", val_size, allowed)
-    check_memory(cfg)
+
+def _trainer_arguments() -> list[str]:
+    from lightning.pytorch import Trainer
+
+    return [name for name in inspect.signature(Trainer).parameters if name != "self"]
 
 
 def _gpu_count() -> int:
@@ -247,6 +500,26 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml composed with these overrides, as a command line composes it: with the
+    running Hydra application's config search path, or this checkout's conf/ outside one. A
+    composition error (an unknown preset, a key no config has) is a one-line ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose("train", overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{' '.join(overrides)}: {one_line(err)}") from err
 
 
 def command_overrides(cfg: DictConfig | None = None) -> list[str] | None:

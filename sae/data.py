@@ -150,6 +150,12 @@ class TensorBatches:
             return
         # "batches_per_step": the same setting in checkpoints written before it was renamed.
         saved = state.get("batches_per_call", state.get("batches_per_step", 1))
+        counts = (state.get("epoch"), state.get("trained_batches"), saved)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise DataError(
+                f"the checkpoint's place in its epoch ({state}) is not three counts (epoch, trained_batches, "
+                "batches_per_call); refused (not a checkpoint this project wrote, or altered)"
+            )
         if saved != self.group:
             raise DataError(
                 f"this checkpoint stopped mid-epoch with data.batches_per_call={saved}; "

@@ -11,6 +11,7 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 | batches_trained_this_epoch   | trainer.fit_loop.epoch_loop.batch_progress.current.completed          |
 | CheapHookName                | LightningModule._current_fx_name (set around every hook call)        |
 | tensorboard_file_writer      | torch.utils.tensorboard.SummaryWriter._get_file_writer()             |
+| guard_checkpoint_restore     | trainer._checkpoint_connector (its two restore methods)              |
 
 Why each is needed:
 - The module takes its optimizer steps with plain `optimizer.step()` when Lightning's wrapper would
@@ -22,10 +23,14 @@ Why each is needed:
   nn.Module.__setattr__ checks every such write for parameters and submodules.
 - TensorBoard's HParams entry is written without the placeholder metric values that the public
   `log_hyperparams` / `add_hparams` would write as scalars.
+- A checkpoint is input: what Lightning restores from it (callbacks' and loops' state) is checked
+  beforehand where the project can (sae.checkpoints.check_training_state); an error Lightning
+  still meets while restoring it is reported as the file's, in one line, not as a traceback.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -80,3 +85,38 @@ def tensorboard_file_writer(writer: Any) -> Any:
         return writer._get_file_writer()
     except AttributeError as err:
         raise _moved("torch.utils.tensorboard.SummaryWriter._get_file_writer", err) from err
+
+
+# Errors Lightning raises while restoring state from a checkpoint whose content it does not expect.
+RESTORE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
+def guard_checkpoint_restore(trainer: L.Trainer, refuse: Callable[[str, BaseException], Exception]) -> None:
+    """Make an error Lightning raises while restoring a checkpoint (at fit or test) into
+    refuse(path, error), raised instead; an error that is already a one-line one (it has a `kind`)
+    passes as it is."""
+    try:
+        connector = trainer._checkpoint_connector
+        methods = {
+            name: getattr(connector, name)
+            for name in ("_restore_modules_and_callbacks", "restore_training_state")
+        }
+    except AttributeError as err:
+        raise _moved("trainer._checkpoint_connector._restore_modules_and_callbacks", err) from err
+
+    def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+        def restore(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except RESTORE_ERRORS as err:
+                if hasattr(err, "kind"):
+                    raise
+                path = args[0] if args else kwargs.get("checkpoint_path")
+                raise refuse(
+                    str(path or getattr(trainer, "ckpt_path", None) or "the checkpoint"), err
+                ) from err
+
+        return restore
+
+    for name, method in methods.items():
+        setattr(connector, name, guarded(method))

@@ -282,6 +282,10 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
 
     def on_train_start(self) -> None:
         self._plain_steps = plain_steps_are_equivalent(self.trainer)
+        # Training continued from a checkpoint (ckpt_path=) restores Adam's state with the lr it
+        # had; the run trains at the lr it records (its hyperparameter), as a fresh run would.
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = self.hparams.lr
 
     def on_validation_start(self) -> None:  # inside fit: before this epoch's checkpoint is written
         self._stop_if_diverged()

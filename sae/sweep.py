@@ -70,11 +70,13 @@ CLOSING_METRICS = ("test/mse", "test/l0", "test/dead_fraction", "test/probe_accu
 # penalty) ranks jobs by their objective, not by how well they reconstruct at a given sparsity.
 OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
 SEED_KNOBS = ("seed",)
+# What a job's metrics.json records about the run besides metrics: where it came from, not a knob.
+RUN_RECORD_COLUMNS = ("ckpt_path", "resumed_from", "resumed_with")
 NON_OVERRIDE_COLUMNS = (
     "job",
     "status",
     "error",
-    "ckpt_path",
+    *RUN_RECORD_COLUMNS,
     "frontier",
     "n",
     "seeds",
@@ -128,7 +130,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     metrics = [m for m in KEY_METRICS if m in metrics] + [m for m in metrics if m not in KEY_METRICS]
     ranked = ["frontier"] if any("frontier" in r for r in rows) else []
     ordered = first + overrides + ["status", *ranked] + metrics
-    return ordered + ["error", "ckpt_path"]
+    return ordered + ["error", "ckpt_path"] + [c for c in RUN_RECORD_COLUMNS[1:] if any(c in r for r in rows)]
 
 
 def _fmt(value: Any) -> str:
@@ -398,7 +400,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     ranked = sorted(rows, key=sort_key)
     # The Markdown shows what differs between jobs; summary.csv keeps every column.
     keep = ("job", "status", "frontier", metric) if "frontier" in columns else ("job", "status", metric)
-    shown, same = split_constant_columns(rows, [c for c in columns if c != "ckpt_path"], keep=keep)
+    shown, same = split_constant_columns(rows, [c for c in columns if c not in RUN_RECORD_COLUMNS], keep=keep)
     # Of the metrics, the ones compared first (and the run's time): a table that reads.
     hidden = [c for c in shown if "/" in c and c not in (metric, *KEY_METRICS, *SHOWN_FIT)]
     shown = [c for c in shown if c not in hidden]

@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, ListConfig
 
 from sae.atomic import write_json_atomic
-from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, resume_with_run_settings
-from sae.config import command_override_keys, validate_train_config, without_retired_keys
+from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
+from sae.config import command_overrides, data_settings, model_settings, validate_train_config
 from sae.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
+from sae.lightning_internals import guard_checkpoint_restore
 from sae.loggers import tensorboard_run_name
 from sae.module import SparseAutoencoderModule
 from sae.run_folder import record_status, remove_leftover_temporary_files, writing_run_folder
@@ -43,7 +44,10 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
         cfg.resume = cfg.output_dir
     resumed_with = {}
     if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
-        resumed_with = resume_with_run_settings(cfg, command_override_keys(cfg))
+        from sae.resume import resumed_config
+
+        cfg, resumed_with = resumed_config(cfg, command_overrides(cfg))
+        validate_train_config(cfg)
     resume_from = checkpoint_to_resume(cfg)  # checked before anything is written
     # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
     output_dir = Path(cfg.resume if cfg.get("resume") else cfg.output_dir).resolve()
@@ -132,10 +136,11 @@ def thread_count(cfg: DictConfig) -> int | None:
 
 def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoencoderModule]:
     """The data module and the model of a training config, seeded first: a run's initial weights
-    and batch order depend only on its seed (the vectorized launcher builds its jobs here too)."""
+    and batch order depend only on its seed (the vectorized launcher builds its jobs here too).
+    Built from the checked settings (sae.config), not by Hydra: a config names no class here."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return instantiate(without_retired_keys(cfg.data, "data")), instantiate(cfg.model)
+    return MNISTDataModule(**data_settings(cfg)), SparseAutoencoderModule(**model_settings(cfg))
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
@@ -155,6 +160,7 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
             # srun: processes of a multi-device run started otherwise hang; one process cannot.
             warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    guard_checkpoint_restore(trainer, refuse_restore)
     cheap_cuda_checks_without_gpus()
     return trainer
 

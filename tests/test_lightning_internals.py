@@ -20,6 +20,7 @@ from sae.lightning_internals import (
     LightningInternalsMoved,
     batches_trained_this_epoch,
     count_optimizer_steps,
+    guard_checkpoint_restore,
     tensorboard_file_writer,
 )
 
@@ -103,6 +104,36 @@ def test_tensorboard_file_writer_takes_summary_protos(tmp_path):
     assert events.Tags()["scalars"] == []  # no placeholder metric values
 
 
+class Refused(Exception):
+    pass
+
+
+class Tested(PlainSteps):
+    def test_step(self, batch, batch_idx) -> None:
+        pass
+
+
+def test_an_error_restoring_a_checkpoint_is_the_files(tmp_path):
+    """guard_checkpoint_restore: what Lightning raises while restoring a checkpoint's state (here a
+    loop state of the wrong type) becomes refuse(path, error), at fit and at test."""
+    trainer = fit(PlainSteps(), default_root_dir=tmp_path)
+    path = tmp_path / "state.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"] = [1]
+    torch.save(ckpt, path)
+    for stage in ("fit", "test"):
+        again = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        guard_checkpoint_restore(again, lambda where, err: Refused(f"{where}: {type(err).__name__}"))
+        loader = DataLoader(torch.randn(10, 4), batch_size=2)
+        run = again.fit if stage == "fit" else again.test
+        if stage == "test":
+            ckpt["state_dict"] = {"layer.weight": torch.zeros(3)}  # the test reads the weights only
+            torch.save(ckpt, path)
+        with pytest.raises(Refused, match=f"{path}: "):
+            run(Tested(), loader, ckpt_path=path)
+
+
 @pytest.mark.parametrize(
     "call, attribute",
     [
@@ -112,6 +143,7 @@ def test_tensorboard_file_writer_takes_summary_protos(tmp_path):
             "epoch_loop.batch_progress.current.completed",
         ),
         (lambda: tensorboard_file_writer(object()), "SummaryWriter._get_file_writer"),
+        (lambda: guard_checkpoint_restore(SimpleNamespace(), None), "trainer._checkpoint_connector"),
     ],
 )
 def test_a_moved_attribute_fails_loudly_naming_it(call, attribute):

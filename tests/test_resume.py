@@ -355,3 +355,83 @@ def test_a_slurm_job_run_again_resumes_only_from_its_own_last_ckpt(tmp_path, mon
     assert not requeued_by_slurm(run)
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     assert not requeued_by_slurm(run)
+
+
+def record_command(run: Path, overrides: list[str]) -> None:
+    """What Hydra writes of the command that started a run (a run trained in-process has none)."""
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def started_run(tmp_path: Path, mnist_root: Path, *overrides: str) -> Path:
+    """A one-epoch run trained in-process, with the record of `python train.py <overrides>`."""
+    run = tmp_path / "run"
+    command = [*LEAN, "debug=limit", "epochs=1", *overrides]
+    train(compose_train(command, run, mnist_root))
+    record_command(run, [*QUICK_RUN, f"data.root={mnist_root}", f"output_dir={run}", *command])
+    return run
+
+
+@pytest.mark.parametrize(
+    "override, changes",
+    [
+        ("sparsity=l1", "model.latent_activation (sigmoid -> relu), model.sparsity (kl -> l1)"),
+        ("experiment=all_layers", "model.activation (relu -> sigmoid)"),
+        ("+point=l1_beta1e-4", "beta (0.005 -> 0.0001)"),
+        ("trainer.precision=bf16-mixed", "trainer.precision (32-true -> bf16-mixed)"),
+        ("data.val_size=50", "data.val_size (100 -> 50)"),
+    ],
+)
+def test_resume_refuses_a_group_or_key_override_that_changes_what_the_run_trains(
+    mnist_root, tmp_path, override, changes
+):
+    run = started_run(tmp_path, mnist_root)
+    before = last_weights(run)
+    cfg = compose_command([*LEAN, f"resume={run}", override], tmp_path / "cmd", mnist_root)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert f"resume={run}: {override} would change what the run trains: " in str(err.value)
+    assert changes in str(err.value) and "\n" not in str(err.value)
+    after = last_weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained
+
+
+def test_resume_replays_the_command_that_started_the_run(mnist_root, tmp_path):
+    """The run's own preset (debug=limit: 3 training calls an epoch) and settings no checkpoint
+    holds (data.batches_per_call) come back from its record, not from the defaults."""
+    run = started_run(tmp_path, mnist_root, "data.batches_per_call=1")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    cfg = compose_command([*LEAN, f"resume={run}", "epochs=2"], tmp_path / "cmd", mnist_root)
+    assert "limit_train_batches" not in cfg.trainer  # the resume command alone: the defaults
+    resumed = train(cfg)
+    assert resumed["fit/epochs"] == 2 and resumed["resumed_with"] == "epochs=2"
+    # 3 more steps under the run's debug=limit; the defaults would have trained 10 (500 images / 50).
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_run_continued_from_a_checkpoint_trains_at_the_lr_it_records(mnist_root, tmp_path):
+    run = started_run(tmp_path, mnist_root)
+    cfg = compose_train(
+        [*LEAN, "debug=limit", "epochs=2", "lr=0.5", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+        tmp_path / "new",
+        mnist_root,
+    )
+    train(cfg)
+    ckpt = torch.load(tmp_path / "new" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["lr"] == 0.5
+    assert [g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]] == [0.5]  # Adam's, too
+
+
+@pytest.mark.slow
+def test_cli_resume_with_another_method_is_one_line(mnist_root, tmp_path):
+    run = started_run(tmp_path, mnist_root)
+    proc = subprocess.run(
+        [*train_command(mnist_root, *LEAN, f"resume={run}", "sparsity=l1", f"hydra.run.dir={tmp_path}/cmd")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"config error: resume={run}: sparsity=l1 would change what the run trains")

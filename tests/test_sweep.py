@@ -197,6 +197,25 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
             assert len(np.unique(np.asarray(png.convert("L")))) > 10, name
 
 
+def test_a_resumed_job_is_a_repeat_of_its_setting_not_a_knob_of_its_own(tmp_path):
+    """metrics.json records where a run resumed from; that is not a setting: a resumed seed is
+    aggregated with the others, and the record stays in summary.csv."""
+    sweep = tmp_path / "sweep"
+    for job, seed in enumerate((0, 1, 2)):
+        m = metrics(0.02 + seed / 1000, 0.03, 0.1, 5.0)
+        if seed == 1:
+            m |= {"resumed_from": "/runs/1/checkpoints/last.ckpt", "resumed_with": "epochs=12"}
+        fake_job(sweep, str(job), ["beta=0.001", f"seed={seed}"], m, {"status": "ok"})
+    summary = write_summary(sweep, figures=False)
+    assert "resumed_from" not in summary.columns and "resumed_with" not in summary.columns
+    with open(sweep / "summary_by_setting.csv") as f:
+        [setting] = list(csv.DictReader(f))
+    assert setting["n"] == "3" and "resumed_from" not in setting
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["resumed_from"] for r in rows] == ["", "/runs/1/checkpoints/last.ckpt", ""]
+
+
 def test_methods_get_their_own_colour_and_frontier(tmp_path):
     """A sweep over sparsity methods: L0 panels per method with each method's frontier, probe
     accuracy against L0, and the distance-to-target panel for the KL settings only."""
