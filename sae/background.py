@@ -8,6 +8,11 @@ process, where `then(result)` records it (e.g. a metric into the job's metrics.j
 job for the hand-offs done by then (`collect_finished`), and at the sweep's end for all of them
 (`wait_for_hand_offs`, before the summary is written), or at the process's exit. A hand-off that
 fails is reported there, naming its label, and the sweep goes on.
+
+A hand-off made for a run's result (`result_of=(run folder, "probes")`) is promised in the run's
+status.json: the run says "incomplete" until every such result is recorded (sae.run_folder). A
+worker that dies (the kernel's OOM killer, a kill) loses nothing: its unfinished hand-offs are
+done again here when collected.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sae.console import one_line, report
@@ -25,8 +32,22 @@ from sae.console import one_line, report
 # Launchers that run a sweep's jobs one after another in the launching process.
 IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
 
+
+@dataclass
+class HandOff:
+    """Work handed to the worker, kept until its result is recorded: done again here if the
+    worker dies before it is done."""
+
+    label: str
+    future: Future
+    then: Callable[[Any], None] | None
+    work: Callable[..., Any]
+    args: tuple
+    result_of: tuple[Path, str] | None  # (run folder, result name) whose status.json awaits it
+
+
 _worker: ProcessPoolExecutor | None = None
-_pending: list[tuple[str, Future, Callable[[Any], None] | None]] = []  # in the order handed off
+_pending: list[HandOff] = []  # in the order handed off
 _sharing_refused = False  # shared memory refused a hand-off's data (said once per process)
 
 
@@ -43,13 +64,18 @@ def more_jobs_follow() -> bool:
 
 
 def run_or_hand_off(
-    label: str, work: Callable[..., Any], *args: Any, then: Callable[[Any], None] | None = None
+    label: str,
+    work: Callable[..., Any],
+    *args: Any,
+    then: Callable[[Any], None] | None = None,
+    result_of: tuple[Path, str] | None = None,
 ) -> bool:
     """work(*args) in the worker when more jobs follow, else now; whether it was handed off.
 
     `work` and its arguments must pickle (a module-level function, tensors, paths). `then`, if
     given, gets work's result in this process: at once when the work ran here, else when the
-    hand-off is collected (never before the job that handed it off has ended).
+    hand-off is collected (never before the job that handed it off has ended). `result_of` names
+    the run folder and result the work produces, for that run's status (pending_results).
     """
     if not more_jobs_follow():
         result = work(*args)
@@ -57,6 +83,8 @@ def run_or_hand_off(
             then(result)
         return False
     global _worker
+    if result_of is not None:
+        result_of = (Path(result_of[0]).resolve(), result_of[1])
     tries = 2 if _can_share(args) else 0  # none for data that shared memory refused
     for _ in range(tries):  # a worker that died (killed, out of memory) is replaced once
         if _worker is None:
@@ -66,14 +94,20 @@ def run_or_hand_off(
             atexit.unregister(_wait_at_exit)  # once, however many workers
             atexit.register(_wait_at_exit)
         try:
-            _pending.append((label, _worker.submit(work, *args), then))
+            _pending.append(HandOff(label, _worker.submit(work, *args), then, work, args, result_of))
             return True
         except (BrokenProcessPool, RuntimeError):
             _worker = None
     done: Future = Future()  # no worker to be had: here and now, recorded when collected as above
     done.set_result(work(*args))
-    _pending.append((label, done, then))
+    _pending.append(HandOff(label, done, then, work, (), result_of))
     return False
+
+
+def pending_results(folder: str | Path) -> list[str]:
+    """The results of the run in `folder` handed off and not yet recorded ("probes", "figures")."""
+    folder = Path(folder).resolve()
+    return [h.result_of[1] for h in _pending if h.result_of is not None and h.result_of[0] == folder]
 
 
 def _can_share(args: tuple) -> bool:
@@ -126,7 +160,7 @@ def _start_worker() -> None:
 
 def is_pending(label: str) -> bool:
     """Whether work handed off under this label is queued, running, or done but not yet recorded."""
-    return any(name == label for name, _, _ in _pending)
+    return any(h.label == label for h in _pending)
 
 
 def collect_finished() -> list[str]:
@@ -141,18 +175,36 @@ def wait_for_hand_offs() -> list[str]:
 
 
 def _collect(wait: bool) -> list[str]:
+    from sae.run_folder import record_result
+
     failures = []
-    while _pending and (wait or _pending[0][1].done()):
-        label, future, then = _pending.pop(0)
+    while _pending and (wait or _pending[0].future.done()):
+        hand_off = _pending.pop(0)
         try:
-            result = future.result()
-            if then is not None:
-                then(result)
+            result = _result(hand_off)
+            if hand_off.then is not None:
+                hand_off.then(result)
+            error = None
         except Exception as err:  # noqa: BLE001 -- reported, and the sweep goes on
-            failures.append(f"{label}: {one_line(err)}")
+            error = one_line(err)
+            failures.append(f"{hand_off.label}: {error}")
+        if hand_off.result_of is not None:
+            try:
+                record_result(*hand_off.result_of, error=error)
+            except OSError as err:  # the run folder cannot be written: said, the sweep goes on
+                failures.append(f"{hand_off.label}: {one_line(err)}")
     for line in failures:
         report(f"warning: background work failed: {line}")
     return failures
+
+
+def _result(hand_off: HandOff) -> Any:
+    """The hand-off's result; where the worker died before giving it, computed here instead."""
+    try:
+        return hand_off.future.result()
+    except BrokenProcessPool:
+        report(f"warning: the worker process died (killed, or out of memory); {hand_off.label} is done here")
+        return hand_off.work(*hand_off.args)
 
 
 def _wait_at_exit() -> None:

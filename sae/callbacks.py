@@ -155,14 +155,17 @@ class LinearProbe(L.Callback):
         optimized = str(self.optimized_metric or "").startswith(self.PREFIX + "probe_accuracy")
         if optimized or trainer.world_size > 1 or not background.more_jobs_follow():
             return False
-        metrics_file = Path(trainer.default_root_dir).resolve() / "metrics.json"
+        run = Path(trainer.default_root_dir).resolve()
+        metrics_file = run / "metrics.json"
         tb = tensorboard(trainer)
         events = tb.log_dir if tb is not None else None
         record = partial(_record_probes, metrics_file, events, trainer.global_step, self.PREFIX)
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
         work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
         data = ProbeData(*(t.detach().cpu() for t in inputs))
-        background.run_or_hand_off(str(metrics_file), work, model, data, then=record)
+        background.run_or_hand_off(
+            str(metrics_file), work, model, data, then=record, result_of=(run, "probes")
+        )
         return True
 
 
@@ -174,38 +177,53 @@ class RunFigures(L.Callback):
     """After testing, writes the per-run figures as PNG to `dirpath` and to TensorBoard as images.
 
     In a sweep whose jobs run one after another in this process, the drawing is handed to a
-    worker process (sae.background) and the next job starts training meanwhile.
+    worker process (sae.background) and the next job starts training meanwhile. `events_dir` and
+    `step`: where and at which optimizer step TensorBoard gets them, when not the trainer's own
+    logger and step (evaluate.py completing a sweep job's figures afterwards).
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, events_dir: str | None = None, step: int | None = None) -> None:
         self.dirpath = Path(dirpath)
+        self.events_dir = events_dir
+        self.step = step
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:  # under DDP: one process draws and writes the figures
             return
         from sae.plots import write_run_figures
 
-        images, labels = trainer.datamodule.split("test")
-        hp = pl_module.hparams
-        inputs = dict(
-            images=images.cpu(),
-            labels=labels.cpu(),
-            codes=pl_module.encode(images).cpu(),
-            reconstructions=pl_module.reconstruct(images[:16]).cpu(),
-            filters=pl_module.input_filters().cpu(),
-            rho=hp.rho,
-            l0_threshold=hp.l0_threshold,
-            densities={name: d.cpu() for name, (_, d) in pl_module.unit_activity("test").items()},
-            decoded_units=pl_module.decoded_units().cpu(),
-            rare_below=hp.rare_density,
-            dense_above=hp.dense_density,
-            setting=pl_module.setting(),
-        )
         tb = tensorboard(trainer)
-        events = tb.log_dir if tb is not None else None
-        label = str(self.dirpath.resolve())  # sae.console.closing_lines asks after it
-        step = trainer.global_step
-        background.run_or_hand_off(label, write_run_figures, self.dirpath, inputs, events, step)
+        events = self.events_dir or (tb.log_dir if tb is not None else None)
+        step = trainer.global_step if self.step is None else self.step
+        background.run_or_hand_off(
+            str(self.dirpath.resolve()),
+            write_run_figures,
+            self.dirpath,
+            figure_inputs(trainer, pl_module),
+            events,
+            step,
+            result_of=(Path(trainer.default_root_dir), "figures"),
+        )
+
+
+def figure_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    """What sae.plots.run_figures draws, from the tested module and the test split (CPU tensors)."""
+    images, labels = trainer.datamodule.split("test")
+    hp = pl_module.hparams
+    return dict(
+        images=images.cpu(),
+        labels=labels.cpu(),
+        codes=pl_module.encode(images).cpu(),
+        reconstructions=pl_module.reconstruct(images[:16]).cpu(),
+        filters=pl_module.input_filters().cpu(),
+        rho=hp.rho,
+        l0_threshold=hp.l0_threshold,
+        densities={name: d.cpu() for name, (_, d) in pl_module.unit_activity("test").items()},
+        decoded_units=pl_module.decoded_units().cpu(),
+        rare_below=hp.rare_density,
+        dense_above=hp.dense_density,
+        setting=pl_module.setting(),
+    )
 
 
 class EpochVisuals(L.Callback):

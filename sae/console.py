@@ -103,17 +103,18 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def closing_lines(folder: Path, ckpt_path: str | None = None) -> str:
     """What a run or an evaluation ends with: its folder and the files to open there."""
-    from sae.background import is_pending  # sae.background reports through this module
+    from sae.background import pending_results  # sae.background reports through this module
 
     folder = folder.resolve()
+    pending = pending_results(folder)
     files = [name for name in ("metrics.json",) if (folder / name).is_file()]
-    if files and is_pending(str(folder / "metrics.json")):
+    if files and "probes" in pending:
         files[0] += " (test/probe_accuracy*: computed beside the next job, added before the sweep ends)"
     if ckpt_path:
         path = Path(ckpt_path).resolve()
         files.append(f"{path.relative_to(folder) if path.is_relative_to(folder) else path} (tested)")
     plots = sorted(p.name for p in (folder / "plots").glob("*.png"))
-    if is_pending(str(folder / "plots")):
+    if "figures" in pending:
         files.append("plots/ (being drawn beside the next job; all written before the sweep ends)")
     elif plots:
         files.append(f"plots/ ({', '.join(plots)})")

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig
 
 from sae.atomic import write_json_atomic
-from sae.checkpoints import load_checkpoint
+from sae.callbacks import RunFigures, record_metrics
+from sae.checkpoints import load_checkpoint, read_checkpoint
 from sae.config import (
     DATA_RULES,
     DATA_TARGET,
     ConfigError,
     check_settings,
+    data_settings,
     group_settings,
     validate_evaluate_config,
 )
-from sae.console import UserError, closing_lines, format_metrics, report, tidy_library_output
+from sae.console import UserError, closing_lines, format_metrics, one_line, report, tidy_library_output
 from sae.data import MNISTDataModule
-from sae.run_folder import writing_run_folder
+from sae.loggers import run_events_folder
+from sae.probe import ProbeData, probe_accuracies
+from sae.resume import recorded_config
+from sae.run_folder import record_result, recorded_status, writing_run_folder
 from sae.training import build_trainer, run_test, use_thread_count
 
 # Data settings a model was trained with, which its evaluation reuses: the probe fits on the
@@ -68,10 +75,98 @@ def evaluation_data_settings(cfg: DictConfig, trained_on: dict[str, Any]) -> dic
 
 
 def summarise(sweep_dir: str | Path) -> None:
-    """summary.csv, summary.md and pareto.png of a sweep folder, from its job folders alone."""
+    """summary.csv, summary.md and pareto.png of a sweep folder, from its job folders alone; first,
+    each job's results that its status says are missing are computed (complete_run)."""
     from sae.sweep import job_dirs, write_summary
 
     path = Path(sweep_dir)
     if not path.is_dir() or not job_dirs(path):
         raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
+    for job in job_dirs(path):
+        if done := complete_run(job):
+            report(f"job {job.name}: completed its {', '.join(done)}")
     report(write_summary(path).closing_lines())
+
+
+# A sweep job's results that may be computed after it (sae.background): the code and pixel probes,
+# and the figures.
+HANDED_OFF_RESULTS = ("probes", "figures")
+
+
+def complete_run(job: Path) -> list[str]:
+    """Compute the results a job's status.json says are missing (its probes, its figures: handed to
+    a sweep's worker that was killed, or whose sweep stopped first) from its tested checkpoint, as
+    the job would have: into its metrics.json, plots/ and TensorBoard events. Then the job is "ok".
+    Returns the results it completed."""
+    from sae.background import more_jobs_follow
+
+    status = recorded_status(job)
+    missing = status.get("missing")
+    if status.get("status") != "incomplete" or not isinstance(missing, list):
+        return []
+    missing = [m for m in HANDED_OFF_RESULTS if m in missing]
+    if not missing or more_jobs_follow():
+        return []
+    with writing_run_folder(job):
+        metrics_file = job / "metrics.json"
+        metrics = read_metrics(metrics_file)
+        ckpt_path = tested_checkpoint(job, metrics)
+        cfg = recorded_config(job)
+        module, trained_on = load_checkpoint(ckpt_path)
+        step = read_checkpoint(ckpt_path).get("global_step")
+        step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+        kept = {k: trained_on[k] for k in TRAINING_DATA_SETTINGS if k in trained_on}
+        datamodule = MNISTDataModule(**(data_settings(cfg) | kept))
+        threads = metrics.get("fit/threads")  # the job's own count reproduces its probe exactly
+        threads = (
+            threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
+        )
+        events = run_events_folder(job)
+        events_dir = str(events) if events is not None else None
+        if "probes" in missing:
+            probe = cfg.callbacks.linear_probe
+            data = ProbeData(*datamodule.split("train"), *datamodule.split("test"))
+            settings = dict(
+                weight_decay=probe.weight_decay, max_iter=probe.max_iter, cache_dir=probe.cache_dir
+            )
+            values = probe_accuracies(module.net, data, **settings, threads=threads)
+            record_metrics(metrics_file, events_dir, step, {f"test/{k}": v for k, v in values.items()})
+            record_result(job, "probes")
+        if "figures" in missing:
+            figures = RunFigures(str(job / "plots"), events_dir=events_dir, step=step)
+            trainer = L.Trainer(
+                accelerator="cpu",
+                logger=False,
+                callbacks=[figures],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=str(job),
+            )
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            record_result(job, "figures")
+    return missing
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json, as input: a JSON mapping, or a one-line UserError naming the file."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {one_line(err)}") from err
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path} is not a mapping of metrics")
+    return metrics
+
+
+def tested_checkpoint(run: Path, metrics: dict[str, Any]) -> Path:
+    """The checkpoint a run tested (its metrics.json's ckpt_path), taken by name in the run's own
+    checkpoints/ folder: a run folder moved or copied since still reads its own files, and no path
+    a file names outside the run is ever loaded."""
+    named = metrics.get("ckpt_path")
+    path = run / "checkpoints" / Path(named).name if isinstance(named, str) and named else None
+    if path is None or not path.is_file():
+        raise UserError(
+            f"{run / 'metrics.json'}: its tested checkpoint ckpt_path={named!r} is not in "
+            f"{run / 'checkpoints'}"
+        )
+    return path

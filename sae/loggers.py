@@ -55,17 +55,21 @@ class TensorBoardLogger(LightningTensorBoardLogger):
             super().log_metrics(curves, step)
 
 
+def run_events_folder(run: Path) -> Path | None:
+    """The folder under <run>/tensorboard/ holding the run's event files (None if there is none)."""
+    events = sorted((Path(run) / "tensorboard").rglob("events.out.tfevents.*"))
+    return events[0].parent if events else None
+
+
 def tensorboard_run_name(cfg: DictConfig, output_dir: Path) -> str:
     """The run's folder under <run>/tensorboard/: the knobs the command set, as Hydra records them
     (`beta=0.001,seed=1` for a sweep's job), so that TensorBoard's run list and HParams rows say
     what each run is; "" (the folder itself) when it set none. A resumed run keeps writing where
     its events are.
     """
-    if cfg.get("resume"):
-        events = sorted((output_dir / "tensorboard").rglob("events.out.tfevents.*"))
-        if events:
-            folder = events[0].parent.relative_to(output_dir / "tensorboard")
-            return "" if folder == Path() else folder.as_posix()
+    if cfg.get("resume") and (events := run_events_folder(output_dir)) is not None:
+        folder = events.relative_to(output_dir / "tensorboard")
+        return "" if folder == Path() else folder.as_posix()
     knobs = [o.lstrip("+") for o in command_overrides(cfg) or [] if "=" in o and not o.startswith("~")]
     name = ",".join(
         o

@@ -75,7 +75,8 @@ def resumed_config(cfg: DictConfig, command: list[str] | None) -> tuple[DictConf
     saved = saved_settings(path, read_checkpoint(path))
     recorded = run / ".hydra" / "overrides.yaml"
     if command is not None and recorded.is_file():
-        cfg = _replayed(cfg, run, recorded_overrides(recorded), command)
+        restated = {override_key(o) for o in command}  # the command's own value replaces the record's
+        cfg = _replayed(cfg, run, recorded_overrides(recorded, restated), command)
     keys = None if command is None else [override_key(o) for o in command]
     return cfg, _take_saved_settings(cfg, saved, keys)
 
@@ -85,26 +86,34 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def recorded_overrides(path: Path) -> list[str]:
+def recorded_overrides(path: Path, restated: set[str] = frozenset()) -> list[str]:
     """A run's `.hydra/overrides.yaml`, checked as input: a list of overrides Hydra can parse, none
     of them a sweep, a Hydra setting, an underscored key (`_target_`, ...), a mapping or an
-    interpolation; else a one-line RunRecordError naming the file and the override."""
+    interpolation; else a one-line RunRecordError naming the file and the override. Those whose
+    key is in `restated` (the resume command sets it again, and its value is the one used) are not
+    checked: a run started with a callback of the researcher's own (`+callbacks.x._target_=...`)
+    resumes when the resume command says it again. They are returned all the same, to compose the
+    run's config only to compare it, never to build from."""
     import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    fix = "it records the command that started the run: restore it, or start a new run"
+    fix = (
+        "it records the command that started the run: if that command said it, say it again on the "
+        "resume command; else restore the file, or start a new run"
+    )
     try:
         items = yaml.safe_load(path.read_text()) or []
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise RunRecordError(f"cannot read {path}: {one_line(err)}; {fix}") from err
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise RunRecordError(f"{path} is not a list of overrides; {fix}")
+    checked = [item for item in items if override_key(item) not in restated]
     try:
-        parsed = OverridesParser.create().parse_overrides(items)
+        parsed = OverridesParser.create().parse_overrides(checked)
     except HydraException as err:
         raise RunRecordError(f"{path}: {one_line(err)}; {fix}") from err
-    for item, override in zip(items, parsed, strict=True):
+    for item, override in zip(checked, parsed, strict=True):
         key = override.key_or_group
         segments = re.split(r"[./@]", key)
         why = ""
@@ -117,6 +126,19 @@ def recorded_overrides(path: Path) -> list[str]:
         if why:
             raise RunRecordError(f"{path}: {item!r} {why}, which no run records; {fix}")
     return items
+
+
+def recorded_config(run: Path) -> DictConfig:
+    """The training config of a run, composed again from its recorded command (checked), with
+    output_dir the run folder: what evaluate.py reads to complete a sweep job's results."""
+    record = run / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        raise RunRecordError(
+            f"{run} holds no {record.relative_to(run)}: not the folder of a train.py run or sweep job"
+        )
+    cfg = compose_train_config([o for o in recorded_overrides(record) if override_key(o) not in NOT_REPLAYED])
+    cfg.output_dir = str(run)
+    return cfg
 
 
 def _replayed(cfg: DictConfig, run: Path, recorded: list[str], command: list[str]) -> DictConfig:

@@ -27,8 +27,9 @@ from sae.atomic import CannotWrite, cannot_write_message, write_json_atomic
 from sae.console import UserError, one_line
 
 LOCK_FILE = ".lock"
-# How a run ended, written by the run (or, for a SLURM job that died, by its sweep): "ok",
-# "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
+# How a run ended, written by the run (or, for a SLURM job that died, by its sweep): "ok" (every
+# result it promises is on disk), "incomplete" (some are still being computed, or failed: `missing`
+# names them), "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
 STATUS_FILE = "status.json"
 _held: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, in this process
 
@@ -93,17 +94,53 @@ def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-def record_status(folder: str | Path, status: str, error: str = "") -> None:
-    """Write <folder>/status.json: how the run ended (ok, failed, interrupted) and why."""
-    write_json_atomic(Path(folder) / STATUS_FILE, {"status": status, "error": error})
+def record_status(folder: str | Path, status: str, error: str = "", **extra: Any) -> None:
+    """Write <folder>/status.json: how the run ended (ok, failed, interrupted, incomplete) and why."""
+    write_json_atomic(Path(folder) / STATUS_FILE, {"status": status, "error": error, **extra})
 
 
-def recorded_status(folder: str | Path) -> dict[str, str]:
+def recorded_status(folder: str | Path) -> dict[str, Any]:
     """The folder's status.json ({} if there is none, or it cannot be read)."""
     try:
-        return json.loads((Path(folder) / STATUS_FILE).read_text())
+        status = json.loads((Path(folder) / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    return status if isinstance(status, dict) else {}
+
+
+def record_finished(folder: str | Path, missing: list[str], complete_with: str) -> None:
+    """status.json as a run ends: "ok" when every result it promises is on disk; else "incomplete",
+    naming the results still being computed (a sweep job's probes and figures, beside the next
+    job) and the command that completes them if the sweep stops first."""
+    if not missing:
+        record_status(folder, "ok")
+        return
+    record_status(
+        folder,
+        "incomplete",
+        f"{', '.join(missing)} not yet on disk (computed beside the next job); if the sweep stopped "
+        f"before, complete them with: {complete_with}",
+        missing=list(missing),
+        complete_with=complete_with,
+    )
+
+
+def record_result(folder: str | Path, name: str, error: str | None = None) -> None:
+    """A result an incomplete run was waiting for is on disk (error None), or could not be made.
+    The run becomes "ok" once none is missing; a failed one stays missing, with its error and the
+    command that completes it. A run whose status is not "incomplete" (interrupted, failed) keeps it."""
+    status = recorded_status(folder)
+    if status.get("status") != "incomplete":
+        return
+    missing = [m for m in status.get("missing", []) if m != name or error is not None]
+    complete_with = str(status.get("complete_with", "python evaluate.py sweep_dir=<the sweep folder>"))
+    if not missing:
+        record_status(folder, "ok")
+    elif error is not None:
+        said = f"{name} failed ({error}); complete {', '.join(missing)} with: {complete_with}"
+        record_status(folder, "incomplete", said, missing=missing, complete_with=complete_with)
+    else:
+        record_finished(folder, missing, complete_with)
 
 
 def _is_rank_zero() -> bool:

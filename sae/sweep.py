@@ -114,10 +114,19 @@ def job_row(job: Path) -> dict[str, Any]:
     metrics_file = job / "metrics.json"
     status = recorded_status(job)
     if status.get("status") in ("failed", "interrupted"):
-        row.update(status=status["status"], error=status.get("error", ""))
+        row.update(status=status["status"], error=str(status.get("error", "")))
     elif metrics_file.is_file():
-        row.update(status="ok", error="")
-        row.update(json.loads(metrics_file.read_text()))
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, ValueError) as err:
+            return row | {"status": "incomplete", "error": f"cannot read metrics.json: {one_line(err)}"}
+        if not isinstance(metrics, dict):
+            return row | {"status": "incomplete", "error": "metrics.json is not a mapping of metrics"}
+        row.update({k: v for k, v in metrics.items() if k not in ("job", "status", "error")})
+        if status.get("status") == "incomplete":  # results still missing (its probes, its figures)
+            row.update(status="incomplete", error=str(status.get("error", "")))
+        else:
+            row.update(status="ok", error="")
     else:  # killed, or still running
         row.update(status="incomplete", error="no metrics.json")
     return row

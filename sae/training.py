@@ -7,6 +7,7 @@ vectorized launcher calls it for every job (with the job's epochs replayed from 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,9 +16,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, Timer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig
 
 from sae.atomic import write_json_atomic
+from sae.background import pending_results
 from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
 from sae.config import command_overrides, data_settings, model_settings, validate_train_config
 from sae.console import closing_lines, format_metrics, report, tidy_library_output
@@ -25,7 +28,7 @@ from sae.data import MNISTDataModule
 from sae.lightning_internals import guard_checkpoint_restore
 from sae.loggers import tensorboard_run_name
 from sae.module import SparseAutoencoderModule
-from sae.run_folder import record_status, remove_leftover_temporary_files, writing_run_folder
+from sae.run_folder import record_finished, record_status, remove_leftover_temporary_files, writing_run_folder
 
 if TYPE_CHECKING:
     from sae.stacked import JobRecord
@@ -87,7 +90,19 @@ def _train(
     tested = None
     if checkpoint is not None:
         tested = checkpoint.best_model_path or checkpoint.last_model_path or None
-    metrics: dict[str, Any] = run_test(trainer, module, datamodule, ckpt_path=tested)
+    try:
+        metrics: dict[str, Any] = run_test(trainer, module, datamodule, ckpt_path=tested)
+        if trainer.received_sigterm:  # after the test's last batch (probes, figures) Lightning goes on
+            raise SIGTERMException
+    except SIGTERMException:  # preempted, scancel: stop as during fit; what the test made is not kept
+        said = (
+            "stopped by SIGTERM while testing; its training is complete: continue with: "
+            f"python train.py resume={output_dir}"
+        )
+        if trainer.global_rank == 0:
+            record_status(output_dir, "interrupted", said)
+        report(said, stream=sys.stderr)
+        raise
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
     metrics["fit/seconds"] = fit_seconds
@@ -102,10 +117,19 @@ def _train(
         metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
-        record_status(output_dir, "ok")  # a resumed run's "interrupted" no longer holds
+        # "ok" once every result is on disk: a sweep job's probes and figures may still be coming.
+        record_finished(output_dir, pending_results(output_dir), complete_with=completing_command(output_dir))
         report(format_metrics(metrics))
         report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
+
+
+def completing_command(output_dir: Path) -> str:
+    """The command that completes a sweep job's results if its sweep stops before they land."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep = Path(HydraConfig.get().sweep.dir) if HydraConfig.initialized() else output_dir.parent
+    return f"python evaluate.py sweep_dir={sweep.resolve()}"
 
 
 def requeued_by_slurm(output_dir: Path) -> bool:

@@ -118,7 +118,7 @@ def test_collect_finished_records_what_is_done_and_does_not_wait(tmp_path, monke
     recorded = []
     monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
     background.run_or_hand_off("quick", square, 5.0, then=recorded.append)
-    background._pending[0][1].result(timeout=120)  # the worker is done with it
+    background._pending[0].future.result(timeout=120)  # the worker is done with it
     gate = tmp_path / "gate"
     background.run_or_hand_off("waits", wait_for_file, str(gate), then=recorded.append)
     assert background.collect_finished() == [] and recorded == [25.0]

@@ -88,6 +88,7 @@ def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         global_rank=0,
         loggers=[],
         global_step=0,
+        default_root_dir=str(tmp_path),
         datamodule=SimpleNamespace(split=lambda name: (images, labels)),
     )
     plots = tmp_path / "plots"

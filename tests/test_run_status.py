@@ -1,0 +1,214 @@
+"""A run's status.json says "ok" only once every result it promises is on disk: a sweep job whose
+probes and figures are still being computed (or were lost with a killed worker or sweep) says
+"incomplete" and what is missing, a killed worker loses nothing, evaluate.py completes what a
+stopped sweep left, and SIGTERM while testing stops the sweep as during fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from sae import background
+from sae.run_folder import record_finished, record_result, recorded_status
+from sae.training import train
+from tests.conftest import LEAN, ROOT, compose_train, read_metrics, train_command
+from tests.test_background import square, wait_for_file
+
+PROBES = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
+FIGURES = {
+    "class_heatmap.png",
+    "code_heatmap.png",
+    "decoder_images.png",
+    "encoder_filters.png",
+    "feature_density.png",
+    "latent_histogram.png",
+    "reconstructions.png",
+    "unit_means.png",
+    "unit_patterns.png",
+}
+
+
+def test_a_run_is_incomplete_until_its_handed_off_results_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    recorded = []
+    background.run_or_hand_off("probes", square, 3.0, then=recorded.append, result_of=(tmp_path, "probes"))
+    background.run_or_hand_off("figures", square, 4.0, result_of=(tmp_path, "figures"))
+    assert background.pending_results(tmp_path) == ["probes", "figures"]
+    record_finished(tmp_path, background.pending_results(tmp_path), "python evaluate.py sweep_dir=S")
+    status = recorded_status(tmp_path)
+    assert status["status"] == "incomplete" and status["missing"] == ["probes", "figures"]
+    assert status["error"].startswith("probes, figures not yet on disk")
+    assert status["error"].endswith("complete them with: python evaluate.py sweep_dir=S")
+    background.wait_for_hand_offs()
+    assert recorded == [9.0] and recorded_status(tmp_path) == {"status": "ok", "error": ""}
+
+
+def test_a_result_that_fails_keeps_the_run_incomplete_saying_how_to_complete_it(tmp_path):
+    record_finished(tmp_path, ["probes", "figures"], "python evaluate.py sweep_dir=S")
+    record_result(tmp_path, "figures")
+    assert recorded_status(tmp_path)["missing"] == ["probes"]
+    record_result(tmp_path, "probes", error="disk full")
+    status = recorded_status(tmp_path)
+    assert status["status"] == "incomplete" and status["missing"] == ["probes"]
+    assert (
+        status["error"] == "probes failed (disk full); complete probes with: python evaluate.py sweep_dir=S"
+    )
+    (tmp_path / "status.json").write_text(json.dumps({"status": "interrupted", "error": "SIGTERM"}))
+    record_result(tmp_path, "probes")  # an interrupted run stays interrupted
+    assert recorded_status(tmp_path)["status"] == "interrupted"
+
+
+def test_work_of_a_worker_killed_while_busy_is_done_here(tmp_path, monkeypatch, capsys):
+    """SIGKILL of the worker (as the kernel's OOM killer sends it) mid-work: the work is done again
+    in this process when collected, its result recorded, and the run becomes ok."""
+    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    gate = tmp_path / "gate"
+    recorded = []
+    background.run_or_hand_off(
+        "probes", wait_for_file, str(gate), then=recorded.append, result_of=(tmp_path, "probes")
+    )
+    record_finished(tmp_path, background.pending_results(tmp_path), "cmd")
+    deadline = time.monotonic() + 120
+    while not background._worker._processes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (pid,) = background._worker._processes
+    time.sleep(0.5)  # well into its wait for the gate
+    os.kill(pid, signal.SIGKILL)
+    gate.write_text("go")
+    assert background.wait_for_hand_offs() == []
+    assert recorded == ["go"] and recorded_status(tmp_path)["status"] == "ok"
+    assert (
+        "the worker process died (killed, or out of memory); probes is done here" in capsys.readouterr().out
+    )
+    background._worker = None  # the dead pool: the next hand-off starts a new worker
+
+
+class SigtermAfterTheLastTestBatch(L.Callback):
+    """Sends this process SIGTERM once the test's last batch is done (probes and figures follow)."""
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_while_testing_stops_the_run_and_records_it_interrupted(mnist_root, tmp_path):
+    cfg = compose_train(
+        [
+            *LEAN,
+            "debug=limit",
+            "+callbacks.sigterm._target_=tests.test_run_status.SigtermAfterTheLastTestBatch",
+        ],
+        tmp_path,
+        mnist_root,
+    )
+    with pytest.raises(SIGTERMException):
+        train(cfg)
+    status = recorded_status(tmp_path)
+    assert status["status"] == "interrupted" and f"python train.py resume={tmp_path}" in status["error"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def sweep_command(mnist_root: Path, sweep: Path, *overrides: str) -> list[str]:
+    """A three-job sweep whose jobs hand their probes and figures to the worker."""
+    return train_command(
+        mnist_root,
+        "debug=limit",
+        "logger=tensorboard",
+        f"hydra.sweep.dir={sweep}",
+        "seed=0,1,2",
+        *overrides,
+        "-m",
+    )
+
+
+def children(pid: int) -> list[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in found.read_text().split()] if found.exists() else []
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_worker_is_killed_still_has_every_result(mnist_root, tmp_path):
+    """The worker SIGKILLed as soon as it starts, while it holds job 0's probes and figures: every
+    job still ends ok with its probes and figures, and the sweep exits 0."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        sweep_command(mnist_root, sweep), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        workers = [
+            c for c in children(proc.pid) if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        workers = [c for c in workers if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed = workers[0]
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=600)
+    assert killed is not None, err[-2000:]
+    assert proc.returncode == 0, err[-3000:]
+    assert "the worker process died" in out
+    for job in ("0", "1", "2"):
+        assert recorded_status(sweep / job) == {"status": "ok", "error": ""}, job
+        assert all(0 < read_metrics(sweep / job)[p] <= 1 for p in PROBES), job
+        assert {p.name for p in (sweep / job / "plots").glob("*.png")} == FIGURES, job
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_while_its_worker_is_busy_is_completed_by_evaluate(mnist_root, tmp_path):
+    """The whole sweep SIGKILLed after job 0 handed off its probes and figures: job 0 says what it
+    lacks and how to complete it; evaluate.py sweep_dir= completes it as the job would have."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        sweep_command(mnist_root, sweep),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while recorded_status(sweep / "0").get("status") != "incomplete" and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    status = recorded_status(sweep / "0")
+    assert status["status"] == "incomplete" and status["missing"] == ["probes", "figures"]
+    assert status["error"].endswith(f"complete them with: python evaluate.py sweep_dir={sweep.resolve()}")
+    assert not set(PROBES) & set(read_metrics(sweep / "0"))
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"sweep_dir={sweep}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "job 0: completed its probes, figures" in done.stdout
+    assert recorded_status(sweep / "0") == {"status": "ok", "error": ""}
+    metrics = read_metrics(sweep / "0")
+    assert all(0 < metrics[p] <= 1 for p in PROBES)
+    assert {p.name for p in (sweep / "0" / "plots").glob("*.png")} == FIGURES
+    summary = (sweep / "summary.md").read_text()
+    assert "| 0 | " in summary
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_sweep_job_tests_ends_the_sweep_with_143(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    sigterm = "+callbacks.sigterm._target_=tests.test_run_status.SigtermAfterTheLastTestBatch"
+    proc = subprocess.run(
+        sweep_command(mnist_root, sweep, sigterm), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert recorded_status(sweep / "0")["status"] == "interrupted"
+    assert not (sweep / "1").exists()  # the sweep stopped
