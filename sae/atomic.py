@@ -6,17 +6,15 @@ full disk or a kill at any moment leaves the previous file or the new one, never
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sae.console import UserError
+from sae.console import UserError, cannot_write_message, disk_full
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -40,7 +38,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if _disk_full(err, path.parent) or isinstance(err, PermissionError):
+        if disk_full(err, path.parent) or isinstance(err, PermissionError):
             raise CannotWrite(cannot_write_message(path, err)) from err
         raise
 
@@ -61,29 +59,6 @@ def current_umask() -> int:
 
 class CannotWrite(UserError, OSError):
     """A result file could not be written: full disk, read-only folder, no permission."""
-
-
-def _disk_full(err: BaseException, folder: Path) -> bool:
-    """ENOSPC itself, or a writer's own error (torch.save's 'file write failed') on a full disk."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20
-    except OSError:
-        return False
-
-
-def cannot_write_message(path: Path, err: BaseException) -> str:
-    if _disk_full(err, path.parent if path.parent.exists() else Path("/")):
-        try:
-            free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
-        except OSError:
-            free = ""
-        return f"cannot write {path}: the disk is full{free}; free some space, or write elsewhere"
-    code = getattr(err, "errno", None)
-    reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(code)
-    reason = reason or getattr(err, "strerror", None) or str(err)
-    return f"cannot write {path}: {reason}; write elsewhere (another run folder) or fix its permissions"
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

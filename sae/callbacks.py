@@ -401,7 +401,7 @@ class SaveOnInterrupt(L.Callback):
         path = self.dirpath / "last.ckpt"
         where = f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch})"
         if resumes_mid_epoch(trainer.train_dataloader):
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole training state, to resume
             said = f"{where}: saved {path}"
         else:  # a checkpoint here would resume at the wrong batch: keep the last epoch's
             said = (

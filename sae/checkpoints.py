@@ -107,7 +107,7 @@ class RunFolderCheckpoint(ModelCheckpoint):
             self.last_model_path = str(
                 Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
             )
-            trainer.save_checkpoint(self.last_model_path)  # the state saved names it, as Lightning's does
+            trainer.save_checkpoint(self.last_model_path, weights_only=False)  # names itself, as Lightning
 
     @property
     def state_key(self) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sae.console import UserError, one_line
@@ -68,20 +68,24 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} must be {allowed}")
 
 
-def _raw(cfg: DictConfig, key: str):
-    """The value at a dotted key as written (an interpolation stays `${...}`); None when absent."""
+_ABSENT = object()
+
+
+def _raw(cfg: DictConfig, key: str, absent: Any = None):
+    """The value at a dotted key as written (an interpolation stays `${...}`); `absent` if none."""
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent)
     if not isinstance(node, DictConfig) or leaf not in node:
-        return None
+        return absent
     return OmegaConf.to_container(node, resolve=False)[leaf]
 
 
 def check_one_spelling(cfg: DictConfig) -> None:
-    """Refuse a group copy of a top-level knob set on its own, and a renamed key that is set."""
+    """Refuse a group copy of a top-level knob set on its own (null included), and a renamed key
+    that is set."""
     for key, knob in MIRRORS.items():
-        raw = _raw(cfg, key)
-        if raw is not None and raw != f"${{{knob}}}":
+        raw = _raw(cfg, key, _ABSENT)
+        if raw is not _ABSENT and raw != f"${{{knob}}}":
             raise ConfigError(
                 f"{key}={raw!r}: {key} follows the top-level knob {knob}, so set {knob}={raw} instead"
             )
@@ -131,10 +135,7 @@ def _list_of(item: Callable[[Any], bool], allowed: str, non_empty: bool = False)
 
 
 _BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
-_SEED: Rule = (
-    lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_SEED),
-    f"an integer in [0, {MAX_SEED}] (or null)",
-)
+_SEED: Rule = (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 _UNIT: Rule = _number_in(0, 1, "[]")
 
 # SparseAutoencoderModule's arguments (what a checkpoint's hyper_parameters hold).
@@ -381,7 +382,7 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
     check_settings({k: cfg.get(k) for k in EVALUATE_RULES if k in cfg}, EVALUATE_RULES, str, "evaluate.py")
     data = {k: v for k, v in group_settings(cfg, "data", DATA_TARGET).items() if v is not None}
     check_settings(data, DATA_RULES, lambda key: f"data.{key}", "the data")
-    check_trainer(cfg)
+    check_trainer(cfg, training=False)
 
 
 # Lightning's names for the numeric precisions this model trains and tests in.
@@ -412,10 +413,28 @@ TRAINER_RULES: dict[str, Rule] = {
     "enable_progress_bar": _BOOL,
     "enable_model_summary": _BOOL,
     "enable_checkpointing": _BOOL,
+    "deterministic": (lambda v: isinstance(v, bool) or v == "warn", "true, false or warn"),
+    "check_val_every_n_epoch": _int_at_least(1, nullable=True),
+    "min_epochs": _int_at_least(0, nullable=True),
+    "max_steps": _int_at_least(-1),
+    "min_steps": _int_at_least(0, nullable=True),
+    "overfit_batches": _batch_limit(positive=False),
+    "fast_dev_run": (
+        lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0),
+        "true, false or a number of batches",
+    ),
+    "detect_anomaly": _BOOL,
+    "sync_batchnorm": _BOOL,
+    "benchmark": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "barebones": _BOOL,
+    "inference_mode": _BOOL,
+    "use_distributed_sampler": _BOOL,
+    "reload_dataloaders_every_n_epochs": _int_at_least(0),
 }
+CHECKPOINT_IO = "sae.checkpoints.SafeCheckpointIO"
 
 
-def check_trainer(cfg: DictConfig) -> None:
+def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     """The trainer settings the module or the run depends on, and the keys Lightning's Trainer
     takes; the values not checked here are Lightning's to check (sae.training.build_trainer)."""
     trainer = cfg.get("trainer") or {}
@@ -433,6 +452,13 @@ def check_trainer(cfg: DictConfig) -> None:
     except OmegaConfBaseException as err:
         raise ConfigError(f"trainer: {one_line(err)}") from err
     check_settings(values, TRAINER_RULES, lambda key: f"trainer.{key}", "the trainer")
+    plugins = OmegaConf.to_container(trainer, resolve=False).get("plugins") or []
+    targets = [p.get("_target_") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
+    if training and CHECKPOINT_IO not in targets:
+        raise ConfigError(
+            f"trainer.plugins={_shown(plugins)} must keep {CHECKPOINT_IO}: it writes checkpoints whole and "
+            "reads them weights-only (a checkpoint is data, never code)"
+        )
     # The module takes its optimizer steps itself (one per batch, several batches per call).
     for key, off in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (None, 1))):
         value = trainer.get(key)
@@ -443,11 +469,21 @@ def check_trainer(cfg: DictConfig) -> None:
             )
 
     strategy = str(trainer.get("strategy") or "")
-    if "ddp" in strategy and cfg.data.get("batches_per_call", 1) != 1:
+    devices = trainer.get("devices", 1)
+    several = (_is_int(devices) and devices not in (0, 1)) or (
+        isinstance(devices, ListConfig) and len(devices) > 1
+    )
+    several = several or (isinstance(devices, str) and devices not in ("1", "auto"))
+    per_call = cfg.data.get("batches_per_call", 1) if "data" in cfg else 1
+    if training and ("ddp" in strategy or several) and per_call != 1:
+        why = (
+            f"trainer.strategy={strategy}"
+            if "ddp" in strategy
+            else f"trainer.devices={devices} (a process each)"
+        )
         raise ConfigError(
-            f"data.batches_per_call={cfg.data.batches_per_call} with trainer.strategy={strategy}: DDP "
-            "averages gradients once per training call, so it needs data.batches_per_call=1 "
-            "(accelerator=ddp sets it)"
+            f"data.batches_per_call={per_call} with {why}: DDP averages gradients once per training call, "
+            "so it needs data.batches_per_call=1 (accelerator=ddp sets it)"
         )
 
     accelerator = str(trainer.get("accelerator", "auto"))
@@ -470,25 +506,59 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def check_memory(cfg: DictConfig) -> None:
-    """Refuse a run whose model or latent codes cannot fit in this machine's memory, before it trains.
+MNIST_TEST_IMAGES = 10000
+# Bytes per element of a (images x latent units) code matrix at the run's largest moment, measured
+# (tests/test_config.py): the probe holds the training split's float32 codes and, while it
+# standardises them, three float64 copies (28 bytes; one more for the measurement's noise), and per
+# image a few float64 rows of class scores; the test split's codes are held by the probe, the figures
+# and their worker (16 bytes).
+PROBE_BYTES_PER_TRAIN_CODE = 29
+PROBE_BYTES_PER_TRAIN_IMAGE = 400
+FIGURE_BYTES_PER_TEST_CODE = 16
+DATA_BYTES = 3 * MNIST_TRAIN_IMAGES * MNIST_PIXELS * 4  # the images as floats, and their splits
 
-    The largest allocations grow with the layer widths: the weights with their gradients and Adam
-    state, and (with the linear probe) the latent codes of every training image, which the probe
-    standardises into copies.
-    """
+
+def memory_needed(cfg: DictConfig) -> tuple[int, str]:
+    """Bytes a run needs at its largest, and what dominates: the weights with their gradients and
+    Adam state, the data, and with the probe and figures the latent codes of whole splits."""
+    needed, parts = _parameters(cfg) * 4 * 4 + DATA_BYTES, "weights, Adam state"
+    callbacks = cfg.get("callbacks") or {}
+    if "linear_probe" in callbacks:
+        train_images = MNIST_TRAIN_IMAGES - cfg.data.val_size
+        needed += train_images * (PROBE_BYTES_PER_TRAIN_CODE * cfg.latent_dim + PROBE_BYTES_PER_TRAIN_IMAGE)
+        parts += ", the probe's codes of the training split"
+    if "linear_probe" in callbacks or "run_figures" in callbacks:
+        needed += FIGURE_BYTES_PER_TEST_CODE * MNIST_TEST_IMAGES * cfg.latent_dim
+    return needed, parts
+
+
+def _parameters(cfg: DictConfig) -> int:
     widths = [cfg.model.input_dim, *cfg.model.hidden_dims, cfg.latent_dim]
-    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) * 2  # encoder, decoder
-    needed = params * 4 * 4  # float32 weights, gradients and Adam's two moments
-    if "linear_probe" in (cfg.get("callbacks") or {}):
-        needed += 3 * MNIST_TRAIN_IMAGES * cfg.latent_dim * 4
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) * 2  # encoder, decoder
+
+
+# What a run writes besides its checkpoints, at most (figures and their TensorBoard copies).
+FIGURE_BYTES = 6 * 2**20
+EPOCH_EVENT_BYTES = 100 * 2**10  # a validation epoch's histograms, images and scalars
+
+
+def disk_needed(cfg: DictConfig) -> tuple[int, int]:
+    """Bytes a run writes into its folder, at most, and a checkpoint's size: two checkpoints (best
+    and last) and a third while one is replaced (written beside, then renamed), figures, events."""
+    checkpoint = _parameters(cfg) * 4 * 3 + 2**16  # float32 weights and Adam's two moments
+    return 3 * checkpoint + FIGURE_BYTES + cfg.epochs * EPOCH_EVENT_BYTES, checkpoint
+
+
+def check_memory(cfg: DictConfig) -> None:
+    """Refuse a run that cannot fit in this machine's memory at its largest moment (the probe's,
+    for a wide code), before it trains: the kernel would kill it after training, losing the run."""
+    needed, parts = memory_needed(cfg)
     available = _memory_bytes()
     if available and needed > 0.8 * available:
         raise ConfigError(
             f"latent_dim={cfg.latent_dim} (hidden_dims={list(cfg.model.hidden_dims)}) needs about "
-            f"{needed / 2**30:.1f} GiB (weights, Adam state and the probe's codes), more than this "
-            f"machine's {available / 2**30:.1f} GiB: choose smaller layers, or drop the probe "
-            "(~callbacks.linear_probe)"
+            f"{needed / 2**30:.1f} GiB ({parts}), more than this machine's {available / 2**30:.1f} GiB "
+            "can give: choose smaller layers, or drop the probe (~callbacks.linear_probe)"
         )
 
 

@@ -8,7 +8,11 @@ goes on with the others and ends with a count of the failed jobs.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import shutil
 import signal
 import sys
 import traceback
@@ -25,6 +29,29 @@ class UserError(Exception):
     """An error whose message names the key, value or file at fault and the fix."""
 
     kind = "error"  # the word the one-line report starts with
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC itself, or a writer's own error (torch.save's 'file write failed') on a full disk."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def cannot_write_message(path: Path, err: BaseException) -> str:
+    if disk_full(err, path.parent if path.parent.exists() else Path("/")):
+        try:
+            free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return f"cannot write {path}: the disk is full{free}; free some space, or write elsewhere"
+    code = getattr(err, "errno", None)
+    reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(code)
+    reason = reason or getattr(err, "strerror", None) or str(err)
+    return f"cannot write {path}: {reason}; write elsewhere (another run folder) or fix its permissions"
 
 
 def one_line(err: BaseException, limit: int = 200) -> str:
@@ -136,21 +163,24 @@ class JobFailed:
 
 
 def run_command(command: Callable[[], T]) -> T | JobFailed:
-    """Run an entry script's work; a UserError (or a config object Hydra cannot build) exits with
-    one line, SIGTERM (preemption, scancel) with 143 after the interrupted run has saved itself.
+    """Run an entry script's work; a UserError (or a config object Hydra cannot build, or a setting
+    Lightning refuses) exits with one line, SIGTERM (preemption, scancel) with 143 after the
+    interrupted run has saved itself.
 
     In a sweep the job instead prints one line, keeps the traceback in its log file, and returns
     JobFailed: Hydra would print every failure's traceback and stop the sweep at the first batch
     with one. Other exceptions (bugs) are raised as they are, traceback and all.
     """
     from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         return command()
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt and said how to resume
         sys.exit(128 + signal.SIGTERM)
-    except (UserError, InstantiationException) as err:
+    except (UserError, InstantiationException, MisconfigurationException) as err:
+        # Lightning's MisconfigurationException: a setting it refuses, named in its message.
         kind = err.kind if isinstance(err, UserError) else "config error"
         line = one_line(err, limit=400)
         if not _in_multirun():
@@ -198,3 +228,97 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_app(main: Callable[[], Any], config_name: str) -> None:
+    """Run a Hydra entry point (train.py, evaluate.py) so that a command Hydra cannot compose (a
+    key no config has, `bta=0.1`; an option no group has, `sparsity=l2`; a malformed override)
+    ends in one line naming it and the nearest known name, instead of Hydra's several lines.
+
+    Hydra prints such errors itself unless HYDRA_FULL_ERROR=1, when it raises them: set here, so
+    they come back to be said in one line. A user who sets HYDRA_FULL_ERROR=1 gets Hydra's report.
+    A run folder Hydra cannot write (a full disk, a read-only folder) is one line too.
+    """
+    from hydra.errors import HydraException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except HydraException as err:
+        sys.exit(f"config error: {hydra_error_line(err, config_name)}")
+    except OSError as err:  # Hydra writing the run folder's .hydra/ or log: a full disk, a read-only folder
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        sys.exit(f"error: {cannot_write_message(Path(err.filename or _run_folder()), err)}")
+
+
+def _run_folder() -> str:
+    """The run or sweep folder this process locked as it started (Hydra's callback, before Hydra
+    writes .hydra/ into it), or the current folder."""
+    from sae.run_folder import locked_folders
+
+    folders = locked_folders()
+    return str(folders[-1]) if folders else os.getcwd()
+
+
+def hydra_error_line(err: BaseException, config_name: str) -> str:
+    """One line for an error Hydra raised composing the command's config."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    app = f"{config_name}.py"
+    if isinstance(err, OverrideParseException):
+        return f"cannot read the override {err.override!r}: {one_line(err.message).split(' See https')[0]}"
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        options = sorted(err.options)
+        near = _nearest(option, options)
+        return f"{group}={option}: no such option; {group} is one of {', '.join(options)}{near}"
+    found = re.match(r"Could not (?:override|append to config\. An item is already at) '([^']+)'", str(err))
+    if found and "not in struct" in str(err.__cause__ or ""):
+        key = found.group(1)
+        known = _config_keys(config_name)
+        if key.startswith("trainer.") and _is_trainer_argument(key.split(".", 1)[1]):
+            return f"{key} is not set in conf/{config_name}.yaml: add it with +{key}=..."
+        hint = _nearest(key, known) or f"; `python {app} --cfg job` lists every setting"
+        return f"{key} is not a setting of {app}{hint}"
+    cause = f" ({one_line(err.__cause__)})" if err.__cause__ is not None else ""
+    return one_line(err, limit=300) + cause
+
+
+def _nearest(name: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _config_keys(config_name: str) -> list[str]:
+    """Every dotted key of conf/<config_name>.yaml as composed with no overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name), resolve=False)
+
+    def keys(node: Any, prefix: str = "") -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix[:-1]]
+        return [prefix[:-1]] * bool(prefix) + [
+            k for key, v in node.items() for k in keys(v, f"{prefix}{key}.")
+        ]
+
+    return keys(cfg)
+
+
+def _is_trainer_argument(name: str) -> bool:
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return name in inspect.signature(Trainer).parameters

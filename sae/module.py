@@ -180,7 +180,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         if len(batches) > 1 and self.trainer.world_size > 1:
             # DDP averages gradients only in the first backward after each forward it wraps: the
             # other steps of the call would train each process apart, silently.
-            raise ValueError(
+            raise NotWithDDP(
                 "data.batches_per_call must be 1 with several processes (DDP): see accelerator=ddp"
             )
         optimizer = self.optimizers()
@@ -388,6 +388,12 @@ def plain_steps_are_equivalent(trainer: L.Trainer) -> bool:
         and isinstance(trainer.strategy, SingleDeviceStrategy)
         and not hooked
     )
+
+
+class NotWithDDP(UserError, ValueError):
+    """A setting that several processes cannot train with (sae.config refuses it before a run)."""
+
+    kind = "config error"
 
 
 class TrainingDiverged(UserError, RuntimeError):

@@ -65,6 +65,11 @@ def lock_run_folder(folder: str | Path) -> bool:
     return True
 
 
+def locked_folders() -> list[Path]:
+    """The folders this process holds the lock of, in the order it took them."""
+    return list(_held)
+
+
 def unlock_run_folder(folder: str | Path) -> None:
     fd = _held.pop(Path(folder).resolve(), None)
     if fd is not None:
@@ -80,6 +85,22 @@ def writing_run_folder(folder: str | Path) -> Iterator[None]:
     finally:
         if taken:
             unlock_run_folder(folder)
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse, before anything is written, a run whose files cannot fit in the folder's free space
+    (a small tmpfs, a full disk): the run would otherwise fail after training, at its checkpoint."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if free < needed:
+        raise CannotWrite(
+            f"{Path(folder).resolve()} has {free / 2**20:.1f} MiB free; this run writes about "
+            f"{needed / 2**20:.1f} MiB ({what}): free some space, or write elsewhere (hydra.run.dir=...)"
+        )
 
 
 def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:

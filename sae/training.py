@@ -22,13 +22,19 @@ from omegaconf import DictConfig, ListConfig
 from sae.atomic import write_json_atomic
 from sae.background import pending_results
 from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
-from sae.config import command_overrides, data_settings, model_settings, validate_train_config
+from sae.config import command_overrides, data_settings, disk_needed, model_settings, validate_train_config
 from sae.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.data import MNISTDataModule
 from sae.lightning_internals import guard_checkpoint_restore
 from sae.loggers import tensorboard_run_name
 from sae.module import SparseAutoencoderModule
-from sae.run_folder import record_finished, record_status, remove_leftover_temporary_files, writing_run_folder
+from sae.run_folder import (
+    check_free_space,
+    record_finished,
+    record_status,
+    remove_leftover_temporary_files,
+    writing_run_folder,
+)
 
 if TYPE_CHECKING:
     from sae.stacked import JobRecord
@@ -55,6 +61,10 @@ def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
     # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
     output_dir = Path(cfg.resume if cfg.get("resume") else cfg.output_dir).resolve()
     with writing_run_folder(output_dir):
+        needed, checkpoint = disk_needed(cfg)
+        check_free_space(
+            output_dir, needed, f"checkpoints of {checkpoint / 2**20:.1f} MiB, figures, TensorBoard"
+        )
         metrics = _train(cfg, output_dir, resume_from, replay, resumed_with)
     return metrics
 
@@ -115,6 +125,14 @@ def _train(
     metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
     if resumed_with:  # settings the resume changed (e.g. more epochs)
         metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
+    if cfg.optimized_metric not in metrics and cfg.optimized_metric not in pending_results_metrics(
+        output_dir
+    ):
+        report(
+            f"warning: optimized_metric={cfg.optimized_metric} is not among this run's metrics: a sweeper "
+            "(Optuna) gets nothing from it; metrics.json lists the names",
+            stream=sys.stderr,
+        )
     if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
         write_json_atomic(output_dir / "metrics.json", metrics)
         # "ok" once every result is on disk: a sweep job's probes and figures may still be coming.
@@ -122,6 +140,12 @@ def _train(
         report(format_metrics(metrics))
         report(closing_lines(output_dir, metrics["ckpt_path"]))
     return metrics
+
+
+def pending_results_metrics(output_dir: Path) -> list[str]:
+    """Metric names a run's handed-off results will add (its probes), for the checks above."""
+    probes = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
+    return list(probes) if "probes" in pending_results(output_dir) else []
 
 
 def completing_command(output_dir: Path) -> str:

@@ -21,7 +21,7 @@ BAD = [
     ("model.recon_loss=mae", "model.recon_loss='mae' must be one of mse, bce"),
     ("model.activation=swish", "model.activation='swish' must be one of relu, leaky_relu, sigmoid"),
     ("model.hidden_dims=[128,0]", "model.hidden_dims=[128, 0] must be a list of integers >= 1"),
-    ("seed=abc", "seed='abc' must be an integer in [0, 4294967295] (or null)"),
+    ("seed=abc", "seed='abc' must be an integer in [0, 4294967295]"),
     ("model.l0_threshold=2", "model.l0_threshold=2 must be a number in [0, 1]"),
     ("model.dense_density=-1", "model.dense_density=-1 must be a number in [0, 1]"),
     ("model.l0_also_at=[0.5,3]", "model.l0_also_at=[0.5, 3] must be a list of numbers in [0, 1]"),
@@ -48,12 +48,36 @@ BAD = [
     ("data.batches_per_step=4", "data.batches_per_step was renamed data.batches_per_call: set data.batch"),
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1: trainer.max_epochs follows the top-level knob epochs"),
     # Values the libraries or the training precision cannot take, refused before anything runs.
-    ("seed=-1", "seed=-1 must be an integer in [0, 4294967295] (or null)"),
-    ("seed=4294967296", "seed=4294967296 must be an integer in [0, 4294967295] (or null)"),
+    ("seed=-1", "seed=-1 must be an integer in [0, 4294967295]"),
+    ("seed=4294967296", "seed=4294967296 must be an integer in [0, 4294967295]"),
+    # A run's batch order comes from its seed (null made the sampler fail mid-epoch).
+    ("seed=null", "seed=None must be an integer in [0, 4294967295]"),
     ("lr=1e300", "lr=1e+300 must be a number in (0, 3.4e+37]"),
     ("lr=3e38", "lr=3e+38 must be a number in (0, 3.4e+37]"),
     ("beta=1e39", "beta=1e+39 must be a number in [0, 3.4e+38]"),
     ("latent_dim=10000000", "latent_dim=10000000 (hidden_dims=[128]) needs about"),
+    # Each of these ended in a traceback, or trained on something meaningless.
+    ("model.input_dim=100", "model.input_dim=100 must be 784: MNIST images have 28x28 pixels"),
+    ("model.sparsity_layers=[]", "model.sparsity_layers=[] must be a list of layer names, e.g. [latent]"),
+    ("data.root=123", "data.root=123 must be a folder path (quote one that reads as a number"),
+    ("trainer.log_every_n_steps=abc", "trainer.log_every_n_steps='abc' must be an integer >= 0"),
+    ("+trainer.limit_test_batches=0", "trainer.limit_test_batches=0 must be an integer >= 1 (batches) or a"),
+    ("+trainer.limit_val_batches=-1", "trainer.limit_val_batches=-1 must be an integer >= 0 (batches)"),
+    ("trainer.precision=64-true", "trainer.precision='64-true' must be one of 32-true, 32, 16-mixed, bf16"),
+    ("trainer.deterministic=maybe", "trainer.deterministic='maybe' must be true, false or warn"),
+    ("trainer.devices=3", "data.batches_per_call=16 with trainer.devices=3 (a process each): DDP"),
+    ("trainer.max_epochs=null", "trainer.max_epochs=None: trainer.max_epochs follows the top-level knob"),
+    (
+        "+trainer.max_epoch=3",
+        "trainer.max_epoch is not an argument of Lightning's Trainer; did you mean max_epochs?",
+    ),
+    ("+bta=0.1", "bta is not a setting of train.py; did you mean beta?"),
+    ("+model.rhoo=0.1", "model.rhoo is not a setting of the model; did you mean rho?"),
+    ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
+    (
+        "model._target_=builtins.print",
+        "model._target_='builtins.print': the model is sae.module.SparseAutoencoderModule",
+    ),
 ]
 if torch.cuda.device_count() == 0:
     BAD.append(("accelerator=gpu", "trainer.accelerator=gpu but torch sees no GPU: use accelerator=cpu"))
@@ -106,6 +130,33 @@ def test_evaluate_config_needs_no_training_knobs():
     assert (cfg.data.seed, cfg.data.batch_size) == (None, None)  # the checkpoint's, at evaluation
 
 
+BAD_EVALUATE = [
+    ("threads=abc", "threads='abc' must be an integer >= 1 (or null)"),
+    ("data.eval_batch_size=-1", "data.eval_batch_size=-1 must be an integer >= 1"),
+    (
+        "trainer.precision=64-true",
+        "trainer.precision='64-true' must be one of 32-true, 32, 16-mixed, bf16-mixed",
+    ),
+    ("+trainer.limit_test_batches=0", "trainer.limit_test_batches=0 must be an integer >= 1 (batches)"),
+    ("data.root=123", "data.root=123 must be a folder path"),
+    ("+bta=1", "bta is not a setting of evaluate.py"),
+    ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_EVALUATE, ids=[b[0] for b in BAD_EVALUATE])
+def test_evaluate_checks_its_config_before_reading_anything(tmp_path, override, message):
+    from sae.evaluation import evaluate
+
+    cfg = compose_config(
+        "evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output_dir={tmp_path / 'e'}", override]
+    )
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "e").exists()
+
+
 def train_cli_error(tmp_path, override: str) -> str:
     """What `python train.py <override>` prints to stderr; it must exit 1."""
     proc = run_script("train.py", override, f"hydra.run.dir={tmp_path}/out", timeout=120)
@@ -120,7 +171,85 @@ def test_cli_config_error_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_unknown_trainer_argument_is_one_line(tmp_path):
-    lines = train_cli_error(tmp_path, "+trainer.max_epoch=3").splitlines()
-    assert len(lines) == 1 and lines[0].startswith("config error: ")
-    assert "unexpected keyword argument 'max_epoch'" in lines[0]
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("bta=0.1", "config error: bta is not a setting of train.py; did you mean beta?"),
+        (
+            "model.activaton=relu",
+            "config error: model.activaton is not a setting of train.py; did you mean model.activation?",
+        ),
+        (
+            "sparsity=topc",
+            "config error: sparsity=topc: no such option; sparsity is one of kl, l1, topk; "
+            "did you mean topk?",
+        ),
+        (
+            "trainer.max_time=00:01:00:00",
+            "config error: trainer.max_time is not set in conf/train.yaml: add it with +trainer.max_time=...",
+        ),
+        (
+            "seed=[1,",
+            "config error: cannot read the override 'seed=[1,': no viable alternative at input '[1,'",
+        ),
+    ],
+    ids=["knob_typo", "group_key_typo", "group_option", "lightning_argument", "malformed"],
+)
+def test_cli_a_command_hydra_cannot_compose_is_one_line(tmp_path, override, line):
+    """Hydra's own report of these is several lines (and a hint to set HYDRA_FULL_ERROR)."""
+    assert train_cli_error(tmp_path, override) == line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_a_run_needs_is_refused_before_it_trains(monkeypatch, tmp_path):
+    """A wide code fits the weights but not the probe (float32 codes of the training split and three
+    float64 copies): refused up front on a 24 GiB machine, not killed by the kernel after training."""
+    from sae import config
+
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 24 * 2**30)
+    cfg = compose_train(["latent_dim=20000"], tmp_path, tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"latent_dim=20000 \(hidden_dims=\[128\]\) needs about 3\d\.\d GiB"
+    ):
+        config.check_memory(cfg)
+    config.check_memory(compose_train(["latent_dim=20000", "~callbacks.linear_probe"], tmp_path, tmp_path))
+    config.check_memory(compose_train(["latent_dim=4096"], tmp_path, tmp_path))
+
+
+PROBE_PEAK = """
+from pathlib import Path
+import torch
+from sae.probe import fit_linear_classifier
+
+def status(key):  # bytes, from Linux's record of this process
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
+    return int(line.split()[1]) * 1024
+
+def peak(n, width):  # what a fit adds to the process at its largest, its codes already there
+    codes, labels = torch.rand(n, width), torch.randint(0, 10, (n,))
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+    before = status("VmRSS:")
+    fit_linear_classifier(codes, labels, max_iter=5)
+    return status("VmHWM:") - before
+
+peak(2000, 64)  # first use: the libraries' own buffers
+print(peak(20000, 512), peak(20000, 1024))
+"""
+
+
+def test_the_probe_needs_no_more_than_the_memory_check_counts():
+    """The probe's fit, measured in a fresh process at two code widths: what a unit of width adds
+    to its peak, per training image, is within what the memory check counts for it (the float32
+    codes' own 4 bytes aside)."""
+    import subprocess
+    import sys
+
+    from sae.config import PROBE_BYTES_PER_TRAIN_CODE
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE_PEAK], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    narrow, wide = map(int, proc.stdout.split())
+    per_code = (wide - narrow) / (20000 * 512)
+    assert 16 <= per_code <= PROBE_BYTES_PER_TRAIN_CODE - 4, per_code
