@@ -14,7 +14,6 @@ from hydra.test_utils.launcher_common_tests import (
 from hydra.version import VersionBase
 
 from hydra_plugins.sae_vectorized_launcher.vectorized_launcher import VectorizedLauncher
-from tests.conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +26,29 @@ def hydra_default_version_base():
 
 def test_hydra_discovers_the_launcher():
     assert VectorizedLauncher.__name__ in [p.__name__ for p in Plugins.instance().discover(Launcher)]
+
+
+DISCOVER = """
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+print(" ".join(sorted(p.__module__ for p in Plugins.instance().discover(Launcher))))
+"""
+
+
+def test_another_application_finds_the_launchers_of_the_installed_package(tmp_path):
+    """Outside the checkout and without PYTHONPATH (pytest puts the checkout on its own sys.path,
+    not on a subprocess's): what any other Hydra application on this environment sees."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", DISCOVER], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    found = proc.stdout.split()
+    assert "hydra_plugins.sae_vectorized_launcher.vectorized_launcher" in found, proc.stderr
+    assert "hydra_plugins.sae_submitit_launchers.submitit_launchers" in found, proc.stderr
 
 
 @pytest.mark.parametrize("launcher_name, overrides", [("vectorized", [])])
@@ -57,12 +79,5 @@ class TestVectorizedLauncherBatched(BatchedSweeperTestSuite):
     ],
 )
 class TestVectorizedLauncherIntegration(IntegrationTestSuite):
-    def generate_custom_cmd(self):
-        """The applications run from a scratch folder. Hydra finds launcher plugins by scanning the
-        hydra_plugins folders on sys.path, and `pip install -e` puts none there for this project
-        (an installed copy, or the repository root on PYTHONPATH, does): the repository root."""
-
-        def with_plugin_on_path(cmd: list[str], filename: str) -> list[str]:
-            return ["env", f"PYTHONPATH={ROOT}", *cmd]
-
-        return with_plugin_on_path
+    """Run from a scratch folder, as other applications run, with no PYTHONPATH: the launcher is
+    found because the installed package exposes it (README's `pip install -e ".[dev,sweep]"`)."""
