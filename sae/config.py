@@ -339,6 +339,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     model_settings(cfg)
     data_settings(cfg)
     check_trainer(cfg)
+    check_callbacks(cfg)
     check_memory(cfg)
 
 
@@ -383,6 +384,7 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
     data = {k: v for k, v in group_settings(cfg, "data", DATA_TARGET).items() if v is not None}
     check_settings(data, DATA_RULES, lambda key: f"data.{key}", "the data")
     check_trainer(cfg, training=False)
+    check_callbacks(cfg)
 
 
 # Lightning's names for the numeric precisions this model trains and tests in.
@@ -432,6 +434,53 @@ TRAINER_RULES: dict[str, Rule] = {
     "reload_dataloaders_every_n_epochs": _int_at_least(0),
 }
 CHECKPOINT_IO = "sae.checkpoints.SafeCheckpointIO"
+
+_PATH: Rule = (lambda v: isinstance(v, str) and v != "", "a path")
+_OPTIONAL_TEXT: Rule = (lambda v: v is None or isinstance(v, str), "a string (or null)")
+# The settings of this project's callbacks (conf/callbacks/), by their name there; a callback of
+# the researcher's own (+callbacks.x._target_=...) is left to its class.
+CALLBACK_RULES: dict[str, dict[str, Rule]] = {
+    "linear_probe": {
+        "max_iter": _int_at_least(1),
+        "weight_decay": _number_in(0, FLOAT32_MAX, "[]"),
+        "cache_dir": _OPTIONAL_TEXT,
+        "optimized_metric": _OPTIONAL_TEXT,
+    },
+    "model_checkpoint": {
+        "dirpath": _PATH,
+        "filename": _PATH,
+        "auto_insert_metric_name": _BOOL,
+        "monitor": (
+            lambda v: v is None or (isinstance(v, str) and v.startswith(("val/", "train/"))),
+            "a val/ or train/ metric (or null: the last epoch only)",
+        ),
+        "mode": _one_of(("min", "max")),
+        "save_top_k": _int_at_least(-1),
+        "save_last": _BOOL,
+    },
+    "run_figures": {"dirpath": _PATH},
+    "save_on_interrupt": {"dirpath": _PATH},
+    "epoch_visuals": {"num_images": _int_at_least(1)},
+    "progress_bar": {"refresh_rate": _int_at_least(0)},
+}
+
+
+def _interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """The settings of this project's callbacks that a command may set (CALLBACK_RULES)."""
+    callbacks = cfg.get("callbacks") or {}
+    if not isinstance(callbacks, DictConfig):
+        raise ConfigError(f"callbacks={_shown(callbacks)} must be the callbacks' settings (a config group)")
+    for name, rules in CALLBACK_RULES.items():
+        if name not in callbacks:
+            continue
+        # As written: an interpolation (`${output_dir}/plots`) is the config files' own, resolved at the run.
+        values = OmegaConf.to_container(callbacks[name], resolve=False)
+        values = {k: v for k, v in values.items() if not k.startswith("_") and not _interpolation(v)}
+        check_settings(values, rules, lambda key, name=name: f"callbacks.{name}.{key}", f"callbacks.{name}")
 
 
 def check_trainer(cfg: DictConfig, training: bool = True) -> None:

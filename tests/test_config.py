@@ -141,6 +141,7 @@ BAD_EVALUATE = [
     ("data.root=123", "data.root=123 must be a folder path"),
     ("+bta=1", "bta is not a setting of evaluate.py"),
     ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
+    ("callbacks.linear_probe.max_iter=abc", "callbacks.linear_probe.max_iter='abc' must be an integer >= 1"),
 ]
 
 
