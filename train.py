@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from sae.console import JobFailed, run_command
+from sae.console import JobFailed, run_app, run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,4 +23,4 @@ def main(cfg: DictConfig) -> float | JobFailed | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, "train")

@@ -471,7 +471,9 @@ def _interpolation(value: Any) -> bool:
 
 def check_callbacks(cfg: DictConfig) -> None:
     """The settings of this project's callbacks that a command may set (CALLBACK_RULES)."""
-    callbacks = cfg.get("callbacks") or {}
+    callbacks = cfg.get("callbacks")
+    if callbacks is None:
+        return
     if not isinstance(callbacks, DictConfig):
         raise ConfigError(f"callbacks={_shown(callbacks)} must be the callbacks' settings (a config group)")
     for name, rules in CALLBACK_RULES.items():
@@ -486,7 +488,9 @@ def check_callbacks(cfg: DictConfig) -> None:
 def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     """The trainer settings the module or the run depends on, and the keys Lightning's Trainer
     takes; the values not checked here are Lightning's to check (sae.training.build_trainer)."""
-    trainer = cfg.get("trainer") or {}
+    trainer = cfg.get("trainer")
+    if trainer is None:
+        return
     if not isinstance(trainer, DictConfig):
         raise ConfigError(f"trainer={_shown(trainer)} must be the trainer settings (a mapping)")
     keys = [k for k in trainer if k != "_target_"]

@@ -84,7 +84,14 @@ if torch.cuda.device_count() == 0:
 
 
 def test_defaults_and_presets_are_valid(mnist_root, tmp_path):
-    for overrides in ([], ["experiment=seed_notebook"], ["experiment=all_layers"], ["debug=limit"]):
+    presets = (
+        [],
+        ["experiment=seed_notebook"],
+        ["experiment=all_layers"],
+        ["debug=limit"],
+        ["callbacks=none"],
+    )
+    for overrides in (*presets, ["logger=none"], ["sparsity=topk", "model.auxk=true"], ["sparsity=l1"]):
         validate_train_config(compose_train(overrides, tmp_path, mnist_root))
 
 
