@@ -60,20 +60,31 @@ def sweep(code: Path, out: Path, args: argparse.Namespace) -> dict:
     return {"wall": wall, "fit": fit, "jobs": len(jobs), "metrics": metrics, "figures": figures, **phases}
 
 
+def job_end(job: Path) -> float:
+    """When train() logged the job's closing lines (`run folder: ...`), from its log's time stamp."""
+    from datetime import datetime
+
+    for line in (job / "train.log").read_text().splitlines():
+        if "] - run folder: " in line:
+            return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise ValueError(f"{job / 'train.log'} has no closing lines: the job did not finish")
+
+
 def job_phases(jobs: list[Path], fit_seconds: list[float]) -> dict[str, list[float]]:
     """Each job's set-up and tail in seconds, read off the times its files were written.
 
     A job starts when Hydra writes its .hydra/config.yaml, and its training ends when the last
     epoch's checkpoints/last.ckpt is written; its set-up is the time before the training loop
     (start to training end, less fit/seconds), its tail the time from its training's end to the
-    next job's start. The tail in two: the job's own (to its status.json, which train() writes
-    last: test pass, probes and figures or their hand-off, metrics.json) and the switch to the
-    next job (the summary tables, Hydra composing the next job's config). The last job has no
-    next one: its tail is not counted (the sweep's end waits for its hand-offs).
+    next job's start. The tail in two: the job's own (to the closing lines train() logs last:
+    test pass, probes and figures or their hand-off, metrics.json, status.json; status.json and
+    metrics.json are written again when a hand-off is recorded, so their times do not say it) and
+    the switch to the next job (the summary tables, Hydra composing the next job's config). The
+    last job has no next one: its tail is not counted (the sweep's end waits for its hand-offs).
     """
     starts = [(job / ".hydra" / "config.yaml").stat().st_mtime for job in jobs]
     trained = [(job / "checkpoints" / "last.ckpt").stat().st_mtime for job in jobs]
-    ended = [(job / "status.json").stat().st_mtime for job in jobs]
+    ended = [job_end(job) for job in jobs]
     return {
         "setup": [end - fit - start for start, end, fit in zip(starts, trained, fit_seconds, strict=True)],
         "tail": [next_start - end for end, next_start in zip(trained[:-1], starts[1:], strict=True)],

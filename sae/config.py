@@ -44,8 +44,18 @@ MIRRORS = {
     "trainer.max_epochs": "epochs",
     "trainer.default_root_dir": "output_dir",
 }
+# Data settings that say where and how a run reads its data, not what it trains on (the rest, the
+# split and the batches, do): they may differ between runs that are the same run.
+DATA_EXECUTION_SETTINGS = (
+    "data.root",
+    "data.download",
+    "data.eval_batch_size",
+    "data.num_workers",
+    "data.on_device",
+    "data.batches_per_call",
+)
 # Renamed settings: the old key stays in the YAML as null, so that setting it (on the command line
-# or in a preset) is a one-line error naming the new key; builders drop it (without_retired_keys).
+# or in a preset) is a one-line error naming the new key; group_settings drops it.
 RENAMED = {"data.batches_per_step": "data.batches_per_call"}
 
 

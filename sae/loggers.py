@@ -13,7 +13,7 @@ from typing import Any
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from omegaconf import DictConfig
 
-from sae.config import command_overrides
+from sae.config import DATA_EXECUTION_SETTINGS, command_overrides
 
 # Logged values that are not curves: Lightning's epoch counter (a staircase that would lead the
 # page) and the thresholds recorded with the test metrics (constants). metrics.json and the CSV
@@ -23,12 +23,7 @@ NOT_CURVES = ("epoch", "l0_threshold", "rare_density", "dense_density")
 # Overrides that say where or how a run executes, not what it trains: left out of its name (a key,
 # or the group of keys under it).
 NOT_IN_RUN_NAME = (
-    "data.root",
-    "data.download",
-    "data.eval_batch_size",
-    "data.num_workers",
-    "data.on_device",
-    "data.batches_per_call",
+    *DATA_EXECUTION_SETTINGS,
     "accelerator",
     "launcher",
     "hparams_search",

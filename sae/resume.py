@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sae.checkpoints import SavedSettings, last_checkpoint, read_checkpoint, saved_settings
-from sae.config import MIRRORS, ConfigError, compose_train_config, plain_value
+from sae.config import DATA_EXECUTION_SETTINGS, MIRRORS, ConfigError, compose_train_config, plain_value
 from sae.console import UserError, one_line
 
 # Data settings a resumed run keeps (what its checkpoint's weights were trained on); the rest of
@@ -39,12 +39,7 @@ CHANGEABLE_ON_RESUME = (
     "trainer.default_root_dir",
     "threads",
     "optimized_metric",
-    "data.root",
-    "data.download",
-    "data.eval_batch_size",
-    "data.num_workers",
-    "data.on_device",
-    "data.batches_per_call",
+    *DATA_EXECUTION_SETTINGS,
     "logger",
     "callbacks",
     "trainer.accelerator",

@@ -7,10 +7,11 @@ Skipped without a CUDA device; `benchmarks/gpu_check.py` runs them on a GPU mach
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
+from sae.config import model_settings
 from sae.evaluation import evaluate
 from sae.loss import objective
+from sae.module import SparseAutoencoderModule
 from sae.training import train
 from tests.conftest import LEAN, compose_config, compose_train
 
@@ -47,7 +48,7 @@ def test_a_training_step_never_waits_for_the_gpu(mnist_root, tmp_path, method):
     """No host-device synchronization in the objective, backward or Adam's step: each would stall
     the queue of kernel launches once per step (as a host-to-device copy of rho once did)."""
     cfg = compose_train([*LEAN, *METHODS[method]], tmp_path, mnist_root)
-    module = instantiate(cfg.model).cuda()
+    module = SparseAutoencoderModule(**model_settings(cfg)).cuda()
     optimizer = module.configure_optimizers()
     x = torch.rand(50, 784, device="cuda")
     hp = module.hparams
