@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import pickle
 import re
 import zipfile
@@ -286,7 +287,9 @@ def check_training_state(path: str | Path, ckpt: dict, module: SparseAutoencoder
     if not isinstance(callbacks, dict):
         raise CheckpointError(f"{path}: callbacks is a {type(callbacks).__name__}, not the callbacks' state")
     elapsed = (callbacks.get("Timer") or {}).get("time_elapsed", {})
-    if not isinstance(elapsed, dict) or not all(_is_number(v) and v >= 0 for v in elapsed.values()):
+    # Numbers, not always >= 0: Lightning's Timer records a negative validation time for a run
+    # stopped during validation (seen on a SLURM requeue).
+    if not isinstance(elapsed, dict) or not all(_is_number(v) and math.isfinite(v) for v in elapsed.values()):
         raise CheckpointError(f"{path}: callbacks.Timer.time_elapsed={elapsed!r} must map stages to seconds")
     states = ckpt.get("optimizer_states")
     params = list(module.parameters())

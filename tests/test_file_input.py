@@ -278,3 +278,16 @@ def test_the_unaltered_run_passes_every_check(trained_run, mnist_root, tmp_path)
     for entry in ("evaluate", "ckpt_path"):
         command, cfg = entry_point(entry, run, tmp_path / entry, mnist_root)
         assert "test/mse" in command(copy.deepcopy(cfg))
+
+
+def test_a_checkpoint_stopped_during_validation_resumes(trained_run, mnist_root, tmp_path):
+    """Lightning's Timer records a negative validation time when a run is stopped mid-validation
+    (seen on a SLURM requeue): a real checkpoint, so not refused."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["callbacks"]["Timer"]["time_elapsed"]["validate"] = -0.12
+    torch.save(ckpt, last)
+    cfg = compose_command([*LEAN, f"resume={run}", "epochs=2"], tmp_path / "cmd", mnist_root)
+    assert train(cfg)["fit/epochs"] == 2
