@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import pickle
 import re
 import zipfile
@@ -29,6 +28,7 @@ from sae.config import (
     ConfigError,
     check_model_settings,
     check_settings,
+    is_number,
     model_settings,
 )
 from sae.console import UserError, one_line
@@ -228,7 +228,11 @@ def load_checkpoint(
     Returns the SparseAutoencoderModule and the data settings it was trained with (the data
     module's saved hyperparameters, checked; empty if there were none).
     """
-    ckpt = read_checkpoint(path, map_location)
+    return module_from_checkpoint(path, read_checkpoint(path, map_location))
+
+
+def module_from_checkpoint(path: str | Path, ckpt: dict) -> tuple[SparseAutoencoderModule, dict]:
+    """load_checkpoint for a checkpoint already read (read_checkpoint); `path` names it in errors."""
     settings = saved_settings(path, ckpt)
     module = SparseAutoencoderModule(**settings.model)
     check_weights(path, ckpt, module)
@@ -289,7 +293,7 @@ def check_training_state(path: str | Path, ckpt: dict, module: SparseAutoencoder
     elapsed = (callbacks.get("Timer") or {}).get("time_elapsed", {})
     # Numbers, not always >= 0: Lightning's Timer records a negative validation time for a run
     # stopped during validation (seen on a SLURM requeue).
-    if not isinstance(elapsed, dict) or not all(_is_number(v) and math.isfinite(v) for v in elapsed.values()):
+    if not isinstance(elapsed, dict) or not all(is_number(v) for v in elapsed.values()):
         raise CheckpointError(f"{path}: callbacks.Timer.time_elapsed={elapsed!r} must map stages to seconds")
     states = ckpt.get("optimizer_states")
     params = list(module.parameters())
@@ -330,10 +334,6 @@ def last_checkpoint(run: str | Path) -> Path:
 def _count(path: str | Path, key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise CheckpointError(f"{path}: {key}={value!r} must be an integer >= 0")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # The parts of Lightning's fit loop state that say where training stopped: the epoch, the batch in

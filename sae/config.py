@@ -7,7 +7,6 @@ run that trains on a meaningless objective.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -17,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sae.console import UserError, one_line
+from sae.console import UserError, did_you_mean, one_line, trainer_arguments
 from sae.loss import RECONSTRUCTION_LOSSES
 from sae.model import ACTIVATIONS, layer_names
 from sae.sparsity import METHODS
@@ -65,7 +64,8 @@ class ConfigError(UserError, ValueError):
     kind = "config error"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -112,7 +112,7 @@ Rule = tuple[Callable[[Any], bool], str | Callable[[], str]]
 
 def _number_in(low: float, high: float, closed: str = "()") -> Rule:
     def ok(v: Any) -> bool:
-        if not _is_number(v):
+        if not is_number(v):
             return False
         above = v >= low if closed[0] == "[" else v > low
         below = v <= high if closed[1] == "]" else v < high
@@ -286,12 +286,6 @@ def _shown(value: Any) -> str:
     """A value as an error message shows it: short, on one line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def did_you_mean(key: str, known: Iterable[str]) -> str:
-    """ "; did you mean X?" for the known key nearest to key, or ""."""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 def knob_name(group: str) -> Callable[[str], str]:
@@ -504,7 +498,7 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     if not isinstance(trainer, DictConfig):
         raise ConfigError(f"trainer={_shown(trainer)} must be the trainer settings (a mapping)")
     keys = [k for k in trainer if k != "_target_"]
-    known = _trainer_arguments()
+    known = trainer_arguments()
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ConfigError(
@@ -555,12 +549,6 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
             f"trainer.accelerator={accelerator} but torch sees no GPU: use accelerator=cpu, or "
             "accelerator=auto (a GPU when there is one)"
         )
-
-
-def _trainer_arguments() -> list[str]:
-    from lightning.pytorch import Trainer
-
-    return [name for name in inspect.signature(Trainer).parameters if name != "self"]
 
 
 def _gpu_count() -> int:
@@ -671,4 +659,9 @@ def command_overrides(cfg: DictConfig | None = None) -> list[str] | None:
 def command_override_keys(cfg: DictConfig | None = None) -> list[str] | None:
     """The keys of command_overrides (`beta`, `point`), without Hydra's +/~ prefixes."""
     overrides = command_overrides(cfg)
-    return None if overrides is None else [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return None if overrides is None else [override_key(o) for o in overrides]
+
+
+def override_key(override: str) -> str:
+    """`beta` of `beta=1e-3`, `point` of `+point=x`, `callbacks.x` of `~callbacks.x`."""
+    return override.split("=", 1)[0].lstrip("+~")

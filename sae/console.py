@@ -17,7 +17,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,23 @@ def cannot_write_message(path: Path, err: BaseException) -> str:
     reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(code)
     reason = reason or getattr(err, "strerror", None) or str(err)
     return f"cannot write {path}: {reason}; write elsewhere (another run folder) or fix its permissions"
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ "; did you mean X?" for the known name nearest to name, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def trainer_arguments() -> list[str]:
+    """The arguments Lightning's Trainer takes (what `trainer.*` keys may be)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return [name for name in inspect.signature(Trainer).parameters if name != "self"]
 
 
 def one_line(err: BaseException, limit: int = 200) -> str:
@@ -274,25 +291,18 @@ def hydra_error_line(err: BaseException, config_name: str) -> str:
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, option = err.missing_cfg_file.rpartition("/")
         options = sorted(err.options)
-        near = _nearest(option, options)
+        near = did_you_mean(option, options)
         return f"{group}={option}: no such option; {group} is one of {', '.join(options)}{near}"
     found = re.match(r"Could not (?:override|append to config\. An item is already at) '([^']+)'", str(err))
     if found and "not in struct" in str(err.__cause__ or ""):
         key = found.group(1)
         known = _config_keys(config_name)
-        if key.startswith("trainer.") and _is_trainer_argument(key.split(".", 1)[1]):
+        if key.startswith("trainer.") and key.split(".", 1)[1] in trainer_arguments():
             return f"{key} is not set in conf/{config_name}.yaml: add it with +{key}=..."
-        hint = _nearest(key, known) or f"; `python {app} --cfg job` lists every setting"
+        hint = did_you_mean(key, known) or f"; `python {app} --cfg job` lists every setting"
         return f"{key} is not a setting of {app}{hint}"
     cause = f" ({one_line(err.__cause__)})" if err.__cause__ is not None else ""
     return one_line(err, limit=300) + cause
-
-
-def _nearest(name: str, known: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _config_keys(config_name: str) -> list[str]:
@@ -314,11 +324,3 @@ def _config_keys(config_name: str) -> list[str]:
         ]
 
     return keys(cfg)
-
-
-def _is_trainer_argument(name: str) -> bool:
-    import inspect
-
-    from lightning.pytorch import Trainer
-
-    return name in inspect.signature(Trainer).parameters

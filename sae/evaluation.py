@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from sae.atomic import write_json_atomic
 from sae.callbacks import RunFigures, record_metrics
-from sae.checkpoints import load_checkpoint, read_checkpoint
+from sae.checkpoints import load_checkpoint, module_from_checkpoint, read_checkpoint
 from sae.config import (
     DATA_RULES,
     DATA_TARGET,
@@ -112,8 +112,9 @@ def complete_run(job: Path) -> list[str]:
         metrics = read_metrics(metrics_file)
         ckpt_path = tested_checkpoint(job, metrics)
         cfg = recorded_config(job)
-        module, trained_on = load_checkpoint(ckpt_path)
-        step = read_checkpoint(ckpt_path).get("global_step")
+        ckpt = read_checkpoint(ckpt_path)
+        module, trained_on = module_from_checkpoint(ckpt_path, ckpt)
+        step = ckpt.get("global_step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else 0
         kept = {k: trained_on[k] for k in TRAINING_DATA_SETTINGS if k in trained_on}
         datamodule = MNISTDataModule(**(data_settings(cfg) | kept))

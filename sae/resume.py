@@ -22,7 +22,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sae.checkpoints import SavedSettings, last_checkpoint, read_checkpoint, saved_settings
-from sae.config import DATA_EXECUTION_SETTINGS, MIRRORS, ConfigError, compose_train_config, plain_value
+from sae.config import (
+    DATA_EXECUTION_SETTINGS,
+    MIRRORS,
+    ConfigError,
+    compose_train_config,
+    override_key,
+    plain_value,
+)
 from sae.console import UserError, one_line
 
 # Data settings a resumed run keeps (what its checkpoint's weights were trained on); the rest of
@@ -76,15 +83,11 @@ def resumed_config(cfg: DictConfig, command: list[str] | None) -> tuple[DictConf
     return cfg, _take_saved_settings(cfg, saved, keys)
 
 
-def override_key(override: str) -> str:
-    """`beta` of `beta=1e-3`, `point` of `+point=x`, `callbacks.x` of `~callbacks.x`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def recorded_overrides(path: Path, restated: set[str] = frozenset()) -> list[str]:
     """A run's `.hydra/overrides.yaml`, checked as input: a list of overrides Hydra can parse, none
     of them a sweep, a Hydra setting, an underscored key (`_target_`, ...), a mapping or an
-    interpolation; else a one-line RunRecordError naming the file and the override. Those whose
+    interpolation; else a one-line RunRecordError naming the file and the override. Returned
+    without the ones a resume decides itself (NOT_REPLAYED: resume, ckpt_path, output_dir). Those whose
     key is in `restated` (the resume command sets it again, and its value is the one used) are not
     checked: a run started with a callback of the researcher's own (`+callbacks.x._target_=...`)
     resumes when the resume command says it again. They are returned all the same, to compose the
@@ -120,7 +123,7 @@ def recorded_overrides(path: Path, restated: set[str] = frozenset()) -> list[str
             why = "is not a plain value (a mapping, or an interpolation)"
         if why:
             raise RunRecordError(f"{path}: {item!r} {why}, which no run records; {fix}")
-    return items
+    return [item for item in items if override_key(item) not in NOT_REPLAYED]
 
 
 def recorded_config(run: Path) -> DictConfig:
@@ -131,7 +134,7 @@ def recorded_config(run: Path) -> DictConfig:
         raise RunRecordError(
             f"{run} holds no {record.relative_to(run)}: not the folder of a train.py run or sweep job"
         )
-    cfg = compose_train_config([o for o in recorded_overrides(record) if override_key(o) not in NOT_REPLAYED])
+    cfg = compose_train_config(recorded_overrides(record))
     cfg.output_dir = str(run)
     return cfg
 
@@ -141,8 +144,8 @@ def _replayed(cfg: DictConfig, run: Path, recorded: list[str], command: list[str
     overrides (a key both set: the resume command's); refused if those change what is trained."""
     command = [o for o in command if override_key(o) not in NOT_REPLAYED]
     said = {override_key(o) for o in command}
-    own = [o for o in recorded if override_key(o) not in (*NOT_REPLAYED, *said)]
-    before = compose_train_config([o for o in recorded if override_key(o) not in NOT_REPLAYED])
+    own = [o for o in recorded if override_key(o) not in said]
+    before = compose_train_config(recorded)
     after = compose_train_config(own + command)
     changes = [
         f"{key} ({_shown(a)} -> {_shown(b)})"

@@ -5,7 +5,7 @@ minimises, beside the reconstruction) and the same terms from a whole split's st
 validation and test report). `sae.loss.objective` adds them, weighted, to the reconstruction;
 training, validation, test and stacked training all call it, and logging iterates over the
 names. A new method is a subclass registered with `@register` plus its `conf/sparsity/<name>.yaml`
-(README, "Adding a sparsity method").
+(docs/design.md, "Adding a sparsity method").
 """
 
 from __future__ import annotations
