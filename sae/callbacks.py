@@ -123,11 +123,16 @@ class LinearProbe(L.Callback):
     (sae.probe.pixel_classifier). In a sweep whose jobs run one after another in this process,
     the three are computed in the worker process (sae.background) from a copy of the model while
     the next job trains, and join the job's metrics.json and TensorBoard when done (before the
-    sweep's summary is final); not when the sweep optimizes one of them (`optimized_metric`): a
-    sweeper reads it at the job's end.
+    sweep's summary is final).
+
+    - `val/probe_accuracy`: the code classifier scored on the validation split's codes, only when
+      the sweep optimizes it (`optimized_metric=val/probe_accuracy`): a sweeper selects on
+      validation metrics, never on the test split; it reads it at the job's end, so then the
+      probes are computed in the job.
     """
 
-    PREFIX = "test/"
+    # The metric a sweeper may select on: the code probe scored on the validation split.
+    SELECTABLE = "val/probe_accuracy"
 
     def __init__(
         self,
@@ -147,19 +152,22 @@ class LinearProbe(L.Callback):
         settings = dict(weight_decay=self.weight_decay, max_iter=self.max_iter, cache_dir=self.cache_dir)
         if self._hand_off(trainer, pl_module.net, inputs, settings):
             return
-        for name, value in probe_accuracies(pl_module.net, inputs, **settings).items():
-            pl_module.log(self.PREFIX + name, value)
+        val = data.split("val") if self.optimized_metric == self.SELECTABLE else None
+        if val is not None and len(val[0]) == 0:
+            val = None  # data.val_size=0: no validation split to score on
+        for name, value in probe_accuracies(pl_module.net, inputs, **settings, val=val).items():
+            pl_module.log(name, value)
 
     def _hand_off(self, trainer: L.Trainer, net: nn.Module, inputs: ProbeData, settings: dict) -> bool:
         """Hand the probes to the sweep's worker, if this is a sweep job that may; whether it did."""
-        optimized = str(self.optimized_metric or "").startswith(self.PREFIX + "probe_accuracy")
+        optimized = self.optimized_metric == self.SELECTABLE  # a sweeper reads it as the job ends
         if optimized or trainer.world_size > 1 or not background.more_jobs_follow():
             return False
         run = Path(trainer.default_root_dir).resolve()
         metrics_file = run / "metrics.json"
         tb = tensorboard(trainer)
         events = tb.log_dir if tb is not None else None
-        record = partial(_record_probes, metrics_file, events, trainer.global_step, self.PREFIX)
+        record = partial(record_metrics, metrics_file, events, trainer.global_step)
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
         work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
         data = ProbeData(*(t.detach().cpu() for t in inputs))
@@ -167,10 +175,6 @@ class LinearProbe(L.Callback):
             str(metrics_file), work, model, data, then=record, result_of=(run, "probes")
         )
         return True
-
-
-def _record_probes(metrics_file: Path, events_dir: str | None, step: int, prefix: str, values: dict) -> None:
-    record_metrics(metrics_file, events_dir, step, {prefix + name: value for name, value in values.items()})
 
 
 class RunFigures(L.Callback):

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sae.console import UserError, did_you_mean, one_line, trainer_arguments
 from sae.loss import RECONSTRUCTION_LOSSES
+from sae.metric_names import selectable
 from sae.model import ACTIVATIONS, layer_names
 from sae.sparsity import METHODS
 
@@ -203,7 +204,11 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
     "epochs": _int_at_least(1),
     "threads": _int_at_least(1, nullable=True),
     "seed": _SEED,
-    "optimized_metric": (lambda v: isinstance(v, str) and "/" in v, "a metric name, e.g. val/loss"),
+    "optimized_metric": (
+        selectable,
+        "a validation metric (val/loss, val/mse, ...) or null: a sweeper selects on the validation split, "
+        "never on the test split it reports",
+    ),
     "resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "a run folder (or null)"),
     "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a checkpoint file (or null)"),
 }

@@ -131,7 +131,7 @@ def complete_run(job: Path) -> list[str]:
                 weight_decay=probe.weight_decay, max_iter=probe.max_iter, cache_dir=probe.cache_dir
             )
             values = probe_accuracies(module.net, data, **settings, threads=threads)
-            record_metrics(metrics_file, events_dir, step, {f"test/{k}": v for k, v in values.items()})
+            record_metrics(metrics_file, events_dir, step, values)
             record_result(job, "probes")
         if "figures" in missing:
             figures = RunFigures(str(job / "plots"), events_dir=events_dir, step=step)

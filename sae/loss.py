@@ -31,10 +31,18 @@ def term_names(kind: str, method: SparsityMethod) -> tuple[str, ...]:
 
 
 def objective(kind: str, method: SparsityMethod, out, x: Tensor) -> dict[str, Tensor]:
-    """One batch's loss and its named terms (`out`: the model's AutoencoderOutput for x)."""
+    """One batch's loss and its named terms (`out`: the model's AutoencoderOutput for x).
+
+    `loss` is reconstruction + penalty, the quantity validation reports as val/loss; a method's
+    auxiliary terms (AuxK) are among the named terms, and `minimised` adds them."""
     recon = reconstruction_loss(kind, out.recon, x)
     terms = method.batch_terms(out, x)
     return {"loss": recon + method.penalty(terms), kind: recon, **terms}
+
+
+def minimised(method: SparsityMethod, named: Mapping[str, Tensor]) -> Tensor:
+    """What a training step minimises: the loss and the method's auxiliary terms."""
+    return named["loss"] + method.auxiliary(named)
 
 
 def split_objective(

@@ -39,6 +39,22 @@ class UnitActivity(Metric):
         return (self.total / self.count).float(), (self.active / self.count).float()
 
 
+def off_values(codes: Tensor, threshold: float) -> Tensor:
+    """Per unit, the mean of its codes at or below `threshold` (0 for a unit never there): the
+    constant the unit reads as while L0 counts it inactive. A decoder bias can absorb a constant,
+    so replacing those codes by it keeps what a code carries in its active units only."""
+    below = codes <= threshold
+    total = torch.where(below, codes, 0.0).sum(dim=0, dtype=torch.float64)
+    return (total / below.sum(dim=0).clamp_min(1)).to(codes.dtype)
+
+
+def truncate_codes(codes: Tensor, threshold: float, off: Tensor) -> Tensor:
+    """The code the decoder would see if only the units L0 counts were active: each code at or
+    below `threshold` replaced by its unit's off value (`off_values`). For ReLU and TopK codes
+    (threshold 0, inactive codes exactly 0, off values 0) it is the code itself."""
+    return torch.where(codes > threshold, codes, off)
+
+
 def rho_hat_summary(rho_hat: Tensor) -> dict[str, Tensor]:
     """Mean, min and max over units of the per-unit mean activation."""
     return {"rho_hat_mean": rho_hat.mean(), "rho_hat_min": rho_hat.min(), "rho_hat_max": rho_hat.max()}

@@ -48,8 +48,11 @@ class AutoencoderOutput(NamedTuple):
     decoder_weight: Tensor  # the decoder's first layer (out x latent): column j is unit j's
     latent_preactivation: Tensor  # the latent layer's input to its activation
     # The decoder, codes -> reconstructions. Under torch.func.functional_call it runs on the
-    # module's own weights, not the call's: a method that uses it is not stackable.
+    # module's own weights, not the call's: a method that uses it is not stackable (nor one that
+    # uses latent_layer).
     decode: Callable[[Tensor], Tensor]
+    latent_input: Tensor  # what the latent layer reads: the last encoder hidden layer, or x
+    latent_layer: Callable[[Tensor], Tensor]  # latent_input -> latent_preactivation
 
 
 def layer_names(num_hidden: int) -> list[str]:
@@ -132,6 +135,7 @@ class SparseAutoencoder(nn.Module):
         # The output block is not a named hidden layer, hence strict=False (it runs below).
         for name, block in zip(self._names, [*self.encoder, *self.decoder], strict=False):
             if name == "latent":
+                latent_input, latent_layer = h, block[0]
                 pre = block[0](h)
                 h = code = block[1](pre)
             else:
@@ -146,6 +150,8 @@ class SparseAutoencoder(nn.Module):
             decoder_weight=self.decoder_weight,
             latent_preactivation=pre,
             decode=self.decoder,
+            latent_input=latent_input,
+            latent_layer=latent_layer,
         )
 
     @property

@@ -12,13 +12,22 @@ from torchmetrics import MeanMetric, Metric
 
 from sae.console import UserError
 from sae.lightning_internals import CheapHookName, count_optimizer_steps
-from sae.loss import RECONSTRUCTION_LOSSES, objective, split_objective, term_names
-from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
+from sae.loss import RECONSTRUCTION_LOSSES, minimised, objective, split_objective, term_names
+from sae.metrics import (
+    FractionOfVarianceUnexplained,
+    UnitActivity,
+    density_summary,
+    off_values,
+    rho_hat_summary,
+    truncate_codes,
+)
 from sae.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
 from sae.sparsity import make_method
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
+# The first this many training images give each latent unit its off value (truncated_mse).
+OFF_VALUE_IMAGES = 10_000
 
 
 class SparseAutoencoderModule(CheapHookName, L.LightningModule):
@@ -91,6 +100,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
+        self._off_values = torch.zeros(latent_dim)  # per latent unit, set before each validation and test
 
     def setting(self) -> str:
         """The knobs that tell runs apart, for figure titles: method and its knobs, width, lr."""
@@ -128,6 +138,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         return nn.ModuleDict(
             {
                 "mse": MeanMetric(),
+                "truncated_mse": MeanMetric(),
                 "bce": MeanMetric(),
                 "fvu": FractionOfVarianceUnexplained(self.hparams.input_dim),
                 "activity": nn.ModuleDict(activity),
@@ -188,7 +199,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         written = None
         for x, _ in batches:
             named = objective(hp.recon_loss, self.method, self.net(x), x)
-            loss = named["loss"]
+            loss = minimised(self.method, named)
             terms = torch.stack(list(named.values()))
             if self._plain_steps:
                 optimizer.optimizer.zero_grad()
@@ -280,6 +291,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         # The epochs the run is set to train: resume= continues to them unless told otherwise.
         checkpoint["epochs"] = self.trainer.max_epochs
 
+    def on_fit_start(self) -> None:
+        self.method.prepare(self._training_images())
+
     def on_train_start(self) -> None:
         self._plain_steps = plain_steps_are_equivalent(self.trainer)
         # Training continued from a checkpoint (ckpt_path=) restores Adam's state with the lr it
@@ -293,11 +307,27 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._stop_if_diverged()
 
+    @torch.no_grad()
+    def latent_off_values(self) -> Tensor:
+        """Per latent unit, its off value (sae.metrics.off_values) on the first OFF_VALUE_IMAGES
+        training images: fitted on training data, like the probe, never on the split it scores."""
+        codes = self.encode(self._training_images()[:OFF_VALUE_IMAGES])
+        return off_values(codes, self.activity_threshold("latent"))
+
+    def _training_images(self) -> Tensor:
+        datamodule = self.trainer.datamodule
+        if not callable(getattr(datamodule, "split", None)):
+            raise UserError("the module reads the training split: pass a data module with split()")
+        return datamodule.split("train")[0]
+
     def _eval_step(self, split: str, x: Tensor) -> Tensor:
         out = self.net(x, all_layers=True)
         metrics = self.split_metrics[split]
         # Per-sample means, averaged over samples: exactly the per-pixel mean over the split.
         metrics["mse"].update(F.mse_loss(out.recon, x, reduction="none").mean(dim=1))
+        truncated = truncate_codes(out.code, self.activity_threshold("latent"), self._off_values)
+        truncated_recon = self.net.decoder(truncated)
+        metrics["truncated_mse"].update(F.mse_loss(truncated_recon, x, reduction="none").mean(dim=1))
         if self.hparams.recon_loss == "bce":
             metrics["bce"].update(F.binary_cross_entropy(out.recon, x, reduction="none").mean(dim=1))
         metrics["fvu"].update(out.recon, x)
@@ -319,6 +349,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         unit_means = {name: means for name, (means, _) in activity.items()}
         values = split_objective(self.method, recon, unit_means, self.net.decoder_weight.detach())
         values.update(mse=metrics["mse"].compute(), fvu=metrics["fvu"].compute(), l0=density[0].sum())
+        values["truncated_mse"] = metrics["truncated_mse"].compute()
         values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
         if hp.recon_loss == "bce":
             values["bce"] = recon
@@ -345,9 +376,11 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_split("val")
+        self._off_values = self.latent_off_values()
 
     def on_test_epoch_start(self) -> None:
         self._reset_split("test")
+        self._off_values = self.latent_off_values()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step("val", batch[0])  # the codes, for callbacks' histograms

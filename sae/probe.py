@@ -116,9 +116,12 @@ def probe_accuracies(
     max_iter: int = 100,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    val: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
     """What logistic regression reads off an autoencoder's codes and reconstructions, against the
-    pixels (sae.callbacks.LinearProbe says what each number means).
+    pixels (sae.callbacks.LinearProbe says what each number means), by metric name: test/...,
+    and with `val` (images, labels) the code probe scored on them too (val/probe_accuracy, what
+    a sweeper may select on).
 
     `autoencoder` is an sae.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
     any device. Called in the run's process, or in a sweep's worker process with a copy of the
@@ -137,11 +140,16 @@ def probe_accuracies(
         code_accuracy = codes.accuracy(test_codes, data.test_y.to(codes.weight.device))
         pixels, pixel_accuracy = pixel_classifier(data, weight_decay, max_iter, cache_dir)
         test_y = data.test_y.to(pixels.weight.device)
-        return {
-            "probe_accuracy": code_accuracy,
-            "probe_accuracy_pixels": pixel_accuracy,
-            "probe_accuracy_reconstructions": pixels.accuracy(recon.to(pixels.weight.device), test_y),
+        values = {
+            "test/probe_accuracy": code_accuracy,
+            "test/probe_accuracy_pixels": pixel_accuracy,
+            "test/probe_accuracy_reconstructions": pixels.accuracy(recon.to(pixels.weight.device), test_y),
         }
+        if val is not None:
+            with _torch_threads(threads):
+                val_codes = autoencoder.encode_all(val[0])
+            values["val/probe_accuracy"] = codes.accuracy(val_codes, val[1].to(codes.weight.device))
+        return values
 
 
 @contextlib.contextmanager

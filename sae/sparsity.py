@@ -79,6 +79,19 @@ class SparsityMethod(nn.Module):
         """What the terms add to the loss (e.g. beta * kl)."""
         raise NotImplementedError
 
+    def auxiliary(self, terms: Mapping[str, Tensor]) -> Tensor | float:
+        """What training minimises beside the loss (TopK's AuxK): a term validation does not
+        have, kept out of `loss` so that train/loss and val/loss are the same quantity."""
+        return 0.0
+
+    def prepare(self, training_inputs: Tensor) -> None:
+        """Statistics of the training inputs the method needs before its first step (none here)."""
+
+    def fit_record(self) -> dict[str, float]:
+        """What the method's state says about the training that led to it, for metrics.json as
+        `fit/<name>` (TopK's AuxK: latents dead and revived)."""
+        return {}
+
 
 def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
     """Sum over units of KL(rho || rho_hat_j) between Bernoulli distributions.
@@ -160,19 +173,32 @@ class TopKSparsity(SparsityMethod):
     exactly 0: sparsity by construction (the `topk` latent activation), no penalty term. L0 is
     at most k (less where a kept pre-activation is negative).
 
-    With `auxk` (model.auxk=true), the auxiliary loss of Gao et al. (2024) revives dead latents:
-    a latent is dead after `auxk_dead_after` training inputs without firing; on each batch the
-    `auxk_k` largest pre-activations among the dead ones (through a ReLU) are asked to explain
-    what the live code leaves unexplained, e = x - recon (held fixed):
+    With `auxk` (model.auxk=true), the auxiliary loss of Gao et al. (2024) revives dead latents,
+    weighted as their reference code (openai/sparse_autoencoder, train.py) weighs it. A latent is
+    dead after `auxk_dead_after` training inputs without firing, counted with this batch (the
+    reference takes the mask after its counter update too). On each batch the `auxk_k` largest
+    pre-activations among the dead latents (through a ReLU) are asked to explain what the live
+    code leaves unexplained, e = x - recon (held fixed):
 
-        auxk = sum ||e - e_hat||^2 / sum ||e||^2,  e_hat = decode(z + z_aux) - decode(z)
+        auxk = mean (e - e_hat)^2 / mean (e - batch mean of e)^2,
+        e_hat = decode(z + z_aux) - decode(z),
 
-    with z the live code (held fixed), so only the dead latents and the decoder learn from it.
-    For a linear decoder e_hat is W_dec z_aux, Gao et al.'s term; this form keeps that meaning
-    for a nonlinear one. It adds `auxk_alpha * auxk` to the training loss (`train/auxk`, 1 while
-    no latent is dead) and logs `train/auxk_dead`, the latents dead by that window; validation
-    and test report the reconstruction alone. Training only: the count of inputs since each
-    latent last fired is a buffer, checkpointed and resumed with the weights.
+    z the live code (held fixed): the reference's normalized_mse. For a linear decoder e_hat is
+    W_dec z_aux, Gao et al.'s term; this form keeps that meaning for a nonlinear one, where the
+    decoder's bias cancels (the reference's bias also learns from the term). The dead
+    latents' pre-activations are recomputed from the latent layer's input held fixed, so AuxK's
+    gradient reaches the dead latents' own weights (the latent layer's rows) and the decoder, as
+    in Gao et al.'s one-layer encoder, and never the encoder layers the live latents share.
+
+    Gao et al. minimise mse / Var(x) + auxk_alpha * auxk, Var(x) the training inputs' per-pixel
+    variance (averaged over pixels). The reconstruction here is the raw MSE, so that train/mse
+    compares across methods: the auxiliary term is weighted auxk_alpha * Var(x), which makes the
+    loss Var(x) times theirs, the same gradient direction and, under Adam, the same steps.
+
+    It logs `train/auxk`, `train/auxk_dead` (latents dead by the window) and
+    `train/auxk_revived` (latents that fired again after being dead: 0 means AuxK did nothing);
+    the objective's `loss` leaves the auxiliary term out, so `train/loss` and `val/loss` are the
+    same quantity. The counters are buffers, checkpointed and resumed with the weights.
     """
 
     name = "topk"
@@ -183,11 +209,15 @@ class TopKSparsity(SparsityMethod):
     def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
         super().__init__(knobs, layers)
         self.auxk = bool(self.knobs.get("auxk"))
+        self.input_variance: float | None = None  # of the training inputs: prepare() sets it
         if self.auxk:
-            self.batch_term_names = ("auxk", "auxk_dead")
+            self.batch_term_names = ("auxk", "auxk_dead", "auxk_revived")
             latent_dim = int(self.knobs["latent_dim"])
             self.auxk_k = int(self.knobs.get("auxk_k") or latent_dim // 2)
             self.register_buffer("inputs_since_fired", torch.zeros(latent_dim))
+            # 1 for each latent that has been dead (by the window) / has fired again since.
+            self.register_buffer("was_dead", torch.zeros(latent_dim))
+            self.register_buffer("revived", torch.zeros(latent_dim))
 
     @classmethod
     def stacks(cls, knobs: Mapping[str, Any]) -> bool:
@@ -196,27 +226,54 @@ class TopKSparsity(SparsityMethod):
     def describe(self) -> str:
         return f"topk (k {self.knobs['k']}{', AuxK' if self.auxk else ''})"
 
+    def prepare(self, training_inputs: Tensor) -> None:
+        if self.auxk:
+            x = training_inputs.double()
+            self.input_variance = float(x.var(dim=0, unbiased=False).mean())
+
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         if not self.auxk:
             return {}
-        dead = self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
+        dead_after = float(self.knobs["auxk_dead_after"])
         if self.training:
             with torch.no_grad():
-                fired = (out.code > 0).any(dim=0)
-                self.inputs_since_fired.add_(len(x)).masked_fill_(fired, 0)
-        # The auxk_k largest dead pre-activations; a live unit is -inf, so kept only when fewer
-        # than auxk_k are dead, and then 0 after the ReLU: no host sync for the count.
-        pre = out.latent_preactivation.masked_fill(~dead, float("-inf"))
+                fired = (out.code > 0).any(dim=0).float()
+                self.was_dead.masked_fill_(self.inputs_since_fired >= dead_after, 1)
+                self.revived.add_(self.was_dead * fired).clamp_(max=1)
+                self.inputs_since_fired.add_(len(x)).mul_(1 - fired)
+        dead = self.inputs_since_fired >= dead_after  # counted with this batch, as the reference does
+        # The auxk_k largest dead pre-activations, from the latent layer's input held fixed; a live
+        # unit is -inf, so kept only when fewer than auxk_k are dead, and then 0 after the ReLU: no
+        # host sync for the count.
+        pre = out.latent_layer(out.latent_input.detach()).masked_fill(~dead, float("-inf"))
         values, indices = pre.topk(min(self.auxk_k, pre.shape[-1]), dim=-1)
         z_aux = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
         z = out.code.detach()
         residual = (x - out.recon).detach()
         e_hat = out.decode(z + z_aux) - out.decode(z)
-        auxk = (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
-        return {"auxk": auxk, "auxk_dead": dead.sum().to(auxk.dtype)}
+        spread = (residual - residual.mean(dim=0)).pow(2).mean().clamp_min(1e-12)
+        auxk = (residual - e_hat).pow(2).mean() / spread
+        return {
+            "auxk": auxk,
+            "auxk_dead": dead.sum().to(auxk.dtype),
+            "auxk_revived": self.revived.sum().to(auxk.dtype),
+        }
 
     def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor | float:
-        return self.knobs["auxk_alpha"] * terms["auxk"] if "auxk" in terms else 0.0  # training only
+    def penalty(self, terms: Mapping[str, Tensor]) -> float:
+        return 0.0
+
+    def auxiliary(self, terms: Mapping[str, Tensor]) -> Tensor | float:
+        if "auxk" not in terms:
+            return 0.0
+        if self.input_variance is None:
+            raise RuntimeError("AuxK weighs its term by the training inputs' variance: call prepare() first")
+        return self.knobs["auxk_alpha"] * self.input_variance * terms["auxk"]
+
+    def fit_record(self) -> dict[str, float]:
+        if not self.auxk:
+            return {}
+        dead = self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
+        return {"auxk_dead": float(dead.sum()), "auxk_revived": float(self.revived.sum())}

@@ -27,7 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from sae.checkpoints import ARCHITECTURE
 from sae.data import BatchIndexSampler
 from sae.lightning_internals import count_optimizer_steps
-from sae.loss import objective
+from sae.loss import minimised, objective
 from sae.module import SparseAutoencoderModule
 from sae.sparsity import make_method
 from sae.training import build_data_and_module
@@ -69,16 +69,19 @@ class StackedTraining:
         self.steps = 0
         self._terms = vmap(self._job_terms)
 
-    def _job_terms(self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor) -> Tensor:
-        """One job's training terms on its batch (the module's term_names, stacked): its objective."""
+    def _job_terms(
+        self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One job's minimised loss on its batch, and its terms (the module's term_names, stacked)."""
         out = functional_call(self.net, (params, buffers), (x,))
         method = make_method(self.sparsity, {**self.knobs, "rho": rho, "beta": beta}, self.layers)
-        return torch.stack(list(objective(self.recon_loss, method, out, x).values()))
+        named = objective(self.recon_loss, method, out, x)
+        return minimised(method, named), torch.stack(list(named.values()))
 
     def step(self, x: Tensor) -> Tensor:
         """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""
-        terms = self._terms(self.params, self.buffers, x, self.rho, self.beta)
-        grads = torch.autograd.grad(terms[:, 0].sum(), list(self.params.values()))  # jobs are independent
+        losses, terms = self._terms(self.params, self.buffers, x, self.rho, self.beta)
+        grads = torch.autograd.grad(losses.sum(), list(self.params.values()))  # jobs are independent
         self.steps += 1
         self._adam(dict(zip(self.params, grads, strict=True)))
         return terms.detach()

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from sae.atomic import write_atomic, write_text_atomic
 from sae.console import JobFailed, one_line, report
+from sae.metric_names import ERROR_AXIS, FRONTIER_AXES, SPARSITY_AXIS, higher_is_better, within_setting
 from sae.run_folder import record_status, recorded_status
 
 # The reference notebook's baselines, each with what it was trained on. Its published test MSE is
@@ -48,24 +49,27 @@ BASELINES = (
         "train_images": 60000,
     },
 )
-HIGHER_IS_BETTER = ("accuracy",)  # metric names containing these are maximised
-# The columns a reader compares first, in this order; the other metrics follow alphabetically.
+# The columns a reader compares first, in this order (those that compare across settings, then
+# val/loss, which holds beta * the penalty); the other metrics follow alphabetically.
 KEY_METRICS = (
-    "val/loss",
+    "test/truncated_mse",
     "test/mse",
-    "test/rho_hat_mean",
-    "test/rho_hat_min",
-    "test/rho_hat_max",
     "test/l0",
     "test/fvu",
     "test/dead_fraction",
     "test/encoder_1/dead_fraction",
+    "test/rho_hat_mean",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
     "test/probe_accuracy",
     "test/probe_accuracy_reconstructions",
+    "fit/auxk_dead",
+    "fit/auxk_revived",
+    "val/loss",
 )
 SHOWN_FIT = ("fit/seconds", "fit/stacked_jobs")  # in summary.md beside KEY_METRICS
 # The metrics a sweep command's closing lines show for its best jobs.
-CLOSING_METRICS = ("test/mse", "test/l0", "test/dead_fraction", "test/probe_accuracy")
+CLOSING_METRICS = ("test/truncated_mse", "test/mse", "test/l0", "test/dead_fraction", "test/probe_accuracy")
 # Knobs that change the training objective itself: across them val/loss (which contains beta * the
 # penalty) ranks jobs by their objective, not by how well they reconstruct at a given sparsity.
 OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
@@ -82,8 +86,6 @@ NON_OVERRIDE_COLUMNS = (
     "seeds",
     "jobs",
 )  # jobs that differ only in these are repeats of one setting
-# The ranking across objective knobs: reconstruction against sparsity, as the Pareto plot shows it.
-FRONTIER_AXES = ("test/l0", "test/mse")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -222,10 +224,6 @@ def _optimized_metric(jobs: list[Path]) -> str:
     return "val/loss"
 
 
-def _higher_is_better(metric: str) -> bool:
-    return any(word in metric for word in HIGHER_IS_BETTER)
-
-
 def is_number(value: Any) -> bool:
     """A finite int or float (not a bool): a metric value that can be ranked, averaged or drawn."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -270,6 +268,13 @@ def frontier_ranks(rows: list[dict[str, Any]], axes: tuple[str, str] = FRONTIER_
     return ranks
 
 
+def frontier_axes(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(L0, the truncated code's test MSE), or (L0, test MSE) for jobs that predate the latter."""
+    if any(ERROR_AXIS in row for row in rows):
+        return FRONTIER_AXES
+    return (SPARSITY_AXIS, "test/mse")
+
+
 def ranking(
     rows: list[dict[str, Any]], optimized_metric: str, objective_differs: list[str] = ()
 ) -> tuple[Any, str]:
@@ -278,35 +283,42 @@ def ranking(
     The sweep's optimized_metric, unless it contains the sparsity penalty (val/loss) and the jobs
     differ in a knob of the objective (beta, rho, ...; by their overrides, or `objective_differs`,
     read from their configs): then the lower beta would win by construction, so the jobs are
-    ranked by their Pareto rank on (L0, test MSE), then test MSE.
+    ranked by their Pareto rank on (L0, the truncated code's test MSE), then that MSE.
     """
     knobs = [k for k in swept_knobs(rows) if k not in SEED_KNOBS]
     objective = [k for k in knobs if k in OBJECTIVE_KNOBS or k.startswith(("model.", "sparsity"))]
     objective += [k for k in objective_differs if k not in objective]
-    if optimized_metric.endswith("/loss") and objective:
-        ranks = frontier_ranks(rows)
+    if within_setting(optimized_metric) and objective:
+        axes = frontier_axes(rows)
+        ranks = frontier_ranks(rows, axes)
         for row, rank in zip(rows, ranks, strict=True):
             row["frontier"] = rank
 
         def by_frontier(row: dict[str, Any]):
             ok = row.get("frontier") is not None and row.get("status", "ok") == "ok"
-            return (0, row["frontier"], row["test/mse"]) if ok else (1, 0, 0.0)
+            return (0, row["frontier"], row[axes[1]]) if ok else (1, 0, 0.0)
 
         said = (
-            f"ranked by `frontier`, the Pareto rank on ({', '.join(f'`{a}`' for a in FRONTIER_AXES)}), both "
-            "lower = better (1: no other job is both sparser and reconstructs better), then by `test/mse`. "
-            f"Not by `{optimized_metric}`: it contains beta * the sparsity penalty, and the jobs differ in "
-            f"{', '.join(f'`{k}`' for k in objective)}, so it would rank them by their objective"
+            f"ranked by `frontier`, the Pareto rank on ({', '.join(f'`{a}`' for a in axes)}), both "
+            "lower = better (1: no other job is both sparser and reconstructs better), "
+            f"then by `{axes[1]}`. Not by `{optimized_metric}`: it contains beta * the sparsity penalty, "
+            f"and the jobs differ in {', '.join(f'`{k}`' for k in objective)}, so it would rank them by "
+            "their objective"
         )
+        if axes != FRONTIER_AXES:
+            said += (
+                f". These jobs predate `{ERROR_AXIS}` (the error of the code truncated at the L0 threshold): "
+                "`test/mse` stands in, which for dense (sigmoid) codes is not the error at that L0"
+            )
         return by_frontier, said
-    sign = -1 if _higher_is_better(optimized_metric) else 1
+    sign = -1 if higher_is_better(optimized_metric) else 1
 
     def by_metric(row: dict[str, Any]):
         value = row.get(optimized_metric)
         ok = row.get("status", "ok") == "ok" and is_number(value)
         return (0, sign * value) if ok else (1, 0.0)
 
-    best = "highest" if _higher_is_better(optimized_metric) else "lowest"
+    best = "highest" if higher_is_better(optimized_metric) else "lowest"
     return by_metric, f"ranked by `{optimized_metric}` ({best} first), the sweep's optimized_metric"
 
 
@@ -408,10 +420,15 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
 
     ranked = sorted(rows, key=sort_key)
     # The Markdown shows what differs between jobs; summary.csv keeps every column.
-    keep = ("job", "status", "frontier", metric) if "frontier" in columns else ("job", "status", metric)
+    across = "frontier" in columns  # the jobs differ in the objective: within-setting metrics mislead
+    keep = ("job", "status", "frontier") if across else ("job", "status", metric)
     shown, same = split_constant_columns(rows, [c for c in columns if c not in RUN_RECORD_COLUMNS], keep=keep)
     # Of the metrics, the ones compared first (and the run's time): a table that reads.
-    hidden = [c for c in shown if "/" in c and c not in (metric, *KEY_METRICS, *SHOWN_FIT)]
+    hidden = [
+        c
+        for c in shown
+        if "/" in c and (c not in (metric, *KEY_METRICS, *SHOWN_FIT) or (across and within_setting(c)))
+    ]
     shown = [c for c in shown if c not in hidden]
     baselines = "; ".join(
         f"{b['name']}: test MSE {b['test/mse']:g} ({b['epochs']} epochs, {b['train_images'] // 1000}k images)"
@@ -425,6 +442,11 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     if same:
         common = ", ".join(f"`{k}` {v}" for k, v in same.items())
         header += f"The same in every job (that has it), so not in the table: {common}.\n\n"
+    if across and any(within_setting(c) for c in hidden):
+        header += (
+            "`val/loss` holds beta * the sparsity penalty, so it compares jobs of one setting only (an lr "
+            "or seed search), not these: it is in summary.csv, not in the tables below.\n\n"
+        )
     if hidden:
         header += f"Also in summary.csv, one column each: {', '.join(f'`{c}`' for c in hidden)}.\n\n"
     body = markdown_table(ranked, shown)
@@ -458,7 +480,7 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
         columns + [c for m in metrics for c in (m, f"{m}_std")],
     )
     varying = [k for k in knobs if len({_fmt(s.get(k)) for s in settings}) > 1] or knobs
-    shown = [m for m in metrics if m in KEY_METRICS]
+    shown = [m for m in metrics if m in KEY_METRICS and not (extra and within_setting(m))]
     table = [{**s, **{m: _mean_std(s, m) for m in shown}} for s in sorted(settings, key=sort_key)]
     return (
         "## By setting: mean ± sample std over seeds (n jobs each)\n\n"

@@ -118,6 +118,8 @@ def _train(
     metrics["fit/seconds"] = fit_seconds
     metrics["fit/epochs"] = trainer.current_epoch
     metrics["fit/threads"] = torch.get_num_threads()
+    # The tested checkpoint's method state: e.g. how many latents AuxK revived on the way to it.
+    metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
     if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
         metrics["fit/seconds"] += replay.stacked_seconds
         metrics["fit/stacked_jobs"] = replay.stacked_jobs
@@ -125,9 +127,8 @@ def _train(
     metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
     if resumed_with:  # settings the resume changed (e.g. more epochs)
         metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
-    if cfg.optimized_metric not in metrics and cfg.optimized_metric not in pending_results_metrics(
-        output_dir
-    ):
+    wanted = cfg.optimized_metric
+    if wanted and wanted not in metrics and wanted not in pending_results_metrics(output_dir):
         report(
             f"warning: optimized_metric={cfg.optimized_metric} is not among this run's metrics: a sweeper "
             "(Optuna) gets nothing from it; metrics.json lists the names",

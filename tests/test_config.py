@@ -72,6 +72,11 @@ BAD = [
         "trainer.max_epoch is not an argument of Lightning's Trainer; did you mean max_epochs?",
     ),
     ("+bta=0.1", "bta is not a setting of train.py; did you mean beta?"),
+    (
+        "optimized_metric=test/loss",
+        "optimized_metric='test/loss' must be a validation metric (val/loss, val/mse, ...) or null: a "
+        "sweeper selects on the validation split, never on the test split it reports",
+    ),
     ("+model.rhoo=0.1", "model.rhoo is not a setting of the model; did you mean rho?"),
     ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
     (
@@ -128,6 +133,20 @@ def test_every_copy_of_a_knob_is_declared_and_follows_it(mnist_root, tmp_path):
     assert cfg.callbacks.hparams_summary.params.rho == 0.1
     for old in RENAMED:
         assert OmegaConf.select(cfg, old) is None  # kept only to name its new spelling
+
+
+@pytest.mark.parametrize(
+    ("metric", "direction"),
+    [("val/loss", "minimize"), ("val/mse", "minimize"), ("val/probe_accuracy", "maximize")],
+)
+def test_the_optuna_study_direction_follows_the_metric(metric, direction):
+    """The preset writes no direction of its own: accuracy is maximised, errors minimised."""
+    import sae.metric_names  # noqa: F401 -- registers the resolver, as the sweep's callback does
+
+    cfg = compose_config(
+        "train", ["hparams_search=optuna", f"optimized_metric={metric}"], return_hydra_config=True
+    )
+    assert cfg.hydra.sweeper.direction == direction
 
 
 def test_evaluate_config_needs_no_training_knobs():

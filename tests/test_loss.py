@@ -21,6 +21,8 @@ def forward_output(activations: dict, decoder_weight=None, recon=None) -> Autoen
         decoder_weight=torch.eye(code.shape[1]) if decoder_weight is None else decoder_weight,
         latent_preactivation=code,
         decode=lambda z: z,
+        latent_input=code,
+        latent_layer=lambda h: h,
     )
 
 

@@ -242,7 +242,11 @@ def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count
         pixels = probe.fit_linear_classifier(train_x, train_y, max_iter=20)
         recon = model(test_x).recon
     assert values == {
-        "probe_accuracy": codes.accuracy(encode_all(test_x), test_y),
-        "probe_accuracy_pixels": pixels.accuracy(test_x, test_y),
-        "probe_accuracy_reconstructions": pixels.accuracy(recon, test_y),
+        "test/probe_accuracy": codes.accuracy(encode_all(test_x), test_y),
+        "test/probe_accuracy_pixels": pixels.accuracy(test_x, test_y),
+        "test/probe_accuracy_reconstructions": pixels.accuracy(recon, test_y),
     }
+    # With a validation split: the same code classifier scored on its codes, for a sweeper.
+    val_x, val_y = images[100:120], labels[100:120]
+    with_val = probe.probe_accuracies(model, data, max_iter=20, val=(val_x, val_y))
+    assert with_val == values | {"val/probe_accuracy": codes.accuracy(encode_all(val_x), val_y)}

@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from sae.checkpoints import load_checkpoint
 from sae.data import MNISTDataModule
+from sae.metrics import off_values, truncate_codes
 from sae.module import SparseAutoencoderModule
 
 
@@ -35,6 +36,8 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
         rho=0.1,
         beta=0.5,
     )
+    with torch.no_grad():  # latent codes on both sides of the 0.1 threshold, so truncation matters
+        module.net.encoder[-1][0].bias.fill_(-2.0)
     dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100, eval_batch_size=7)
     got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
     assert (got.pop("step"), got.pop("epoch")) == (0, 0)  # the loggers' x-axis: no step taken yet
@@ -57,7 +60,17 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
     recon = mse if recon_loss == "mse" else bce
     latent = rho_hat["latent"]
     sst = ((x - x.mean(0)) ** 2).sum()
+    # truncated_mse: each latent unit's codes at or below 0.1 replaced by the mean of its such
+    # codes on the first 10,000 training images, one unit at a time.
+    train_codes = net.encoder(dm.split("train")[0][:10_000].double())
+    truncated = out.code.clone()
+    for j in range(out.code.shape[1]):
+        off = train_codes[:, j][train_codes[:, j] <= 0.1]
+        truncated[out.code[:, j] <= 0.1, j] = off.mean() if len(off) else 0.0
+    truncated_mse = ((net.decoder(truncated) - x) ** 2).mean()
+    assert not torch.equal(truncated, out.code)
     expected = {
+        "val/truncated_mse": truncated_mse,
         "val/fvu": ((out.recon - x) ** 2).sum() / sst,
         "val/l0": (out.code > 0.1).sum(1).double().mean(),
         "val/l0@0.05": (out.code > 0.05).sum(1).double().mean(),
@@ -81,6 +94,28 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert got[k] == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+
+
+def test_truncated_code_hand_case():
+    """Two units, threshold 0.1: the codes at or below it become the unit's mean of such codes."""
+    codes = torch.tensor([[0.05, 0.9], [0.5, 0.02], [0.07, 0.04], [0.2, 0.6]])
+    off = off_values(codes, 0.1)
+    torch.testing.assert_close(off, torch.tensor([0.06, 0.03]))
+    expected = torch.tensor([[0.06, 0.9], [0.5, 0.03], [0.06, 0.03], [0.2, 0.6]])
+    torch.testing.assert_close(truncate_codes(codes, 0.1, off), expected)
+    torch.testing.assert_close(off_values(torch.ones(3, 2), 0.1), torch.zeros(2))  # never off: 0
+
+
+@pytest.mark.parametrize("method", ["l1", "topk"])
+def test_truncated_mse_is_the_mse_for_exactly_sparse_codes(mnist_root, method):
+    """ReLU and TopK codes are exactly 0 where L0 counts them off: the decoder already sees the
+    truncated code, so truncated_mse is the MSE (to the last bit)."""
+    torch.manual_seed(0)
+    knobs = dict(k=4, latent_activation="topk") if method == "topk" else dict(latent_activation="relu")
+    module = SparseAutoencoderModule(sparsity=method, **knobs)
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100)
+    got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+    assert got["val/truncated_mse"] == got["val/mse"]
 
 
 def test_dead_and_dense_units_of_every_layer_hand_case(mnist_root):

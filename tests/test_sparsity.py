@@ -170,26 +170,34 @@ def test_topk_settings_are_checked(mnist_root, tmp_path, overrides, message):
     assert message in str(err.value)
 
 
-def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False):
-    """A one-layer float64 topk autoencoder and its method with AuxK on."""
+def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False, hidden_dims=()):
+    """A float64 topk autoencoder (one layer unless hidden_dims) and its method with AuxK on."""
     from sae.model import SparseAutoencoder
 
     torch.manual_seed(0)
     out_act = "identity" if linear else "sigmoid"
-    net = SparseAutoencoder(5, [], latent_dim, latent_activation="topk", output_activation=out_act, k=k)
+    net = SparseAutoencoder(
+        5, list(hidden_dims), latent_dim, latent_activation="topk", output_activation=out_act, k=k
+    )
     knobs = dict(k=k, latent_dim=latent_dim, auxk=True, auxk_alpha=0.5, auxk_k=2, auxk_dead_after=4)
     return net.double(), METHODS["topk"](knobs, ["latent"]).double()
 
 
+def normalized_mse(recon, target):
+    """openai/sparse_autoencoder's: the MSE over the MSE of the target's batch mean."""
+    return ((recon - target) ** 2).mean() / ((target.mean(dim=0) - target) ** 2).mean()
+
+
 def test_auxk_hand_computed_in_float64():
-    """auxk = sum ||e - e_hat||^2 / sum ||e||^2 with e_hat = decode(z + z_aux) - decode(z), z_aux
-    the auxk_k largest dead pre-activations (ReLU'd), recomputed here row by row."""
+    """auxk = normalized_mse(e_hat, e), e_hat = decode(z + z_aux) - decode(z), z_aux the auxk_k
+    largest dead pre-activations (ReLU'd), recomputed here row by row."""
     net, method = auxk_model()
+    method.eval()  # the counters stay as set
     x = torch.rand(3, 5, dtype=torch.float64)
     method.inputs_since_fired.copy_(torch.tensor([0.0, 4, 9, 3, 4, 5]))  # units 1, 2, 4, 5 dead
     out = net(x)
     terms = method.batch_terms(out, x)
-    assert list(terms) == ["auxk", "auxk_dead"] and terms["auxk_dead"].item() == 4
+    assert list(terms) == ["auxk", "auxk_dead", "auxk_revived"] and terms["auxk_dead"].item() == 4
 
     w, b = net.encoder[0][0].weight.detach(), net.encoder[0][0].bias.detach()
     pre = x @ w.T + b
@@ -202,34 +210,60 @@ def test_auxk_hand_computed_in_float64():
         z, recon = out.code, out.recon
         e = x - recon
         e_hat = net.decoder(z + z_aux) - net.decoder(z)
-    expected = ((e - e_hat) ** 2).sum() / (e**2).sum()
-    assert terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-12)
-    assert method.penalty(terms).item() == pytest.approx(0.5 * expected.item(), rel=1e-12)
+    assert terms["auxk"].item() == pytest.approx(normalized_mse(e_hat, e).item(), rel=1e-12)
+    assert method.penalty(terms) == 0.0  # nothing in `loss`: train/loss is val/loss's quantity
+    method.prepare(x)
+    variance = ((x - x.mean(dim=0)) ** 2).mean().item()  # per pixel over the inputs, averaged over pixels
+    assert method.auxiliary(terms).item() == pytest.approx(0.5 * variance * terms["auxk"].item(), rel=1e-12)
 
 
-def test_auxk_with_a_linear_decoder_is_gao_et_als_term_and_trains_only_dead_latents():
+def test_auxk_loss_is_gao_et_als_times_the_input_variance():
+    """With a one-layer encoder and a linear decoder, the minimised loss is Var(x) times the
+    reference's mse / Var(x) + alpha * normalized_mse(W_dec z_aux + b, e + b): equal gradients
+    after dividing by Var(x), so Adam takes the same steps (b held fixed in the auxiliary term)."""
+    from sae.loss import minimised, objective
+
     net, method = auxk_model(linear=True)
-    x = torch.rand(4, 5, dtype=torch.float64)
-    method.inputs_since_fired.fill_(10.0)
-    method.inputs_since_fired[:3] = 0  # units 0-2 live, 3-5 dead
-    out = net(x)
-    auxk = method.batch_terms(out, x)["auxk"]
-    pre = out.latent_preactivation.detach()
-    kept = pre[:, 3:].topk(2, dim=1)
-    z_aux = torch.zeros_like(pre)
-    z_aux[:, 3:] = torch.zeros_like(pre[:, 3:]).scatter(1, kept.indices, kept.values.relu())
-    e = (x - out.recon).detach()
-    w_dec = net.decoder[0][0].weight.detach()
-    assert auxk.item() == pytest.approx((((e - z_aux @ w_dec.T) ** 2).sum() / (e**2).sum()).item(), rel=1e-12)
+    method.eval()  # the dead set as given (training would also count this batch)
+    training_inputs = torch.rand(50, 5, dtype=torch.float64)
+    method.prepare(training_inputs)
+    variance = ((training_inputs - training_inputs.mean(dim=0)) ** 2).mean()
+    x = torch.rand(8, 5, dtype=torch.float64)
+    method.inputs_since_fired.copy_(torch.tensor([0.0, 0, 0, 9, 9, 9]))  # units 3-5 dead
+    ours = minimised(method, objective("mse", method, net(x), x)) / variance
+    ours_grads = torch.autograd.grad(ours, list(net.parameters()))
 
-    auxk.backward()
-    enc_grad = net.encoder[0][0].weight.grad
-    assert enc_grad[:3].abs().max() == 0  # live latents learn nothing from it
-    assert enc_grad[3:].abs().max() > 0
-    # The decoder's gradient is that of W_dec z_aux alone (the live code z is held fixed).
-    w = w_dec.clone().requires_grad_()
-    (((e - z_aux @ w.T) ** 2).sum() / (e**2).sum()).backward()
-    torch.testing.assert_close(net.decoder[0][0].weight.grad, w.grad)
+    encoder, decoder = net.encoder[0][0], net.decoder[0][0]
+    pre = encoder(x)
+    values, indices = pre.topk(2, dim=1)
+    recon = decoder(torch.zeros_like(pre).scatter(1, indices, values.relu()))
+    dead_pre = pre.masked_fill(torch.arange(6) < 3, float("-inf"))
+    aux_values, aux_indices = dead_pre.topk(2, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, aux_indices, aux_values.relu())
+    aux_recon = z_aux @ decoder.weight.T + decoder.bias.detach()  # the one difference: see TopKSparsity
+    target = x - recon.detach() + decoder.bias.detach()
+    reference = ((recon - x) ** 2).mean() / variance + 0.5 * normalized_mse(aux_recon, target)
+    reference_grads = torch.autograd.grad(reference, list(net.parameters()))
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    for got, want in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_auxk_trains_the_dead_latents_and_the_decoder_only():
+    """With a hidden layer shared by every latent, AuxK's gradient stops at the latent layer: the
+    dead latents' rows and the decoder learn from it, the live rows and the encoder's hidden
+    layer do not."""
+    net, method = auxk_model(hidden_dims=[7])
+    method.eval()
+    x = torch.rand(4, 5, dtype=torch.float64)
+    method.inputs_since_fired.copy_(torch.tensor([0.0, 0, 0, 9, 9, 9]))  # units 3-5 dead
+    method.prepare(x)
+    out = net(x)
+    method.auxiliary(method.batch_terms(out, x)).backward()
+    hidden, latent = net.encoder[0][0], net.encoder[1][0]
+    assert hidden.weight.grad is None or hidden.weight.grad.abs().max() == 0
+    assert latent.weight.grad[:3].abs().max() == 0 and latent.weight.grad[3:].abs().max() > 0
+    assert net.decoder[0][0].weight.grad.abs().max() > 0
 
 
 def test_auxk_counts_inputs_since_each_latent_fired_in_training_only():
@@ -247,11 +281,41 @@ def test_auxk_counts_inputs_since_each_latent_fired_in_training_only():
     # Nothing dead yet: the dead latents explain none of the residual, and nothing learns from it.
     fresh_net, fresh = auxk_model()
     terms = fresh.batch_terms(fresh_net(x), x)
-    assert terms["auxk"].item() == pytest.approx(1.0) and terms["auxk_dead"].item() == 0
+    e = (x - fresh_net(x).recon).detach()
+    assert terms["auxk"].item() == pytest.approx(normalized_mse(torch.zeros_like(e), e).item())
+    assert terms["auxk_dead"].item() == 0
     assert not terms["auxk"].requires_grad or all(
         g is None or g.abs().max() == 0
         for g in torch.autograd.grad(terms["auxk"], list(fresh_net.parameters()), allow_unused=True)
     )
+
+
+def test_auxk_dead_mask_counts_this_batch():
+    """A latent that reaches auxk_dead_after inputs without firing with this batch is dead for
+    this batch's AuxK term (the reference takes the mask after its counter update)."""
+    net, method = auxk_model()
+    method.train()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    out = net(x)
+    silent = int((out.code > 0).any(dim=0).logical_not().nonzero()[0])
+    method.inputs_since_fired.fill_(0.0)
+    method.inputs_since_fired[silent] = 1.0  # 1 + 3 inputs of this batch = auxk_dead_after
+    assert method.batch_terms(out, x)["auxk_dead"].item() == 1
+
+
+def test_auxk_counts_the_latents_it_revived():
+    """A latent that fires after being dead counts as revived, once; fit_record reports the
+    latents dead now and revived, which metrics.json carries as fit/auxk_dead, fit/auxk_revived."""
+    net, method = auxk_model()
+    method.train()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    out = net(x)
+    fired = (out.code > 0).any(dim=0)
+    method.inputs_since_fired.fill_(10.0)  # every latent dead before this batch
+    terms = method.batch_terms(out, x)
+    assert terms["auxk_revived"].item() == int(fired.sum()) > 0
+    method.batch_terms(out, x)
+    assert method.fit_record() == {"auxk_dead": float((~fired).sum()), "auxk_revived": float(fired.sum())}
 
 
 def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
@@ -263,10 +327,11 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
         logged = [row for row in csv.DictReader(f) if row.get("train/auxk")]
     assert logged and all(float(r["train/auxk_dead"]) <= 32 for r in logged)
     assert any(float(r["train/auxk_dead"]) > 0 for r in logged)  # 64 inputs without firing: it acts
-    for r in logged:
-        penalty = float(r["train/loss"]) - float(r["train/mse"])
-        assert penalty == pytest.approx(float(r["train/auxk"]) / 32, rel=1e-4, abs=1e-7)
+    for r in logged:  # train/loss leaves the auxiliary term out, as val/loss does
+        assert float(r["train/loss"]) == pytest.approx(float(r["train/mse"]), rel=1e-6)
+        assert float(r["train/auxk_revived"]) >= 0
     assert metrics["test/loss"] == pytest.approx(metrics["test/mse"], rel=1e-6)  # a training term only
+    assert metrics["fit/auxk_dead"] <= 32 and metrics["fit/auxk_revived"] <= 32
     module, _ = load_checkpoint(metrics["ckpt_path"])
     assert module.hparams.auxk and module.method.inputs_since_fired.shape == (32,)
     assert module.method.inputs_since_fired.max() > 0  # the counter is in the checkpoint

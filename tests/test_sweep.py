@@ -28,6 +28,7 @@ def fake_job(sweep, name, overrides, metrics=None, status=None, method="kl"):
 
 def metrics(mse, val_loss, rho_hat_mean, l0):
     return {
+        "test/truncated_mse": 1.5 * mse,
         "test/mse": mse,
         "val/loss": val_loss,
         "test/rho_hat_mean": rho_hat_mean,
@@ -73,33 +74,37 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     assert not any(k.startswith("callbacks") for k in table[0])  # a deletion is not a swept value
     columns = list(table[0])
     # The figures a reader compares come first, right after the overrides and the status.
-    assert columns[:8] == [
+    assert columns[:9] == [
         "job",
         "beta",
         "lr",
         "status",
         "frontier",
-        "val/loss",
+        "test/truncated_mse",
         "test/mse",
+        "test/l0",
         "test/rho_hat_mean",
     ]
+    assert columns.index("val/loss") > columns.index("test/probe_accuracy")  # within-setting: last
 
     md = (sweep / "summary.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     # Only what differs between jobs: lr (0.001 in every job) and the probe's accuracy (0.9 in
     # every job that has one) move to a line above the table; summary.csv keeps them.
     header = [c.strip() for c in lines[0].strip("|").split("|")]
+    # val/loss holds beta * the penalty: across betas it is left out of the table, and said why.
     assert header == [
         "job",
         "beta",
         "status",
         "frontier",
-        "val/loss",
+        "test/truncated_mse",
         "test/mse",
-        "test/rho_hat_mean",
         "test/l0",
+        "test/rho_hat_mean",
         "error",
     ]
+    assert "`val/loss` holds beta * the sparsity penalty, so it compares jobs of one setting only" in md
     assert "not in the table: `lr` 0.001, `test/probe_accuracy` 0.9." in md
     assert {"lr", "test/probe_accuracy"} <= set(table[0])
     # The jobs differ in beta, so not by val/loss (the lower beta would win by construction): both
@@ -107,12 +112,34 @@ def test_summary_of_finished_failed_and_interrupted_jobs(tmp_path):
     assert [r["frontier"] for r in table] == ["1", "1", "", ""]
     assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["0", "1", "2", "10"]
     assert "ranked by `frontier`" in md and "Not by `val/loss`" in md
+    assert "Pareto rank on (`test/l0`, `test/truncated_mse`)" in md
     assert "published: test MSE 0.01387 (10 epochs, 60k images)" in md
     assert "run here: test MSE 0.0176 (10 epochs, 60k images)" in md
 
     png = Image.open(sweep / "pareto.png")
     assert png.size == (1500, 650)
     assert (sweep / "sweep_metrics.png").stat().st_size > 0
+
+
+def test_frontier_ranks_on_the_truncated_code_error(tmp_path):
+    """A job whose MSE is best but whose truncated code reconstructs worst is beaten on the
+    frontier by one as sparse that is exactly sparse; jobs from before test/truncated_mse are
+    ranked on test/mse, and the summary says what that means."""
+    sweep = tmp_path / "sweep"
+    dense = metrics(0.010, 0.02, 0.1, 4.0) | {"test/truncated_mse": 0.040}
+    sparse = metrics(0.020, 0.03, 0.1, 4.0) | {"test/truncated_mse": 0.020}
+    fake_job(sweep, "0", ["beta=0.001"], dense, {"status": "ok"})
+    fake_job(sweep, "1", ["beta=0.005"], sparse, {"status": "ok"})
+    ranked = write_summary(sweep, figures=False).ranked
+    assert [(r["job"], r["frontier"]) for r in ranked] == [("1", 1), ("0", 2)]
+
+    for job in ("0", "1"):
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        del record["test/truncated_mse"]
+        (sweep / job / "metrics.json").write_text(json.dumps(record))
+    summary = write_summary(sweep, figures=False)
+    assert [(r["job"], r["frontier"]) for r in summary.ranked] == [("0", 1), ("1", 2)]
+    assert "predate `test/truncated_mse`" in (sweep / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -145,7 +172,7 @@ def test_frontier_ranks_hand_case():
         {"test/l0": 4.0, "test/mse": 0.03},  # equal to a frontier row: as good
         {"test/mse": 0.01},  # no L0: unranked
     ]
-    assert frontier_ranks(rows) == [1, 1, 2, 1, 3, 1, None]
+    assert frontier_ranks(rows, ("test/l0", "test/mse")) == [1, 1, 2, 1, 3, 1, None]
 
 
 def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):

@@ -251,7 +251,8 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     mnist_root, tmp_path, monkeypatch
 ):
     """Where more jobs follow in this process, the three probe accuracies join metrics.json when the
-    hand-off is collected; with optimized_metric=test/probe_accuracy they are there as the job returns."""
+    hand-off is collected; with optimized_metric=val/probe_accuracy they are there as the job returns,
+    with the code probe scored on the validation split, which is what train.py returns."""
     from sae import background
 
     monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
@@ -265,11 +266,16 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     assert all(0 < recorded[name] <= 1 for name in probes)
     assert {k: v for k, v in recorded.items() if k not in probes} == handed  # nothing else changed
 
-    needed = ["optimized_metric=test/probe_accuracy", *lean_but_probe, "debug=limit"]
-    at_once = train(compose_train(needed, tmp_path / "at_once", mnist_root))
+    needed = ["optimized_metric=val/probe_accuracy", *lean_but_probe, "debug=limit"]
+    cfg = compose_train(needed, tmp_path / "at_once", mnist_root)
+    from train import main  # the command-line entry point
+
+    returned = main.__wrapped__(cfg)
+    at_once = read_metrics(tmp_path / "at_once")
     # The same run: the worker's copy of the model gives the numbers computed here.
     assert {name: at_once[name] for name in probes} == {name: recorded[name] for name in probes}
     assert not background.is_pending(str((tmp_path / "at_once" / "metrics.json").resolve()))
+    assert returned == at_once["val/probe_accuracy"] and 0 < returned <= 1
 
 
 def test_a_slurm_job_trains_on_the_cores_of_its_allocation(monkeypatch):
