@@ -138,10 +138,12 @@ class LinearProbe(L.Callback):
         self,
         max_iter: int = 100,
         weight_decay: float = 1e-4,
+        tolerance: float = 1e-5,
         cache_dir: str | None = None,
         optimized_metric: str | None = None,
     ) -> None:
         self.max_iter = max_iter
+        self.tolerance = tolerance
         self.weight_decay = weight_decay
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.optimized_metric = optimized_metric
@@ -149,7 +151,12 @@ class LinearProbe(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
         inputs = ProbeData(*data.split("train"), *data.split("test"))
-        settings = dict(weight_decay=self.weight_decay, max_iter=self.max_iter, cache_dir=self.cache_dir)
+        settings = dict(
+            weight_decay=self.weight_decay,
+            max_iter=self.max_iter,
+            cache_dir=self.cache_dir,
+            tolerance=self.tolerance,
+        )
         if self._hand_off(trainer, pl_module.net, inputs, settings):
             return
         val = data.split("val") if self.optimized_metric == self.SELECTABLE else None

@@ -452,6 +452,7 @@ CALLBACK_RULES: dict[str, dict[str, Rule]] = {
     "linear_probe": {
         "max_iter": _int_at_least(1),
         "weight_decay": _number_in(0, FLOAT32_MAX, "[]"),
+        "tolerance": _number_in(0, 1, "(]"),
         "cache_dir": _OPTIONAL_TEXT,
         "optimized_metric": _OPTIONAL_TEXT,
     },

@@ -128,7 +128,10 @@ def complete_run(job: Path) -> list[str]:
             probe = cfg.callbacks.linear_probe
             data = ProbeData(*datamodule.split("train"), *datamodule.split("test"))
             settings = dict(
-                weight_decay=probe.weight_decay, max_iter=probe.max_iter, cache_dir=probe.cache_dir
+                weight_decay=probe.weight_decay,
+                max_iter=probe.max_iter,
+                cache_dir=probe.cache_dir,
+                tolerance=probe.tolerance,
             )
             values = probe_accuracies(module.net, data, **settings, threads=threads)
             record_metrics(metrics_file, events_dir, step, values)

@@ -31,6 +31,8 @@ class LinearClassifier(NamedTuple):
         return (logits.argmax(dim=1) == y).float().mean().item()
 
 
+# The code probe's cap on L-BFGS steps: it stops at its gradient tolerance well before (docs/probe.md).
+CODE_PROBE_MAX_ITER = 2000
 # Part of the pixel classifier's cache key: a classifier cached by another solver is refitted.
 PROBE_SOLVER = "lbfgs-written-gradient-float64"
 
@@ -57,13 +59,19 @@ def probe_loss_and_grad(
 
 
 def fit_linear_classifier(
-    train_x: Tensor, train_y: Tensor, num_classes: int = 10, weight_decay: float = 1e-4, max_iter: int = 100
+    train_x: Tensor,
+    train_y: Tensor,
+    num_classes: int = 10,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    tolerance: float | None = None,
 ) -> LinearClassifier:
     """Full-batch L-BFGS from zero weights: deterministic for given inputs (no seed, no batch order).
 
-    In float64: the 100 steps stop before convergence, where float32's rounding (which changes
-    with the thread count) moved the accuracy by up to 0.003; in float64 the same codes give the
-    same accuracy on 1 thread or 2, here or in a sweep's worker process (docs/probe.md).
+    `max_iter` steps, or with `tolerance` until no gradient entry exceeds it (max_iter the cap).
+    In float64: an early stop leaves the accuracy where float32's rounding (which changes with the
+    thread count) moved it by up to 0.003; in float64 the same codes give the same accuracy on 1
+    thread or 2, here or in a sweep's worker process (docs/probe.md).
     """
     with torch.no_grad():  # the gradient is written out (probe_loss_and_grad); fine under inference mode too
         x = train_x.detach().double()
@@ -72,8 +80,9 @@ def fit_linear_classifier(
         one_hot_t = F.one_hot(train_y.detach().to(x.device), num_classes).T.to(x.dtype).contiguous()
         weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
         bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+        stop = {} if tolerance is None else dict(tolerance_grad=tolerance, tolerance_change=0.0)
         optimizer = torch.optim.LBFGS(
-            [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+            [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", **stop
         )
 
         def closure() -> Tensor:
@@ -117,11 +126,17 @@ def probe_accuracies(
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     val: tuple[Tensor, Tensor] | None = None,
+    tolerance: float = 1e-5,
 ) -> dict[str, float]:
     """What logistic regression reads off an autoencoder's codes and reconstructions, against the
     pixels (sae.callbacks.LinearProbe says what each number means), by metric name: test/...,
     and with `val` (images, labels) the code probe scored on them too (val/probe_accuracy, what
     a sweeper may select on).
+
+    The code classifier is fitted to convergence: L-BFGS until no gradient entry exceeds
+    `tolerance` (at most CODE_PROBE_MAX_ITER steps), so that the accuracy is its objective's, not
+    where an early stop left it (docs/probe.md). The pixel classifier takes `max_iter` steps: its
+    early stop is part of what `probe_accuracy_reconstructions` measures (docs/probe.md).
 
     `autoencoder` is an sae.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
     any device. Called in the run's process, or in a sweep's worker process with a copy of the
@@ -136,7 +151,13 @@ def probe_accuracies(
             train_codes = autoencoder.encode_all(data.train_x)
             test_codes = autoencoder.encode_all(data.test_x)
             recon = autoencoder(data.test_x.to(next(autoencoder.parameters()).device)).recon
-        codes = fit_linear_classifier(train_codes, data.train_y, weight_decay=weight_decay, max_iter=max_iter)
+        codes = fit_linear_classifier(
+            train_codes,
+            data.train_y,
+            weight_decay=weight_decay,
+            max_iter=CODE_PROBE_MAX_ITER,
+            tolerance=tolerance,
+        )
         code_accuracy = codes.accuracy(test_codes, data.test_y.to(codes.weight.device))
         pixels, pixel_accuracy = pixel_classifier(data, weight_decay, max_iter, cache_dir)
         test_y = data.test_y.to(pixels.weight.device)

@@ -215,6 +215,27 @@ def test_a_damaged_pixel_probe_cache_is_said_and_fitted_again(tmp_path, monkeypa
     assert "pixel-probe cache" not in capsys.readouterr().out
 
 
+def test_the_code_probe_converges_to_its_tolerance():
+    """With a tolerance, L-BFGS runs until no gradient entry of the probe's objective exceeds it
+    (written-out gradient, sae.probe.probe_loss_and_grad); 3 steps stop well short of that."""
+    from sae import probe
+
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (300,), generator=gen)
+    x = torch.rand(10, 6, generator=gen)[labels] + 0.8 * torch.rand(300, 6, generator=gen)
+
+    def largest_gradient(classifier) -> float:
+        features = ((x.double() - classifier.mean) / classifier.std).T.contiguous()
+        one_hot = torch.nn.functional.one_hot(labels, 10).T.double().contiguous()
+        _, grad_w, grad_b = probe.probe_loss_and_grad(
+            features, one_hot, classifier.weight, classifier.bias, 1e-4
+        )
+        return max(grad_w.abs().max().item(), grad_b.abs().max().item())
+
+    assert largest_gradient(probe.fit_linear_classifier(x, labels, max_iter=2000, tolerance=1e-6)) <= 1e-6
+    assert largest_gradient(probe.fit_linear_classifier(x, labels, max_iter=3)) > 1e-4
+
+
 def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count(monkeypatch, tmp_path):
     """The three numbers against the classifiers fitted by hand; the codes and reconstructions are
     computed on `threads` (a sweep's worker encodes on the job's count: float32 codes differ in
@@ -238,7 +259,9 @@ def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count
     values = probe.probe_accuracies(model, data, max_iter=20, threads=other)
     assert seen == [other, other] and torch.get_num_threads() == before
     with torch.no_grad():
-        codes = probe.fit_linear_classifier(encode_all(train_x), train_y, max_iter=20)
+        codes = probe.fit_linear_classifier(
+            encode_all(train_x), train_y, max_iter=probe.CODE_PROBE_MAX_ITER, tolerance=1e-5
+        )
         pixels = probe.fit_linear_classifier(train_x, train_y, max_iter=20)
         recon = model(test_x).recon
     assert values == {
