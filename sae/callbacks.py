@@ -39,6 +39,7 @@ from sae.run_folder import record_status
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
 HPARAMS_METRICS = (  # TensorBoard shows the first few by default: the ones compared first lead
+    "test/truncated_mse",
     "test/mse",
     "test/l0",
     "test/dead_fraction",

@@ -56,6 +56,7 @@ REQUIRED = [
     "test/probe_accuracy_pixels",
     "test/probe_accuracy_reconstructions",
     "test/mse",
+    "test/truncated_mse",
     "test/kl",
     "test/loss",
     "test/rho_hat_mean",
@@ -122,10 +123,10 @@ def assert_hparams(
     tensorboard_hparams_order(served)
     assert [i.name for i in served.hparam_infos[: len(knobs)]] == sorted(knobs)
     assert [m.name.tag for m in experiment.metric_infos[:4]] == [
+        "test/truncated_mse",
         "test/mse",
         "test/l0",
         "test/dead_fraction",
-        "test/probe_accuracy",
     ]
     params = {
         k: start.hparams[k].WhichOneof("kind")
