@@ -307,6 +307,29 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         plt.close(fig)
 
 
+def test_the_methods_figure_holds_each_method_to_its_l0():
+    """With test/truncated_mse, the L0 panel draws it (not test/mse), and leaves out the notebook's
+    baselines, whose MSEs are of its dense code."""
+    from sae.plots import pareto_figure
+    from sae.sweep import BASELINES
+
+    settings = [
+        {"method": "kl", "n": 1, "rho": 0.05, "test/l0": 7.2, "test/mse": 0.018, "test/truncated_mse": 0.026},
+        {"method": "topk", "n": 1, "test/l0": 8.0, "test/mse": 0.020, "test/truncated_mse": 0.020},
+    ]
+    fig = pareto_figure(settings, ["method"], BASELINES)
+    try:
+        panel = next(ax for ax in fig.axes if ax.get_title() == "Reconstruction at the L0 it is plotted at")
+        drawn = sorted(y for c in panel.containers for y in c.lines[0].get_ydata())
+        assert drawn == [0.020, 0.026]
+        assert "truncated at the L0 threshold" in panel.get_ylabel()
+        assert not any("published" in label for label in panel.get_legend_handles_labels()[1])
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 def test_jobs_whose_configs_differ_in_the_objective_are_not_ranked_by_val_loss(tmp_path):
     """Points of a preset (+point=...) set beta and the method in their own config files: the
     summary reads the difference from the jobs' configs, not only from the command line."""
