@@ -335,6 +335,14 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
     module, _ = load_checkpoint(metrics["ckpt_path"])
     assert module.hparams.auxk and module.method.inputs_since_fired.shape == (32,)
     assert module.method.inputs_since_fired.max() > 0  # the counter is in the checkpoint
+    # evaluate.py reads the same record off the checkpoint; TopK's truncated code is its code.
+    from sae.evaluation import evaluate
+    from tests.conftest import evaluate_config
+
+    evaluated = evaluate(evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "evaluated"))
+    for key in ("fit/auxk_dead", "fit/auxk_revived"):
+        assert evaluated[key] == metrics[key]
+    assert evaluated["test/truncated_mse"] == evaluated["test/mse"] == metrics["test/mse"]
 
 
 @pytest.mark.parametrize(
