@@ -33,7 +33,9 @@ def within_setting(name: str) -> bool:
 
 def selectable(name: object) -> bool:
     """Whether a sweeper may select on it: a validation metric, or none (null)."""
-    return name is None or (isinstance(name, str) and name.startswith(SELECTION_SPLIT) and len(name) > 4)
+    if name is None:
+        return True
+    return isinstance(name, str) and name.startswith(SELECTION_SPLIT) and name != SELECTION_SPLIT
 
 
 def _register_direction_resolver() -> None:

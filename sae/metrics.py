@@ -39,6 +39,14 @@ class UnitActivity(Metric):
         return (self.total / self.count).float(), (self.active / self.count).float()
 
 
+def pixel_variance(images: Tensor, chunk: int = 4096) -> float:
+    """Each pixel's variance over the images (population), averaged over pixels: Gao et al.'s
+    Var(x). Accumulated in float64 chunk by chunk, not on a float64 copy of the whole set."""
+    mean = sum(part.sum(dim=0, dtype=torch.float64) for part in images.split(chunk)) / len(images)
+    squares = sum(((part.double() - mean) ** 2).sum(dim=0) for part in images.split(chunk))
+    return float(squares.mean() / len(images))
+
+
 def off_values(codes: Tensor, threshold: float) -> Tensor:
     """Per unit, the mean of its codes at or below `threshold` (0 for a unit never there): the
     constant the unit reads as while L0 counts it inactive. A decoder bias can absorb a constant,

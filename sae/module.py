@@ -100,7 +100,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._plain_steps = False  # see plain_steps_are_equivalent
-        self._off_values = torch.zeros(latent_dim)  # per latent unit, set before each validation and test
+        self._off_values: Tensor | None = None  # per latent unit: set as each validation and test starts
 
     def setting(self) -> str:
         """The knobs that tell runs apart, for figure titles: method and its knobs, width, lr."""

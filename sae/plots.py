@@ -25,7 +25,7 @@ from torch import Tensor  # noqa: E402
 
 from sae.atomic import write_atomic  # noqa: E402
 from sae.metric_names import ERROR_AXIS  # noqa: E402
-from sae.sweep import is_number, pareto_front  # noqa: E402
+from sae.sweep import frontier_axes, is_number, pareto_front  # noqa: E402
 
 DPI = 100
 MAX_UNITS = 64  # per-unit tiles and tick labels shown at most (figures keep their size)
@@ -535,8 +535,9 @@ def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
         elif panel == "l0":
             # The error of the code L0 counts (sae.metrics.truncate_codes): a dense sigmoid code
             # at "L0 7" is held to 7 active units here. Runs from before it: the plain test MSE.
-            truncated = all(_value(s, ERROR_AXIS) is not None for s in points)
-            _against_l0(ax, points, ERROR_AXIS if truncated else "test/mse", knobs, minimise=True)
+            error = frontier_axes(points)[1]  # the summary's ranking axis
+            truncated = error == ERROR_AXIS
+            _against_l0(ax, points, error, knobs, minimise=True)
             if not truncated:  # the notebook's MSEs are of its dense code: not on the truncated axis
                 _baseline_lines(ax, baselines)
             ax.set(

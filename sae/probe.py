@@ -151,6 +151,7 @@ def probe_accuracies(
             train_codes = autoencoder.encode_all(data.train_x)
             test_codes = autoencoder.encode_all(data.test_x)
             recon = autoencoder(data.test_x.to(next(autoencoder.parameters()).device)).recon
+            val_codes = autoencoder.encode_all(val[0]) if val is not None else None
         codes = fit_linear_classifier(
             train_codes,
             data.train_y,
@@ -167,8 +168,6 @@ def probe_accuracies(
             "test/probe_accuracy_reconstructions": pixels.accuracy(recon.to(pixels.weight.device), test_y),
         }
         if val is not None:
-            with _torch_threads(threads):
-                val_codes = autoencoder.encode_all(val[0])
             values["val/probe_accuracy"] = codes.accuracy(val_codes, val[1].to(codes.weight.device))
         return values
 

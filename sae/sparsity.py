@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sae.metrics import pixel_variance
 from sae.model import AutoencoderOutput
 
 RHO_HAT_CLAMP = 1e-6
@@ -228,20 +229,18 @@ class TopKSparsity(SparsityMethod):
 
     def prepare(self, training_inputs: Tensor) -> None:
         if self.auxk:
-            x = training_inputs.double()
-            self.input_variance = float(x.var(dim=0, unbiased=False).mean())
+            self.input_variance = pixel_variance(training_inputs)
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         if not self.auxk:
             return {}
-        dead_after = float(self.knobs["auxk_dead_after"])
         if self.training:
             with torch.no_grad():
                 fired = (out.code > 0).any(dim=0).float()
-                self.was_dead.masked_fill_(self.inputs_since_fired >= dead_after, 1)
+                self.was_dead.masked_fill_(self._dead(), 1)
                 self.revived.add_(self.was_dead * fired).clamp_(max=1)
                 self.inputs_since_fired.add_(len(x)).mul_(1 - fired)
-        dead = self.inputs_since_fired >= dead_after  # counted with this batch, as the reference does
+        dead = self._dead()  # counted with this batch, as the reference does
         # The auxk_k largest dead pre-activations, from the latent layer's input held fixed; a live
         # unit is -inf, so kept only when fewer than auxk_k are dead, and then 0 after the ReLU: no
         # host sync for the count.
@@ -275,5 +274,8 @@ class TopKSparsity(SparsityMethod):
     def fit_record(self) -> dict[str, float]:
         if not self.auxk:
             return {}
-        dead = self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
-        return {"auxk_dead": float(dead.sum()), "auxk_revived": float(self.revived.sum())}
+        return {"auxk_dead": float(self._dead().sum()), "auxk_revived": float(self.revived.sum())}
+
+    def _dead(self) -> Tensor:
+        """The latents dead by AuxK's window: auxk_dead_after training inputs without firing."""
+        return self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
