@@ -3,7 +3,7 @@
     python evaluate.py ckpt_path=PATH [data.root=...]   test metrics, figures, metrics.json
     python evaluate.py sweep_dir=PATH                    summary.csv, summary.md, pareto.png
 
-The work is in sae.evaluation; this wrapper composes the config and reports errors in one line.
+The work is in sae.training.evaluate; this wrapper composes the config and reports errors in one line.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ import shutil
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from sae.cli import start_process
 
-from sae.console import run_app, run_command
-from sae.evaluation import evaluate, summarise
+start_process()  # before torch loads: OpenMP reads its settings then
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sae.run.commands import run_app, run_command  # noqa: E402
+from sae.training.evaluate import evaluate, summarise  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -1,22 +1,27 @@
 """Train a sparse autoencoder: `python train.py [overrides]`, or a sweep with `-m`.
 
-The pipeline is sae.training.train(cfg); this wrapper composes the config, turns errors a
+The pipeline is sae.training.fit.train(cfg); this wrapper composes the config, turns errors a
 researcher can fix into one line, and returns the optimized metric to sweepers (Optuna).
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+from sae.cli import start_process
 
-from sae.console import JobFailed, run_app, run_command
+start_process()  # before torch loads: OpenMP reads its settings then
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sae.errors import JobFailed  # noqa: E402
+from sae.run.commands import run_app, run_command  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | JobFailed | None:
-    # Imported here: a sweep's figure worker (sae.background, spawned) imports this file, and
+    # Imported here: a sweep's figure worker (sae.run.handoff, spawned) imports this file, and
     # needs none of Lightning.
-    from sae.training import train
+    from sae.training.fit import train
 
     metrics = run_command(lambda: train(cfg))
     return metrics if isinstance(metrics, JobFailed) else metrics.get(cfg.optimized_metric)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (train.py overrides, environment variables). "default" is train.py as shipped (`import sae`
+# name: (train.py overrides, environment variables). "default" is train.py as shipped (sae.cli.start_process
 # sets GOMP_SPINCOUNT=1000 when the user set no OpenMP wait policy); the others override it.
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "default": ([], {}),

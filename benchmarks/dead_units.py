@@ -68,8 +68,8 @@ def dead_at_initialisation(seed: int) -> int:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from sae.data import MNISTDataModule
-    from sae.module import SparseAutoencoderModule
+    from sae.data.mnist import MNISTDataModule
+    from sae.training.module import SparseAutoencoderModule
 
     data = MNISTDataModule(root=os.environ.get("SAE_DATA_DIR", "data"), download=False, val_size=0)
     data.prepare_data()

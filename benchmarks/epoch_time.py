@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import sync, train_config  # noqa: E402
-from sae.data import load_mnist_split  # noqa: E402
-from sae.loss import kl_sparsity  # noqa: E402
-from sae.model import SparseAutoencoder  # noqa: E402
-from sae.training import build_data_and_module, build_trainer  # noqa: E402
+from sae.core.model import SparseAutoencoder  # noqa: E402
+from sae.core.sparsity import kl_sparsity  # noqa: E402
+from sae.data.mnist import load_mnist_split  # noqa: E402
+from sae.training.fit import build_data_and_module, build_trainer  # noqa: E402
 
 BATCH, RHO, BETA, LR = 128, 0.05, 5e-3, 1e-3
 NAMES = {"a": "reference loop", "b": "floor", "c": "train.py"}

@@ -3,7 +3,7 @@
     python benchmarks/probe_fit.py CHECKPOINT [CHECKPOINT ...] [--tolerance 1e-5] [--threads N]
 
 For each checkpoint, its 55k training codes and 10k test codes are encoded once; the probe
-(`sae.probe.fit_linear_classifier`) is fitted on the codes scaled by 1 - 1e-7, 1 and 1 + 1e-7
+(`sae.report.probe.fit_linear_classifier`) is fitted on the codes scaled by 1 - 1e-7, 1 and 1 + 1e-7
 (a change the float32 codes' last bits can make) with 100 L-BFGS steps and to the tolerance, in
 this one process, and scored on the test codes scaled alike. The table gives the three accuracies
 of each fit (their spread is the probe's arithmetic noise), the seconds per fit, and the ratio of
@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sae.checkpoints import load_checkpoint  # noqa: E402
-from sae.data import MNISTDataModule  # noqa: E402
-from sae.probe import CODE_PROBE_MAX_ITER, fit_linear_classifier  # noqa: E402
+from sae.data.mnist import MNISTDataModule  # noqa: E402
+from sae.report.probe import CODE_PROBE_MAX_ITER, fit_linear_classifier  # noqa: E402
+from sae.training.checkpoints import load_checkpoint  # noqa: E402
 
 SCALES = (1 - 1e-7, 1.0, 1 + 1e-7)
 

@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import train_config  # noqa: E402
-from sae.callbacks import LinearProbe, RunFigures  # noqa: E402
-from sae.console import quiet_library_noise  # noqa: E402
-from sae.stacked import StackedTraining  # noqa: E402
-from sae.training import build_data_and_module, build_trainer, fit_timer, run_test  # noqa: E402
+from sae.run.console import quiet_library_noise  # noqa: E402
+from sae.sweep.stacked import StackedTraining  # noqa: E402
+from sae.training.callbacks import LinearProbe, RunFigures  # noqa: E402
+from sae.training.fit import build_data_and_module, build_trainer, fit_timer, run_test  # noqa: E402
 
 QUICK = ["accelerator=cpu", "epochs=1", "logger=none", "+trainer.enable_progress_bar=false"]
 
@@ -89,7 +89,7 @@ def one_job(data_root: str, overrides: list[str], latent_dim: int) -> dict[str, 
 def sweep_job_tail(trainer, module, datamodule, ckpt_path: str) -> tuple[float, float]:
     """The same test as a job of a sweep run in one process would run it: the seconds on the
     job's path (probes and figures handed to the worker), then the worker's seconds for them."""
-    from sae import background
+    from sae.run import handoff
 
     Path(trainer.default_root_dir, "metrics.json").write_text("{}")  # where the probes' numbers go
     with in_a_sweep():
@@ -97,7 +97,7 @@ def sweep_job_tail(trainer, module, datamodule, ckpt_path: str) -> tuple[float, 
         run_test(trainer, module, datamodule, ckpt_path=ckpt_path)
         on_path = time.perf_counter() - start
         start = time.perf_counter()
-        failed = background.wait_for_hand_offs()
+        failed = handoff.wait_for_hand_offs()
         worker = time.perf_counter() - start
     if failed:
         raise RuntimeError(f"the hand-off failed: {failed}")
@@ -125,23 +125,23 @@ def stacked_epoch(data_root: str, overrides: list[str], jobs: int) -> float:
 @contextlib.contextmanager
 def in_a_sweep() -> Iterator[None]:
     """As if more jobs of a sweep followed in this process: work is handed to the worker."""
-    from sae import background
+    from sae.run import handoff
 
-    asked = background.more_jobs_follow
-    background.more_jobs_follow = lambda: True
+    asked = handoff.more_jobs_follow
+    handoff.more_jobs_follow = lambda: True
     try:
         yield
     finally:
-        background.more_jobs_follow = asked
+        handoff.more_jobs_follow = asked
 
 
 def warm_up_worker() -> None:
     """Start the sweep's worker process before anything is timed (a sweep starts it once)."""
-    from sae import background
+    from sae.run import handoff
 
     with in_a_sweep():
-        background.run_or_hand_off("warm-up", time.sleep, 0)
-        background.wait_for_hand_offs()
+        handoff.run_or_hand_off("warm-up", time.sleep, 0)
+        handoff.wait_for_hand_offs()
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import sync  # noqa: E402
-from sae.loss import objective  # noqa: E402
-from sae.module import SparseAutoencoderModule  # noqa: E402
+from sae.core.loss import objective  # noqa: E402
+from sae.training.module import SparseAutoencoderModule  # noqa: E402
 
 STEPS_PER_EPOCH = 430  # 55000 training images in batches of 128
 

@@ -1,12 +1,6 @@
-"""Sparse autoencoders on MNIST with PyTorch Lightning and Hydra (README.md)."""
+"""Sparse autoencoders on MNIST with PyTorch Lightning and Hydra (README.md).
 
-import os
-
-# OpenMP, which runs torch's CPU ops on several threads, keeps an idle worker thread spinning for
-# a while before it sleeps (libgomp: 300k spins). When other processes hold the cores, that
-# spinning takes turns from the threads doing the work, and training slows many times over at
-# random (docs/performance.md, "A busy CPU"). A short spin costs nothing measurable on an idle
-# machine. OpenMP reads this when torch loads it: here, before any import of torch. A setting of
-# the user's own (GOMP_SPINCOUNT or OMP_WAIT_POLICY) is left as it is.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+The packages, lowest first (docs/design.md): errors, names, internals; core; config; run; data;
+report; training; sweep; cli. A package imports only from its own layer and the layers below.
+Importing sae sets nothing in the process (no environment variable, no plotting backend).
+"""

@@ -16,11 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sae.console import UserError, did_you_mean, one_line, trainer_arguments
-from sae.loss import RECONSTRUCTION_LOSSES
-from sae.metric_names import selectable
-from sae.model import ACTIVATIONS, layer_names
-from sae.sparsity import METHODS
+from sae.core.loss import RECONSTRUCTION_LOSSES
+from sae.core.model import ACTIVATIONS, layer_names
+from sae.core.sparsity import METHODS
+from sae.errors import UserError, did_you_mean, one_line
+from sae.names import selectable
 
 HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "topk"]  # topk is the latent's, with k
 
@@ -229,10 +229,17 @@ def check_settings(
             raise ConfigError(f"{name(key)}={_shown(value)} must be {said}")
 
 
-def check_model_settings(model: Mapping[str, Any], name: Callable[[str], str]) -> None:
-    """The module's arguments, one by one (MODEL_RULES), then how they go together."""
+def check_model_settings(
+    model: Mapping[str, Any], name: Callable[[str], str], defaults: Mapping[str, Any] | None = None
+) -> None:
+    """The module's arguments, one by one (MODEL_RULES), then how they go together; `defaults`
+    fill the arguments a mapping leaves out (a checkpoint of an older version: the module's own
+    defaults, handed in from sae.training)."""
     check_settings(model, MODEL_RULES, name, "the model")
-    settings = dict(_module_defaults()) | dict(model)
+    settings = dict(defaults or {}) | dict(model)
+    missing = [key for key in MODEL_RULES if key not in settings]
+    if missing:
+        raise ConfigError(f"{name(missing[0])} is missing: the model needs a value for it")
     method = METHODS[settings["sparsity"]]
     latent = settings["latent_activation"]
     _check(
@@ -265,12 +272,6 @@ def check_model_settings(model: Mapping[str, Any], name: Callable[[str], str]) -
             f"{name('sparsity_layers')}={layers}: {', '.join(unknown)} not in this model's layers "
             f"{', '.join(names)}"
         )
-
-
-def _module_defaults() -> dict[str, Any]:
-    from sae.module import SparseAutoencoderModule
-
-    return {k: p.default for k, p in inspect.signature(SparseAutoencoderModule).parameters.items()}
 
 
 def plain_value(value: Any) -> bool:
@@ -320,8 +321,8 @@ def group_settings(cfg: DictConfig, group: str, target: str) -> dict[str, Any]:
     return values
 
 
-MODEL_TARGET = "sae.module.SparseAutoencoderModule"
-DATA_TARGET = "sae.data.MNISTDataModule"
+MODEL_TARGET = "sae.training.module.SparseAutoencoderModule"
+DATA_TARGET = "sae.data.mnist.MNISTDataModule"
 
 
 def model_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -442,7 +443,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "use_distributed_sampler": _BOOL,
     "reload_dataloaders_every_n_epochs": _int_at_least(0),
 }
-CHECKPOINT_IO = "sae.checkpoints.SafeCheckpointIO"
+CHECKPOINT_IO = "sae.training.checkpoints.SafeCheckpointIO"
 
 _PATH: Rule = (lambda v: isinstance(v, str) and v != "", "a path")
 _OPTIONAL_TEXT: Rule = (lambda v: v is None or isinstance(v, str), "a string (or null)")
@@ -497,7 +498,7 @@ def check_callbacks(cfg: DictConfig) -> None:
 
 def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     """The trainer settings the module or the run depends on, and the keys Lightning's Trainer
-    takes; the values not checked here are Lightning's to check (sae.training.build_trainer)."""
+    takes; the values not checked here are Lightning's to check (sae.training.fit.build_trainer)."""
     trainer = cfg.get("trainer")
     if trainer is None:
         return
@@ -530,7 +531,18 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
                 f"trainer.{key}={value!r} is not supported: the module steps its optimizer itself "
                 "(Lightning's manual optimization); remove the override"
             )
+    if training:
+        _check_devices(cfg, trainer)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not _gpu_count():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but torch sees no GPU: use accelerator=cpu, or "
+            "accelerator=auto (a GPU when there is one)"
+        )
 
+
+def _check_devices(cfg: DictConfig, trainer: DictConfig) -> None:
+    """Several processes (DDP) average gradients once per training call: one batch per call."""
     strategy = str(trainer.get("strategy") or "")
     devices = trainer.get("devices", 1)
     several = (_is_int(devices) and devices not in (0, 1)) or (
@@ -538,7 +550,7 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     )
     several = several or (isinstance(devices, str) and devices not in ("1", "auto"))
     per_call = cfg.data.get("batches_per_call", 1) if "data" in cfg else 1
-    if training and ("ddp" in strategy or several) and per_call != 1:
+    if ("ddp" in strategy or several) and per_call != 1:
         why = (
             f"trainer.strategy={strategy}"
             if "ddp" in strategy
@@ -547,13 +559,6 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
         raise ConfigError(
             f"data.batches_per_call={per_call} with {why}: DDP averages gradients once per training call, "
             "so it needs data.batches_per_call=1 (accelerator=ddp sets it)"
-        )
-
-    accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not _gpu_count():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator} but torch sees no GPU: use accelerator=cpu, or "
-            "accelerator=auto (a GPU when there is one)"
         )
 
 
@@ -671,3 +676,11 @@ def command_override_keys(cfg: DictConfig | None = None) -> list[str] | None:
 def override_key(override: str) -> str:
     """`beta` of `beta=1e-3`, `point` of `+point=x`, `callbacks.x` of `~callbacks.x`."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def trainer_arguments() -> list[str]:
+    """The arguments Lightning's Trainer takes (what `trainer.*` keys may be)."""
+
+    from lightning.pytorch import Trainer
+
+    return [name for name in inspect.signature(Trainer).parameters if name != "self"]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sae.atomic import CannotWrite, current_umask, write_atomic, write_json_atomic, write_text_atomic
+from sae.run.atomic import CannotWrite, current_umask, write_atomic, write_json_atomic, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):

@@ -1,5 +1,6 @@
 """The GPU check's dry path: every step of benchmarks/gpu_check.py runs and its table is filled."""
 
+import json
 import subprocess
 import sys
 
@@ -46,3 +47,23 @@ def test_gpu_check_dry_path_runs_every_step_and_fills_its_table(mnist_root, tmp_
     assert "FAILED" not in proc.stdout
     logs = sorted(path.name for path in tmp_path.iterdir())
     assert logs == ["cuda_tests.log", "default_run.log", "epoch_time.log", "step_time.log", "sweep_time.log"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("piece", ["lightning_step", "checked_hook_name", "nvml_check", "no_hand_off"])
+def test_machinery_benchmark_turns_each_piece_off_and_the_run_still_ends_ok(mnist_root, tmp_path, piece):
+    """benchmarks/machinery.py's child mode: train.py with one piece of speed machinery off."""
+    turned_off = {  # a check that fails while the piece is on
+        "lightning_step": "import sae.training.module as m; assert not m.plain_steps_are_equivalent(None)",
+        "checked_hook_name": "import sae.internals as i; assert '__setattr__' not in vars(i.CheapHookName)",
+        "nvml_check": "import sae.training.fit as f; assert f.cheap_cuda_checks_without_gpus() == 'off'",
+        "no_hand_off": "import sae.run.handoff as h; assert h.more_jobs_follow.__name__ == '<lambda>'",
+    }[piece]
+    code = f"import benchmarks.machinery as b; b.turn_off({piece!r}); {turned_off}"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
+    run = tmp_path / "run"
+    command = [sys.executable, "benchmarks/machinery.py", "--child", piece, "--"]
+    command += [f"data.root={mnist_root}", "debug=limit", "accelerator=cpu", f"hydra.run.dir={run}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text())["status"] == "ok"

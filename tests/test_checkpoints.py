@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
-from sae.data import DataError
-from sae.evaluation import evaluate
-from sae.training import build_trainer, train
+from sae.data.mnist import DataError
+from sae.training.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
+from sae.training.evaluate import evaluate
+from sae.training.fit import build_trainer, train
 from tests.conftest import (
     LEAN,
     compose_config,

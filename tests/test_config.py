@@ -5,7 +5,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.config import MIRRORS, RENAMED, ConfigError, validate_train_config
-from sae.training import train
+from sae.training.fit import train
 from tests.conftest import compose_config, compose_train, run_script
 
 BAD = [
@@ -81,7 +81,7 @@ BAD = [
     ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
     (
         "model._target_=builtins.print",
-        "model._target_='builtins.print': the model is sae.module.SparseAutoencoderModule",
+        "model._target_='builtins.print': the model is sae.training.module.SparseAutoencoderModule",
     ),
 ]
 if torch.cuda.device_count() == 0:
@@ -141,7 +141,9 @@ def test_every_copy_of_a_knob_is_declared_and_follows_it(mnist_root, tmp_path):
 )
 def test_the_optuna_study_direction_follows_the_metric(metric, direction):
     """The preset writes no direction of its own: accuracy is maximised, errors minimised."""
-    import sae.metric_names  # noqa: F401 -- registers the resolver, as the sweep's callback does
+    from sae.names import register_resolvers
+
+    register_resolvers()  # as train.py does before Hydra composes
 
     cfg = compose_config(
         "train", ["hparams_search=optuna", f"optimized_metric={metric}"], return_hydra_config=True
@@ -173,7 +175,7 @@ BAD_EVALUATE = [
 
 @pytest.mark.parametrize("override, message", BAD_EVALUATE, ids=[b[0] for b in BAD_EVALUATE])
 def test_evaluate_checks_its_config_before_reading_anything(tmp_path, override, message):
-    from sae.evaluation import evaluate
+    from sae.training.evaluate import evaluate
 
     cfg = compose_config(
         "evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output_dir={tmp_path / 'e'}", override]
@@ -246,7 +248,7 @@ def test_the_memory_a_run_needs_is_refused_before_it_trains(monkeypatch, tmp_pat
 PROBE_PEAK = """
 from pathlib import Path
 import torch
-from sae.probe import fit_linear_classifier
+from sae.report.probe import fit_linear_classifier
 
 def status(key):  # bytes, from Linux's record of this process
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sae.config import model_settings
-from sae.evaluation import evaluate
-from sae.loss import objective
-from sae.module import SparseAutoencoderModule
-from sae.training import train
+from sae.core.loss import objective
+from sae.training.evaluate import evaluate
+from sae.training.fit import train
+from sae.training.module import SparseAutoencoderModule
 from tests.conftest import LEAN, compose_config, compose_train
 
 pytestmark = pytest.mark.skipif(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.data import BatchIndexSampler, DataError, MNISTDataModule, load_mnist_split
+from sae.data.mnist import BatchIndexSampler, DataError, MNISTDataModule, load_mnist_split
 from tests.conftest import N_TEST, N_TRAIN, write_idx_images, write_idx_labels
 
 
@@ -138,7 +138,7 @@ def test_a_failed_download_says_so_and_leaves_nothing_behind(tmp_path, monkeypat
         (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr("sae.data.MNIST", offline_mnist)
+    monkeypatch.setattr("sae.data.mnist.MNIST", offline_mnist)
     kept = tmp_path / "data"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")

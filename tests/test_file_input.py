@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from sae.checkpoints import CheckpointError
-from sae.console import UserError
-from sae.evaluation import evaluate
-from sae.resume import RunRecordError
-from sae.training import train
+from sae.errors import UserError
+from sae.training.checkpoints import CheckpointError
+from sae.training.evaluate import evaluate
+from sae.training.fit import train
+from sae.training.resume import RunRecordError
 from tests.conftest import LEAN, QUICK_RUN, ROOT, compose_config, compose_train, evaluate_config
 
 

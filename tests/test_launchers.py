@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from sae.evaluation import evaluate
+from sae.training.evaluate import evaluate
 from tests.conftest import ROOT, compose_config, train_command
 
 pytestmark = pytest.mark.slow  # every test here starts train.py

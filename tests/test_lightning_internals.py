@@ -1,4 +1,4 @@
-"""The Lightning and torch internals in sae/lightning_internals.py still mean what the project assumes.
+"""The Lightning and torch internals in sae/internals.py still mean what the project assumes.
 
 Each test fails, naming the attribute, when a release moves or changes one: then update that
 module (and the pins in pyproject.toml) rather than the callers.
@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard.summary import hparams
 
-from sae.lightning_internals import (
+from sae.internals import (
     HOOK_NAME_ATTRIBUTE,
     CheapHookName,
     LightningInternalsMoved,

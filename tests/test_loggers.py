@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sae.loggers import MAX_RUN_NAME, TensorBoardLogger, tensorboard_run_name
+from sae.training.loggers import MAX_RUN_NAME, TensorBoardLogger, tensorboard_run_name
 from tests.conftest import compose_config
 
 

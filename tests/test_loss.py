@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, kl_divergence
 
-from sae.loss import kl_sparsity, objective, reconstruction_loss, split_objective
-from sae.model import AutoencoderOutput
-from sae.sparsity import make_method
+from sae.core.loss import objective, reconstruction_loss, split_objective
+from sae.core.model import AutoencoderOutput
+from sae.core.sparsity import kl_sparsity, make_method
 
 
 def forward_output(activations: dict, decoder_weight=None, recon=None) -> AutoencoderOutput:

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
-from sae.probe import linear_probe_accuracy, probe_loss_and_grad
-from sae.sweep import pareto_front
+from sae.core.metrics import FractionOfVarianceUnexplained, UnitActivity, density_summary, rho_hat_summary
+from sae.report.frontier import pareto_front
+from sae.report.probe import linear_probe_accuracy, probe_loss_and_grad
 
 
 def test_unit_mean_is_over_samples_not_a_mean_of_batch_means():
@@ -137,7 +137,7 @@ def test_pareto_front_hand_case():
 def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypatch):
     """The same tensors or equal data (a sweep's next job): the last classifier and its test
     accuracy, no refit; a new process: the disk cache; other data: a new fit."""
-    from sae import probe
+    from sae.report import probe
 
     monkeypatch.setattr(probe, "_last_pixel_classifier", None)
     fits = []
@@ -195,7 +195,7 @@ def test_pixel_classifier_is_fitted_once_per_data_then_reused(tmp_path, monkeypa
 def test_a_damaged_pixel_probe_cache_is_said_and_fitted_again(tmp_path, monkeypatch, capsys, damage, said):
     """The cache is input: a file zeroed, of another shape, or not a classifier at all would give
     a baseline at chance or fail mid-probe; it is refused in one line and the classifier refitted."""
-    from sae import probe
+    from sae.report import probe
 
     gen = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 10, (200,), generator=gen)
@@ -217,8 +217,8 @@ def test_a_damaged_pixel_probe_cache_is_said_and_fitted_again(tmp_path, monkeypa
 
 def test_the_code_probe_converges_to_its_tolerance():
     """With a tolerance, L-BFGS runs until no gradient entry of the probe's objective exceeds it
-    (written-out gradient, sae.probe.probe_loss_and_grad); 3 steps stop well short of that."""
-    from sae import probe
+    (written-out gradient, sae.report.probe.probe_loss_and_grad); 3 steps stop well short of that."""
+    from sae.report import probe
 
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 10, (300,), generator=gen)
@@ -240,8 +240,8 @@ def test_probe_accuracies_match_their_parts_and_encode_on_the_given_thread_count
     """The three numbers against the classifiers fitted by hand; the codes and reconstructions are
     computed on `threads` (a sweep's worker encodes on the job's count: float32 codes differ in
     their last bits between thread counts), and the caller's count is restored after."""
-    from sae import probe
-    from sae.model import SparseAutoencoder
+    from sae.core.model import SparseAutoencoder
+    from sae.report import probe
 
     monkeypatch.setattr(probe, "_last_pixel_classifier", None)
     torch.manual_seed(0)

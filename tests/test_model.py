@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.model import SparseAutoencoder, TopK, layer_names
+from sae.core.model import SparseAutoencoder, TopK, layer_names
 
 
 def test_default_is_784_128_32_128_784():

@@ -9,10 +9,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.distributions import Bernoulli, kl_divergence
 from torchmetrics import MeanMetric
 
-from sae.checkpoints import load_checkpoint
-from sae.data import MNISTDataModule
-from sae.metrics import off_values, truncate_codes
-from sae.module import SparseAutoencoderModule
+from sae.core.metrics import off_values, truncate_codes
+from sae.data.mnist import MNISTDataModule
+from sae.training.checkpoints import load_checkpoint
+from sae.training.module import SparseAutoencoderModule
 
 
 def quiet_trainer(**kw) -> L.Trainer:

@@ -10,8 +10,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from PIL import Image
 
-from sae.callbacks import RunFigures
-from sae.plots import (
+from sae.report.figures import (
     DEAD_COLOUR,
     MAX_UNITS,
     reconstruction_grid,
@@ -19,6 +18,7 @@ from sae.plots import (
     sweep_metrics,
     write_run_figures,
 )
+from sae.training.callbacks import RunFigures
 
 
 @pytest.mark.parametrize("latent_dim", [32, 4096])

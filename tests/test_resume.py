@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from sae.checkpoints import CheckpointError, SafeCheckpointIO
 from sae.config import ConfigError
-from sae.module import TrainingDiverged
-from sae.training import train
+from sae.training.checkpoints import CheckpointError, SafeCheckpointIO
+from sae.training.fit import train
+from sae.training.module import TrainingDiverged
 from tests.conftest import (
     LEAN,
     QUICK_RUN,
@@ -179,39 +179,40 @@ def test_diverged_run_reports_the_last_finite_window(mnist_root, tmp_path):
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-class SlowSteps(L.Callback):
-    """Slows training down so that a signal can be sent mid-epoch."""
+class SignalAt(L.Callback):
+    """Sends `name` (SIGINT, SIGTERM, SIGKILL) to this process after training call `call` of epoch
+    `epoch`: a stop that lands mid-epoch at a known step, however fast the machine is."""
 
-    def on_train_batch_end(self, *args) -> None:
-        time.sleep(0.05)
+    def __init__(self, name: str, epoch: int = 1, call: int = 1) -> None:
+        self.signal, self.epoch, self.call = getattr(signal, name), epoch, call
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.call:
+            os.kill(os.getpid(), self.signal)
 
 
-# Epochs of 4 training calls (3+3+3+1 batches): a stop lands between calls, mid-epoch.
+# Epochs of 4 training calls (3+3+3+1 batches, 10 steps): a stop lands between calls, mid-epoch.
 INTERRUPTIBLE = [*LEAN, "debug=limit", "epochs=6", "data.batches_per_call=3"]
+STEPS_PER_EPOCH = 10
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(mnist_root, tmp_path, sig):
     run = tmp_path / "run"
-    slow = "+callbacks.slow._target_=tests.test_resume.SlowSteps"
-    command = train_command(mnist_root, *INTERRUPTIBLE, f"hydra.run.dir={run}", slow)
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = ["+callbacks.stop._target_=tests.test_resume.SignalAt", f"+callbacks.stop.name={sig.name}"]
+    command = train_command(mnist_root, *INTERRUPTIBLE, f"hydra.run.dir={run}", *stop)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.08)  # into the second epoch (4 calls of >= 50 ms)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-
-    if sig == signal.SIGKILL:
+    step = torch.load(last, weights_only=True)["global_step"]
+    if sig == signal.SIGKILL:  # nothing saved on the way out: the last epoch's checkpoint stays
         assert proc.returncode == -signal.SIGKILL
-    else:  # stopped cleanly, between batches, with a checkpoint of where it stopped
-        assert proc.returncode == (1 if sig == signal.SIGINT else 128 + signal.SIGTERM), stderr[-2000:]
-        said = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
-        assert said and f"resume={run}" in said[0], stderr[-2000:]
-        step = torch.load(last, weights_only=True)["global_step"]
+        assert step == STEPS_PER_EPOCH
+    else:  # stopped cleanly, between calls, with a checkpoint of where it stopped: mid-epoch 2
+        assert proc.returncode == (1 if sig == signal.SIGINT else 128 + signal.SIGTERM), proc.stderr[-2000:]
+        said = [line for line in proc.stderr.splitlines() if line.startswith("interrupted at step")]
+        assert said and f"resume={run}" in said[0], proc.stderr[-2000:]
+        assert step == STEPS_PER_EPOCH + 6  # after the second call (3 + 3 batches) of the second epoch
         assert said[0].startswith(f"interrupted at step {step} ")
     assert not (run / "metrics.json").exists()
 
@@ -343,7 +344,7 @@ def test_resume_without_last_ckpt_says_how_to_continue_and_leftovers_are_removed
 
 
 def test_a_slurm_job_run_again_resumes_only_from_its_own_last_ckpt(tmp_path, monkeypatch):
-    from sae.training import requeued_by_slurm
+    from sae.training.fit import requeued_by_slurm
 
     run = tmp_path / "0"
     (run / "checkpoints").mkdir(parents=True)

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from sae.run_folder import FolderInUse, lock_run_folder, unlock_run_folder, writing_run_folder
-from sae.training import train
+from sae.run.folder import FolderInUse, lock_run_folder, unlock_run_folder, writing_run_folder
+from sae.training.fit import train
 from tests.conftest import LEAN, QUICK_RUN, ROOT, compose_train, run_script
 
 QUICK = [*QUICK_RUN, *LEAN]
 
 HOLD = """
 import sys, time
-from sae.run_folder import lock_run_folder
+from sae.run.folder import lock_run_folder
 lock_run_folder(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -71,7 +71,7 @@ def test_cli_second_run_into_a_busy_folder_is_one_line_and_writes_nothing(mnist_
 
 def test_evaluate_takes_the_lock_of_its_output_folder(mnist_root, tmp_path):
     """Two evaluations writing one folder: the second is refused in one line and writes nothing."""
-    from sae.evaluation import evaluate
+    from sae.training.evaluate import evaluate
     from tests.conftest import evaluate_config
 
     metrics = train(compose_train([*LEAN, "debug=limit", "epochs=1"], tmp_path / "run", mnist_root))

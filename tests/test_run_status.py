@@ -17,11 +17,11 @@ import lightning as L
 import pytest
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sae import background
-from sae.run_folder import record_finished, record_result, recorded_status
-from sae.training import train
+from sae.run import handoff
+from sae.run.record import RunRecord
+from sae.training.fit import train
 from tests.conftest import LEAN, ROOT, compose_train, read_metrics, train_command
-from tests.test_background import square, wait_for_file
+from tests.test_handoff import square, wait_for_file
 
 PROBES = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
 FIGURES = {
@@ -38,58 +38,58 @@ FIGURES = {
 
 
 def test_a_run_is_incomplete_until_its_handed_off_results_are_recorded(tmp_path, monkeypatch):
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
     recorded = []
-    background.run_or_hand_off("probes", square, 3.0, then=recorded.append, result_of=(tmp_path, "probes"))
-    background.run_or_hand_off("figures", square, 4.0, result_of=(tmp_path, "figures"))
-    assert background.pending_results(tmp_path) == ["probes", "figures"]
-    record_finished(tmp_path, background.pending_results(tmp_path), "python evaluate.py sweep_dir=S")
-    status = recorded_status(tmp_path)
+    handoff.run_or_hand_off("probes", square, 3.0, then=recorded.append, result_of=(tmp_path, "probes"))
+    handoff.run_or_hand_off("figures", square, 4.0, result_of=(tmp_path, "figures"))
+    assert handoff.pending_results(tmp_path) == ["probes", "figures"]
+    RunRecord(tmp_path).finished({}, handoff.pending_results(tmp_path), "python evaluate.py sweep_dir=S")
+    status = RunRecord(tmp_path).status()
     assert status["status"] == "incomplete" and status["missing"] == ["probes", "figures"]
     assert status["error"].startswith("probes, figures not yet on disk")
     assert status["error"].endswith("complete them with: python evaluate.py sweep_dir=S")
-    background.wait_for_hand_offs()
-    assert recorded == [9.0] and recorded_status(tmp_path) == {"status": "ok", "error": ""}
+    handoff.wait_for_hand_offs()
+    assert recorded == [9.0] and RunRecord(tmp_path).status() == {"status": "ok", "error": ""}
 
 
 def test_a_result_that_fails_keeps_the_run_incomplete_saying_how_to_complete_it(tmp_path):
-    record_finished(tmp_path, ["probes", "figures"], "python evaluate.py sweep_dir=S")
-    record_result(tmp_path, "figures")
-    assert recorded_status(tmp_path)["missing"] == ["probes"]
-    record_result(tmp_path, "probes", error="disk full")
-    status = recorded_status(tmp_path)
+    RunRecord(tmp_path).finished({}, ["probes", "figures"], "python evaluate.py sweep_dir=S")
+    RunRecord(tmp_path).result_done("figures")
+    assert RunRecord(tmp_path).status()["missing"] == ["probes"]
+    RunRecord(tmp_path).result_done("probes", error="disk full")
+    status = RunRecord(tmp_path).status()
     assert status["status"] == "incomplete" and status["missing"] == ["probes"]
     assert (
         status["error"] == "probes failed (disk full); complete probes with: python evaluate.py sweep_dir=S"
     )
     (tmp_path / "status.json").write_text(json.dumps({"status": "interrupted", "error": "SIGTERM"}))
-    record_result(tmp_path, "probes")  # an interrupted run stays interrupted
-    assert recorded_status(tmp_path)["status"] == "interrupted"
+    RunRecord(tmp_path).result_done("probes")  # an interrupted run stays interrupted
+    assert RunRecord(tmp_path).status()["status"] == "interrupted"
 
 
 def test_work_of_a_worker_killed_while_busy_is_done_here(tmp_path, monkeypatch, capsys):
     """SIGKILL of the worker (as the kernel's OOM killer sends it) mid-work: the work is done again
     in this process when collected, its result recorded, and the run becomes ok."""
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
     gate = tmp_path / "gate"
     recorded = []
-    background.run_or_hand_off(
+    handoff.run_or_hand_off(
         "probes", wait_for_file, str(gate), then=recorded.append, result_of=(tmp_path, "probes")
     )
-    record_finished(tmp_path, background.pending_results(tmp_path), "cmd")
+    RunRecord(tmp_path).finished({}, handoff.pending_results(tmp_path), "cmd")
     deadline = time.monotonic() + 120
-    while not background._worker._processes and time.monotonic() < deadline:
+    while not handoff._worker._processes and time.monotonic() < deadline:
         time.sleep(0.02)
-    (pid,) = background._worker._processes
+    (pid,) = handoff._worker._processes
     time.sleep(0.5)  # well into its wait for the gate
     os.kill(pid, signal.SIGKILL)
     gate.write_text("go")
-    assert background.wait_for_hand_offs() == []
-    assert recorded == ["go"] and recorded_status(tmp_path)["status"] == "ok"
+    assert handoff.wait_for_hand_offs() == []
+    assert recorded == ["go"] and RunRecord(tmp_path).status()["status"] == "ok"
     assert (
         "the worker process died (killed, or out of memory); probes is done here" in capsys.readouterr().out
     )
-    background._worker = None  # the dead pool: the next hand-off starts a new worker
+    handoff._worker = None  # the dead pool: the next hand-off starts a new worker
 
 
 class SigtermAfterTheLastTestBatch(L.Callback):
@@ -111,7 +111,7 @@ def test_sigterm_while_testing_stops_the_run_and_records_it_interrupted(mnist_ro
     )
     with pytest.raises(SIGTERMException):
         train(cfg)
-    status = recorded_status(tmp_path)
+    status = RunRecord(tmp_path).status()
     assert status["status"] == "interrupted" and f"python train.py resume={tmp_path}" in status["error"]
     assert not (tmp_path / "metrics.json").exists()
 
@@ -157,7 +157,7 @@ def test_a_sweep_whose_worker_is_killed_still_has_every_result(mnist_root, tmp_p
     assert proc.returncode == 0, err[-3000:]
     assert "the worker process died" in out
     for job in ("0", "1", "2"):
-        assert recorded_status(sweep / job) == {"status": "ok", "error": ""}, job
+        assert RunRecord(sweep / job).status() == {"status": "ok", "error": ""}, job
         assert all(0 < read_metrics(sweep / job)[p] <= 1 for p in PROBES), job
         assert {p.name for p in (sweep / job / "plots").glob("*.png")} == FIGURES, job
 
@@ -175,12 +175,12 @@ def test_a_sweep_killed_while_its_worker_is_busy_is_completed_by_evaluate(mnist_
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while recorded_status(sweep / "0").get("status") != "incomplete" and time.monotonic() < deadline:
+    while RunRecord(sweep / "0").status().get("status") != "incomplete" and time.monotonic() < deadline:
         assert proc.poll() is None
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    status = recorded_status(sweep / "0")
+    status = RunRecord(sweep / "0").status()
     assert status["status"] == "incomplete" and status["missing"] == ["probes", "figures"]
     assert status["error"].endswith(f"complete them with: python evaluate.py sweep_dir={sweep.resolve()}")
     assert not set(PROBES) & set(read_metrics(sweep / "0"))
@@ -194,7 +194,7 @@ def test_a_sweep_killed_while_its_worker_is_busy_is_completed_by_evaluate(mnist_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "job 0: completed its probes, figures" in done.stdout
-    assert recorded_status(sweep / "0") == {"status": "ok", "error": ""}
+    assert RunRecord(sweep / "0").status() == {"status": "ok", "error": ""}
     metrics = read_metrics(sweep / "0")
     assert all(0 < metrics[p] <= 1 for p in PROBES)
     assert {p.name for p in (sweep / "0" / "plots").glob("*.png")} == FIGURES
@@ -210,5 +210,5 @@ def test_sigterm_while_a_sweep_job_tests_ends_the_sweep_with_143(mnist_root, tmp
         sweep_command(mnist_root, sweep, sigterm), cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
-    assert recorded_status(sweep / "0")["status"] == "interrupted"
+    assert RunRecord(sweep / "0").status()["status"] == "interrupted"
     assert not (sweep / "1").exists()  # the sweep stopped

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from sae.sweep import job_row
+from sae.report.summary import job_row
 from tests.conftest import ROOT, train_command
 
 

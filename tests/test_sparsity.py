@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from sae.checkpoints import load_checkpoint
-from sae.evaluation import evaluate
-from sae.sparsity import METHODS, SparsityMethod, register
-from sae.sweep import write_summary
-from sae.training import train
+from sae.core.sparsity import METHODS, SparsityMethod, register
+from sae.report.summary import write_summary
+from sae.training.checkpoints import load_checkpoint
+from sae.training.evaluate import evaluate
+from sae.training.fit import train
 from tests.conftest import checkpoint_weights, compose_train, evaluate_config, idx_test_split, read_metrics
 
 
@@ -172,7 +172,7 @@ def test_topk_settings_are_checked(mnist_root, tmp_path, overrides, message):
 
 def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False, hidden_dims=()):
     """A float64 topk autoencoder (one layer unless hidden_dims) and its method with AuxK on."""
-    from sae.model import SparseAutoencoder
+    from sae.core.model import SparseAutoencoder
 
     torch.manual_seed(0)
     out_act = "identity" if linear else "sigmoid"
@@ -221,7 +221,7 @@ def test_auxk_loss_is_gao_et_als_times_the_input_variance():
     """With a one-layer encoder and a linear decoder, the minimised loss is Var(x) times the
     reference's mse / Var(x) + alpha * normalized_mse(W_dec z_aux + b, e + b): equal gradients
     after dividing by Var(x), so Adam takes the same steps (b held fixed in the auxiliary term)."""
-    from sae.loss import minimised, objective
+    from sae.core.loss import minimised, objective
 
     net, method = auxk_model(linear=True)
     method.eval()  # the dead set as given (training would also count this batch)
@@ -336,7 +336,7 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
     assert module.hparams.auxk and module.method.inputs_since_fired.shape == (32,)
     assert module.method.inputs_since_fired.max() > 0  # the counter is in the checkpoint
     # evaluate.py reads the same record off the checkpoint; TopK's truncated code is its code.
-    from sae.evaluation import evaluate
+    from sae.training.evaluate import evaluate
     from tests.conftest import evaluate_config
 
     evaluated = evaluate(evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "evaluated"))
@@ -365,7 +365,7 @@ def test_auxk_settings_are_checked(mnist_root, tmp_path, overrides, message):
 
 
 def test_a_run_describes_its_setting_in_one_line():
-    from sae.module import SparseAutoencoderModule
+    from sae.training.module import SparseAutoencoderModule
 
     topk = SparseAutoencoderModule(
         hidden_dims=[], latent_dim=64, latent_activation="topk", sparsity="topk", k=4, auxk=True

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sae.stacked import StackedTraining
-from sae.training import build_data_and_module, train
+from sae.sweep.stacked import StackedTraining
+from sae.training.fit import build_data_and_module, train
 from tests.conftest import compose_train
 
 # Jobs that differ in everything a sweep varies but the architecture.
@@ -70,7 +70,7 @@ def test_jobs_of_another_architecture_are_refused(mnist_root, tmp_path):
 def test_the_vectorized_launcher_groups_jobs_by_their_composed_configs(mnist_root, tmp_path):
     """Jobs stack when their composed configs differ only in rho, beta, lr and seed, whatever the
     command line says: the frontier's KL points stack, each k of TopK is its own group."""
-    from sae.vectorized import group_key, stackable
+    from sae.sweep.vectorized import group_key, stackable
 
     def config(*overrides):
         return compose_train(list(overrides), tmp_path, mnist_root)

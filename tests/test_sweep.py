@@ -8,7 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from sae.sweep import frontier_ranks, write_summary
+from sae.report.frontier import frontier_ranks
+from sae.report.summary import write_summary
 from tests.conftest import run_script
 
 
@@ -265,7 +266,7 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         }
         fake_job(sweep, str(i), overrides, m, {"status": "ok"}, method=method)
 
-    from sae import sweep as summary
+    from sae.report import summary
 
     figures = {}
     real = summary._write_figures
@@ -280,54 +281,44 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
     finally:
         summary._write_figures = real
     assert [s["method"] for s in figures["settings"]] == ["kl", "kl", "l1", "l1", "topk", "topk+auxk"]
-    from sae.plots import pareto_figure
+    from sae.report.figures import pareto_figure
 
     fig = pareto_figure(figures["settings"], ["sparsity", "beta", "k"], summary.BASELINES)
-    try:
-        titles = [ax.get_title() for ax in fig.axes]
-        assert titles == [
-            "KL: reconstruction vs distance to the sparsity target",
-            "Reconstruction vs L0",
-            "Probe accuracy vs L0",
-        ]
-        labels = fig.axes[1].get_legend_handles_labels()[1]
-        methods = ("kl", "l1", "topk", "topk+auxk")
-        assert {*methods, *(f"{m} frontier" for m in methods)} <= set(labels)
-        (placed,) = fig.axes[0].containers  # only the two KL settings are placed against rho
-        assert len(placed.lines[0].get_xdata()) == 2
-        # Labels face the middle: the rightmost point's (L0 14) runs left, into the plot.
-        labels = {t.get_text(): t for t in fig.axes[1].texts}
-        assert labels["beta=0.001"].get_horizontalalignment() == "right"
-        assert labels["sparsity=l1, beta=0.1"].get_horizontalalignment() == "left"
-        probe_front = [line for line in fig.axes[2].get_lines() if line.get_label() == "l1 frontier"][0]
-        assert list(probe_front.get_ydata()) == [0.88, 0.93]  # higher accuracy is better here
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "KL: reconstruction vs distance to the sparsity target",
+        "Reconstruction vs L0",
+        "Probe accuracy vs L0",
+    ]
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    methods = ("kl", "l1", "topk", "topk+auxk")
+    assert {*methods, *(f"{m} frontier" for m in methods)} <= set(labels)
+    (placed,) = fig.axes[0].containers  # only the two KL settings are placed against rho
+    assert len(placed.lines[0].get_xdata()) == 2
+    # Labels face the middle: the rightmost point's (L0 14) runs left, into the plot.
+    labels = {t.get_text(): t for t in fig.axes[1].texts}
+    assert labels["beta=0.001"].get_horizontalalignment() == "right"
+    assert labels["sparsity=l1, beta=0.1"].get_horizontalalignment() == "left"
+    probe_front = [line for line in fig.axes[2].get_lines() if line.get_label() == "l1 frontier"][0]
+    assert list(probe_front.get_ydata()) == [0.88, 0.93]  # higher accuracy is better here
 
 
 def test_the_methods_figure_holds_each_method_to_its_l0():
     """With test/truncated_mse, the L0 panel draws it (not test/mse), and leaves out the notebook's
     baselines, whose MSEs are of its dense code."""
-    from sae.plots import pareto_figure
-    from sae.sweep import BASELINES
+    from sae.report.figures import pareto_figure
+    from sae.report.summary import BASELINES
 
     settings = [
         {"method": "kl", "n": 1, "rho": 0.05, "test/l0": 7.2, "test/mse": 0.018, "test/truncated_mse": 0.026},
         {"method": "topk", "n": 1, "test/l0": 8.0, "test/mse": 0.020, "test/truncated_mse": 0.020},
     ]
     fig = pareto_figure(settings, ["method"], BASELINES)
-    try:
-        panel = next(ax for ax in fig.axes if ax.get_title() == "Reconstruction at the L0 it is plotted at")
-        drawn = sorted(y for c in panel.containers for y in c.lines[0].get_ydata())
-        assert drawn == [0.020, 0.026]
-        assert "truncated at the L0 threshold" in panel.get_ylabel()
-        assert not any("published" in label for label in panel.get_legend_handles_labels()[1])
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    panel = next(ax for ax in fig.axes if ax.get_title() == "Reconstruction at the L0 it is plotted at")
+    drawn = sorted(y for c in panel.containers for y in c.lines[0].get_ydata())
+    assert drawn == [0.020, 0.026]
+    assert "truncated at the L0 threshold" in panel.get_ylabel()
+    assert not any("published" in label for label in panel.get_legend_handles_labels()[1])
 
 
 def test_jobs_whose_configs_differ_in_the_objective_are_not_ranked_by_val_loss(tmp_path):
@@ -350,20 +341,15 @@ def test_jobs_whose_configs_differ_in_the_objective_are_not_ranked_by_val_loss(t
 def test_the_frontier_is_circled_where_its_points_are_drawn():
     """A setting that undershoots rho (rho_hat / rho - 1 < 0) and is on the frontier is circled at
     its own, negative, x: the front is found on the distance |x|, the ring drawn at x."""
-    from sae.plots import pareto_figure
+    from sae.report.figures import pareto_figure
 
     settings = [
         {"rho": 0.05, "test/rho_hat_mean": 0.04, "test/mse": 0.02, "test/l0": 5.0},  # x = -0.2
         {"rho": 0.05, "test/rho_hat_mean": 0.10, "test/mse": 0.03, "test/l0": 9.0},  # x = +1, worse MSE
     ]
     fig = pareto_figure(settings, [], [])
-    try:
-        (ring,) = [c for c in fig.axes[0].collections if c.get_label().startswith("Pareto frontier")]
-        assert ring.get_offsets().tolist() == [[pytest.approx(-0.2), 0.02]]
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    (ring,) = [c for c in fig.axes[0].collections if c.get_label().startswith("Pareto frontier")]
+    assert ring.get_offsets().tolist() == [[pytest.approx(-0.2), 0.02]]
 
 
 def test_summary_md_shows_the_key_metrics_and_names_the_others(tmp_path):
@@ -413,8 +399,8 @@ def test_a_slurm_job_that_left_no_result_is_recorded_failed_and_the_sweep_goes_o
     from hydra.core.utils import JobReturn, JobStatus
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    from sae.console import JobFailed
-    from sae.sweep import job_row
+    from sae.errors import JobFailed
+    from sae.report.summary import job_row
 
     launcher, job_folder = slurm_launcher
     error = UncompletedJobError(
@@ -454,12 +440,12 @@ def test_a_slurm_job_that_left_no_result_is_recorded_failed_and_the_sweep_goes_o
 def test_a_slurm_job_that_saved_itself_on_sigterm_keeps_its_interrupted_status(slurm_launcher):
     from submitit.core.utils import UncompletedJobError
 
-    from sae.run_folder import record_status
-    from sae.sweep import job_row
+    from sae.report.summary import job_row
+    from sae.run.record import RunRecord
 
     launcher, job_folder = slurm_launcher
     said = f"interrupted at step 20 (epoch 2): saved ...; continue with: python train.py resume={job_folder}"
-    record_status(job_folder, "interrupted", said)
+    RunRecord(job_folder).interrupted(said)
     outcome = launcher._outcome(_Job(UncompletedJobError("has not produced any output")), ["epochs=9"], 1)
     assert outcome.return_value.error == said
     assert job_row(job_folder)["status"] == "interrupted" and job_row(job_folder)["error"] == said

@@ -22,10 +22,10 @@ from tensorboard.plugins.hparams.backend_context import (
 )
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from sae.callbacks import HPARAMS_METRICS, EpochLines
 from sae.config import ConfigError, validate_train_config
-from sae.evaluation import evaluate
-from sae.training import build_data_and_module, build_trainer, train
+from sae.training.callbacks import HPARAMS_METRICS, EpochLines
+from sae.training.evaluate import evaluate
+from sae.training.fit import build_data_and_module, build_trainer, train
 from tests.conftest import (
     CONF,
     LEAN,
@@ -254,15 +254,15 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     """Where more jobs follow in this process, the three probe accuracies join metrics.json when the
     hand-off is collected; with optimized_metric=val/probe_accuracy they are there as the job returns,
     with the code probe scored on the validation split, which is what train.py returns."""
-    from sae import background
+    from sae.run import handoff
 
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
     lean_but_probe = [o for o in LEAN if o != "~callbacks.linear_probe"]
     handed = train(compose_train([*lean_but_probe, "debug=limit"], tmp_path / "handed", mnist_root))
     probes = ["test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions"]
     assert not set(probes) & set(handed)
-    assert background.is_pending(str((tmp_path / "handed" / "metrics.json").resolve()))
-    assert background.wait_for_hand_offs() == []
+    assert handoff.pending_results(tmp_path / "handed") == ["probes"]
+    assert handoff.wait_for_hand_offs() == []
     recorded = read_metrics(tmp_path / "handed")
     assert all(0 < recorded[name] <= 1 for name in probes)
     assert {k: v for k, v in recorded.items() if k not in probes} == handed  # nothing else changed
@@ -275,14 +275,14 @@ def test_a_sweep_job_fits_its_code_probe_after_it_unless_the_sweep_optimizes_it(
     at_once = read_metrics(tmp_path / "at_once")
     # The same run: the worker's copy of the model gives the numbers computed here.
     assert {name: at_once[name] for name in probes} == {name: recorded[name] for name in probes}
-    assert not background.is_pending(str((tmp_path / "at_once" / "metrics.json").resolve()))
+    assert handoff.pending_results(tmp_path / "at_once") == []
     assert returned == at_once["val/probe_accuracy"] and 0 < returned <= 1
 
 
 def test_a_slurm_job_trains_on_the_cores_of_its_allocation(monkeypatch):
     from omegaconf import OmegaConf
 
-    from sae.training import thread_count
+    from sae.training.fit import thread_count
 
     default = OmegaConf.create({"threads": None})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -311,10 +311,15 @@ def preset_names(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group", ["experiment", "debug"])
 def test_every_preset_composes_and_builds(mnist_root, tmp_path, group):
-    for name in preset_names(group):
+    names = preset_names(group)
+    assert names, group
+    for name in names:
         cfg = compose_train([f"{group}={name}"], tmp_path / name, mnist_root)
-        build_data_and_module(cfg)
-        build_trainer(cfg)
+        datamodule, module = build_data_and_module(cfg)
+        trainer = build_trainer(cfg)
+        assert module.hparams.latent_dim == cfg.latent_dim and module.hparams.sparsity == cfg.model.sparsity
+        epochs = 1 if cfg.trainer.get("fast_dev_run") else cfg.epochs  # Lightning's dry run: one
+        assert datamodule.hparams.batch_size == cfg.batch_size and trainer.max_epochs == epochs, name
 
 
 def test_help_lists_every_option_of_the_groups_a_user_picks():
@@ -401,10 +406,13 @@ def test_without_a_gpu_adam_steps_skip_the_nvml_device_query(mnist_root, tmp_pat
     assert (queries == 0) == (torch.cuda.device_count() == 0)
 
 
-def test_importing_sae_shortens_openmp_spinning_before_torch_loads_it():
-    """OpenMP reads GOMP_SPINCOUNT when torch loads it: `import sae` (what train.py and
-    evaluate.py do first) sets it before any torch import, unless the user set a policy."""
-    probe = "import os, sys, sae; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+def test_entry_scripts_shorten_openmp_spinning_before_torch_loads_it():
+    """OpenMP reads GOMP_SPINCOUNT when torch loads it: train.py and evaluate.py set it first
+    (sae.cli.start_process), before any torch import, unless the user set a policy."""
+    probe = (
+        "import os, sys, sae.cli; sae.cli.start_process(); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
 
     def spin_count(**env: str) -> str:
@@ -414,6 +422,16 @@ def test_importing_sae_shortens_openmp_spinning_before_torch_loads_it():
     assert spin_count() == "1000 False"
     assert spin_count(GOMP_SPINCOUNT="5") == "5 False"
     assert spin_count(OMP_WAIT_POLICY="ACTIVE") == "None False"
+    for script in ("train.py", "evaluate.py"):  # each calls it before it imports any library
+        lines = (ROOT / script).read_text().splitlines()
+        first_library = next(
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(("import ", "from "))
+            and line.split()[1].split(".")[0] not in (*sys.stdlib_module_names, "__future__")
+            and line != "from sae.cli import start_process"
+        )
+        assert "start_process()" in [line.split("#")[0].strip() for line in lines[:first_library]], script
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from sae.evaluation import evaluate
-from sae.training import train
+from sae.training.evaluate import evaluate
+from sae.training.fit import train
 from tests.conftest import (
     LEAN,
     ROOT,

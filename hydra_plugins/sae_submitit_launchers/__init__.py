@@ -1,1 +1,1 @@
-"""submitit launchers whose sweep outlives a job that died, as a Hydra plugin (see sae/launchers.py)."""
+"""submitit launchers whose sweep outlives a job that died, as a Hydra plugin (see sae/sweep/launchers.py)."""

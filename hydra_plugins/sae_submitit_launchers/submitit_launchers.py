@@ -1,4 +1,4 @@
-"""Hydra finds launchers in the hydra_plugins namespace; the work is in sae.launchers.
+"""Hydra finds launchers in the hydra_plugins namespace; the work is in sae.sweep.launchers.
 
 Hydra imports every hydra_plugins module when it starts: without the sweep extra (no
 hydra-submitit-launcher) this module defines nothing rather than warn at every start.
@@ -7,7 +7,7 @@ hydra-submitit-launcher) this module defines nothing rather than warn at every s
 try:
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hydra_submitit
 
-    from sae import launchers
+    from sae.sweep import launchers
 except ImportError:  # the sweep extra is not installed
     hydra_submitit = None
 

@@ -1,1 +1,1 @@
-"""The vectorized launcher as a Hydra plugin (see sae/vectorized.py)."""
+"""The vectorized launcher as a Hydra plugin (see sae/sweep/vectorized.py)."""

@@ -1,4 +1,4 @@
-"""Hydra finds launchers in the hydra_plugins namespace; the work is in sae.vectorized.
+"""Hydra finds launchers in the hydra_plugins namespace; the work is in sae.sweep.vectorized.
 
 Hydra imports every hydra_plugins module when it starts, in any Hydra application of the
 environment, so this one stays light: torch and the project are imported only to launch. The
@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 class VectorizedLauncherConf:
     """hydra/launcher=vectorized: jobs of a sweep that differ only in rho, beta, lr and seed train
     as one stacked model in this process; each job's folder then ends up as a separate run's would
-    (sae/vectorized.py)."""
+    (sae/sweep/vectorized.py)."""
 
     _target_: str = "hydra_plugins.sae_vectorized_launcher.vectorized_launcher.VectorizedLauncher"
 
@@ -45,6 +45,6 @@ class VectorizedLauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sae.vectorized import launch
+        from sae.sweep.vectorized import launch
 
         return launch(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx)

@@ -6,15 +6,17 @@ full disk or a kill at any moment leaves the previous file or the new one, never
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sae.console import UserError, cannot_write_message, disk_full
+from sae.errors import UserError
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -78,3 +80,26 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC itself, or a writer's own error (torch.save's 'file write failed') on a full disk."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def cannot_write_message(path: Path, err: BaseException) -> str:
+    if disk_full(err, path.parent if path.parent.exists() else Path("/")):
+        try:
+            free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return f"cannot write {path}: the disk is full{free}; free some space, or write elsewhere"
+    code = getattr(err, "errno", None)
+    reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(code)
+    reason = reason or getattr(err, "strerror", None) or str(err)
+    return f"cannot write {path}: {reason}; write elsewhere (another run folder) or fix its permissions"

@@ -11,21 +11,16 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.patches
+import numpy as np
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")  # files only, never a window
-
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from sae.atomic import write_atomic  # noqa: E402
-from sae.metric_names import ERROR_AXIS  # noqa: E402
-from sae.sweep import frontier_axes, is_number, pareto_front  # noqa: E402
+from sae.names import ERROR_AXIS
+from sae.report.frontier import frontier_axes, is_number, pareto_front
+from sae.run.atomic import write_atomic
 
 DPI = 100
 MAX_UNITS = 64  # per-unit tiles and tick labels shown at most (figures keep their size)
@@ -37,7 +32,9 @@ DEAD_COLOUR = "crimson"
 
 
 def _figure(width: float, height: float) -> Figure:
-    return plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    """A figure of its own, outside pyplot: no backend is chosen, no window can open, nothing to
+    close (savefig renders with Agg; the figure is freed with its last reference)."""
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def activation_histogram(codes: Tensor, l0_threshold: float) -> Figure:
@@ -297,7 +294,6 @@ def write_run_figures(dirpath: Path, inputs: dict[str, Any], events_dir: str | N
         for name, fig in figures.items():
             png = io.BytesIO()
             fig.savefig(png, format="png")
-            plt.close(fig)
             write_atomic(dirpath / f"{name}.png", lambda f, png=png: f.write(png.getbuffer()))
             if writer is not None:  # the same PNG: TensorBoard keeps images PNG-encoded
                 writer.add_summary(png_image_summary(f"visuals/{name}", png.getvalue()), step)
@@ -462,7 +458,7 @@ def _against_l0(ax, points: list[dict], metric: str, knobs: list[str], minimise:
 
 
 def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
-    """The truncated code's test MSE against L0 (sae.metric_names.ERROR_AXIS), one colour and
+    """The truncated code's test MSE against L0 (sae.names.ERROR_AXIS), one colour and
     frontier per sparsity method; probe accuracy against L0;
     and, for KL settings, test MSE against how far rho_hat is from its target rho (the units'
     min..max as bars). The notebook's baselines are drawn on the MSE axes."""
@@ -479,76 +475,11 @@ def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
     panels = ["target"] * bool(kl_points) + ["l0"] + ["probe"] * (with_probe and several)
     fig = _figure(7.5 * len(panels), 6.5)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    seeds = any(s.get("n", 1) > 1 for s in points)
     for ax, panel in zip(axes, panels, strict=True):
         if panel == "target":
-            xs = [s["test/rho_hat_mean"] / s["rho"] - 1 for s in kl_points]
-            ys = [s["test/mse"] for s in kl_points]
-            spread = [
-                [
-                    x - (s.get("test/rho_hat_min", s["test/rho_hat_mean"]) / s["rho"] - 1)
-                    for x, s in zip(xs, kl_points, strict=True)
-                ],
-                [
-                    (s.get("test/rho_hat_max", s["test/rho_hat_mean"]) / s["rho"] - 1) - x
-                    for x, s in zip(xs, kl_points, strict=True)
-                ],
-            ]
-            ax.errorbar(
-                xs,
-                ys,
-                xerr=spread,
-                yerr=[_std(s, "test/mse") for s in kl_points],
-                fmt="o",
-                color="steelblue",
-                ecolor="lightsteelblue",
-                capsize=3,
-                zorder=3,
-                label="setting: rho_hat mean, bar = its units' min..max",
-            )
-            # Closest to the target on either side and best MSE, circled where the points are drawn.
-            front = pareto_front([abs(x) for x in xs], ys)
-            _ring(ax, xs, ys, front, "Pareto frontier (closest to target, best MSE)")
-            _annotate(ax, kl_points, xs, ys, knobs)
-            ax.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
-            published = next((b for b in baselines if "test/rho_hat_mean" in b), None)
-            if published is not None:
-                ax.scatter(
-                    [published["test/rho_hat_mean"] / published["rho"] - 1],
-                    [published["test/mse"]],
-                    marker="*",
-                    s=250,
-                    color="crimson",
-                    zorder=5,
-                    label=f"{published['name']} (rho {published['rho']:g})",
-                )
-            _baseline_lines(ax, baselines)
-            ax.set(
-                xlabel="rho_hat / rho - 1: mean latent activation relative to its target (0 = on target)",
-                ylabel="test MSE (lower = better)",
-            )
-            ax.set_title(
-                "KL: reconstruction vs distance to the sparsity target"
-                if several
-                else "Reconstruction vs distance to the sparsity target"
-            )
+            _target_panel(ax, kl_points, knobs, baselines, several)
         elif panel == "l0":
-            # The error of the code L0 counts (sae.metrics.truncate_codes): a dense sigmoid code
-            # at "L0 7" is held to 7 active units here. Runs from before it: the plain test MSE.
-            error = frontier_axes(points)[1]  # the summary's ranking axis
-            truncated = error == ERROR_AXIS
-            _against_l0(ax, points, error, knobs, minimise=True)
-            if not truncated:  # the notebook's MSEs are of its dense code: not on the truncated axis
-                _baseline_lines(ax, baselines)
-            ax.set(
-                xlabel="L0: active latent units per digit (lower = sparser)",
-                ylabel=(
-                    "test MSE of the code truncated at the L0 threshold (lower = better)"
-                    if truncated
-                    else "test MSE (lower = better)"
-                ),
-            )
-            ax.set_title("Reconstruction at the L0 it is plotted at" if truncated else "Reconstruction vs L0")
+            _error_panel(ax, points, knobs, baselines)
         else:
             _against_l0(ax, points, "test/probe_accuracy", knobs, minimise=False)
             ax.set(
@@ -559,9 +490,74 @@ def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.legend(fontsize=7, loc="best")
-    repeats = " (mean over seeds; bars: std)" if seeds else ""
+    repeats = " (mean over seeds; bars: std)" if any(s.get("n", 1) > 1 for s in points) else ""
     fig.suptitle(f"Sweep: {len(points)} settings{repeats}")
     return fig
+
+
+def _target_panel(ax, kl_points: list[dict], knobs: list[str], baselines, several: bool) -> None:
+    """KL settings: test MSE against rho_hat / rho - 1, the units' min..max as bars."""
+    xs = [s["test/rho_hat_mean"] / s["rho"] - 1 for s in kl_points]
+    ys = [s["test/mse"] for s in kl_points]
+    low = [s.get("test/rho_hat_min", s["test/rho_hat_mean"]) / s["rho"] - 1 for s in kl_points]
+    high = [s.get("test/rho_hat_max", s["test/rho_hat_mean"]) / s["rho"] - 1 for s in kl_points]
+    ax.errorbar(
+        xs,
+        ys,
+        xerr=[
+            [x - lo for x, lo in zip(xs, low, strict=True)],
+            [hi - x for x, hi in zip(xs, high, strict=True)],
+        ],
+        yerr=[_std(s, "test/mse") for s in kl_points],
+        fmt="o",
+        color="steelblue",
+        ecolor="lightsteelblue",
+        capsize=3,
+        zorder=3,
+        label="setting: rho_hat mean, bar = its units' min..max",
+    )
+    # Closest to the target on either side and best MSE, circled where the points are drawn.
+    front = pareto_front([abs(x) for x in xs], ys)
+    _ring(ax, xs, ys, front, "Pareto frontier (closest to target, best MSE)")
+    _annotate(ax, kl_points, xs, ys, knobs)
+    ax.axvline(0, **RHO_STYLE, label="rho_hat = rho (on target)")
+    published = next((b for b in baselines if "test/rho_hat_mean" in b), None)
+    if published is not None:
+        ax.scatter(
+            [published["test/rho_hat_mean"] / published["rho"] - 1],
+            [published["test/mse"]],
+            marker="*",
+            s=250,
+            color="crimson",
+            zorder=5,
+            label=f"{published['name']} (rho {published['rho']:g})",
+        )
+    _baseline_lines(ax, baselines)
+    ax.set(
+        xlabel="rho_hat / rho - 1: mean latent activation relative to its target (0 = on target)",
+        ylabel="test MSE (lower = better)",
+    )
+    title = "Reconstruction vs distance to the sparsity target"
+    ax.set_title(f"KL: {title[0].lower()}{title[1:]}" if several else title)
+
+
+def _error_panel(ax, points: list[dict], knobs: list[str], baselines) -> None:
+    """The error of the code L0 counts (sae.core.metrics.truncate_codes) against L0: a dense
+    sigmoid code at "L0 7" is held to 7 active units here. Runs from before it: the plain test MSE."""
+    error = frontier_axes(points)[1]  # the summary's ranking axis
+    truncated = error == ERROR_AXIS
+    _against_l0(ax, points, error, knobs, minimise=True)
+    if not truncated:  # the notebook's MSEs are of its dense code: not on the truncated axis
+        _baseline_lines(ax, baselines)
+    ax.set(
+        xlabel="L0: active latent units per digit (lower = sparser)",
+        ylabel=(
+            "test MSE of the code truncated at the L0 threshold (lower = better)"
+            if truncated
+            else "test MSE (lower = better)"
+        ),
+    )
+    ax.set_title("Reconstruction at the L0 it is plotted at" if truncated else "Reconstruction vs L0")
 
 
 # The panels of sweep_metrics: title, then (metric, label) lines drawn in it.
@@ -606,45 +602,12 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
                 lines = lines + tuple((f"test/{layer}/dead_fraction", layer) for layer in layers)
             lines = [line for line in lines if any(_value(s, line[0]) is not None for s in settings)]
             for g, (group, members) in enumerate(groups.items()):
-                members = sorted(members, key=lambda s: s.get(knob) if knob else 0)
-                xs = [s.get(knob) for s in members] if knob else list(range(len(members)))
-                colour = f"C{g % 10}"
-                for li, (metric, label) in enumerate(lines):
-                    have = [(x, s) for x, s in zip(xs, members, strict=True) if _value(s, metric) is not None]
-                    if not have:
-                        continue
-                    style = ("-", "--", ":", "-.")[li % 4]
-                    name = ", ".join(p for p in (group, label if len(lines) > 1 else "") if p)
-                    ax.errorbar(
-                        [x for x, _ in have],
-                        [s[metric] for _, s in have],
-                        yerr=[_std(s, metric) for _, s in have],
-                        marker="o",
-                        linestyle=style,
-                        color=colour,
-                        capsize=3,
-                        label=name or None,
-                    )
-                    if metric == "test/rho_hat_mean":
-                        low = [_value(s, "test/rho_hat_min") for _, s in have]
-                        high = [_value(s, "test/rho_hat_max") for _, s in have]
-                        if None not in low and None not in high:
-                            ax.fill_between([x for x, _ in have], low, high, color=colour, alpha=0.15)
-                        if knob == "rho":  # the target moves with x: draw rho_hat = rho
-                            ax.plot([x for x, _ in have], [x for x, _ in have], **RHO_STYLE)
-                        for rho in sorted({s["rho"] for _, s in have if _value(s, "rho") is not None}):
-                            if knob != "rho":
-                                ax.axhline(rho, **RHO_STYLE)
+                _metric_lines(
+                    ax, sorted(members, key=lambda s: s.get(knob) if knob else 0), knob, lines, group, g
+                )
             ax.set_title(title, fontsize=10)
             ax.grid(True, alpha=0.3)
-            if knob is None:
-                names = [_setting_label(s, label_knobs or []) for s in settings]
-                ax.set_xticks(range(len(settings)), names, fontsize=7, rotation=20, ha="right")
-            else:
-                values = [s[knob] for s in settings if _value(s, knob) is not None]
-                if values and min(values) > 0 and max(values) / min(values) >= 10:
-                    ax.set_xscale("log")
-                ax.set_xlabel(knob)
+            _knob_axis(ax, settings, knob, label_knobs)
             if ax.get_legend_handles_labels()[0] and (c in (3, 4) or (c == 0 and others)):
                 ax.legend(fontsize=6, loc="best")
     seeds = any(s.get("n", 1) > 1 for s in settings)
@@ -654,6 +617,51 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
         + "; dashed red: target rho"
     )
     return fig
+
+
+def _metric_lines(ax, members: list[dict], knob: str | None, lines: list, group: str, index: int) -> None:
+    """One group's settings (the same values of the other knobs) in one panel: a line per metric,
+    in the group's colour; for rho_hat its units' min..max band and the target rho."""
+    xs = [s.get(knob) for s in members] if knob else list(range(len(members)))
+    colour = f"C{index % 10}"
+    for li, (metric, label) in enumerate(lines):
+        have = [(x, s) for x, s in zip(xs, members, strict=True) if _value(s, metric) is not None]
+        if not have:
+            continue
+        name = ", ".join(p for p in (group, label if len(lines) > 1 else "") if p)
+        ax.errorbar(
+            [x for x, _ in have],
+            [s[metric] for _, s in have],
+            yerr=[_std(s, metric) for _, s in have],
+            marker="o",
+            linestyle=("-", "--", ":", "-.")[li % 4],
+            color=colour,
+            capsize=3,
+            label=name or None,
+        )
+        if metric != "test/rho_hat_mean":
+            continue
+        low = [_value(s, "test/rho_hat_min") for _, s in have]
+        high = [_value(s, "test/rho_hat_max") for _, s in have]
+        if None not in low and None not in high:
+            ax.fill_between([x for x, _ in have], low, high, color=colour, alpha=0.15)
+        if knob == "rho":  # the target moves with x: draw rho_hat = rho
+            ax.plot([x for x, _ in have], [x for x, _ in have], **RHO_STYLE)
+            continue
+        for rho in sorted({s["rho"] for _, s in have if _value(s, "rho") is not None}):
+            ax.axhline(rho, **RHO_STYLE)
+
+
+def _knob_axis(ax, settings: list[dict], knob: str | None, label_knobs: list[str] | None) -> None:
+    """The x axis: the knob's values (log-scaled over a decade or more), or one tick per setting."""
+    if knob is None:
+        names = [_setting_label(s, label_knobs or []) for s in settings]
+        ax.set_xticks(range(len(settings)), names, fontsize=7, rotation=20, ha="right")
+        return
+    values = [s[knob] for s in settings if _value(s, knob) is not None]
+    if values and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(knob)
 
 
 HEATMAP_METRICS = (

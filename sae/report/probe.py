@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.atomic import write_atomic
-from sae.console import one_line, report
+from sae.errors import one_line
+from sae.run.atomic import write_atomic
+from sae.run.console import report
 
 
 class LinearClassifier(NamedTuple):
@@ -129,7 +130,7 @@ def probe_accuracies(
     tolerance: float = 1e-5,
 ) -> dict[str, float]:
     """What logistic regression reads off an autoencoder's codes and reconstructions, against the
-    pixels (sae.callbacks.LinearProbe says what each number means), by metric name: test/...,
+    pixels (sae.training.callbacks.LinearProbe says what each number means), by metric name: test/...,
     and with `val` (images, labels) the code probe scored on them too (val/probe_accuracy, what
     a sweeper may select on).
 
@@ -138,9 +139,9 @@ def probe_accuracies(
     where an early stop left it (docs/probe.md). The pixel classifier takes `max_iter` steps: its
     early stop is part of what `probe_accuracy_reconstructions` measures (docs/probe.md).
 
-    `autoencoder` is an sae.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
+    `autoencoder` is an sae.core.model.SparseAutoencoder (`encode_all`, and `forward(x).recon`), on
     any device. Called in the run's process, or in a sweep's worker process with a copy of the
-    model (sae.background) and `threads` the run's torch thread count: on a CPU, a float32 code
+    model (sae.run.handoff) and `threads` the run's torch thread count: on a CPU, a float32 code
     depends on the thread count in its last bits (a matrix product's sums are split differently),
     and the early-stopped probe can read that (docs/probe.md), so the worker encodes as the run
     would. The fits are in float64, the same on any thread count. So the same inputs give the

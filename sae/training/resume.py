@@ -7,7 +7,7 @@ checkpoint (the model's and the data's settings, and the epochs it was set to tr
 files, so both are input: the overrides are parsed and checked as a command line is (no Hydra
 internals, no `_target_`, no mapping, no interpolation), the config is composed again from this
 project's own config files with them, and the checkpoint's values pass the rule of the key each
-fills (sae.checkpoints.saved_settings) before they touch the config. Nothing read from the run
+fills (sae.training.checkpoints.saved_settings) before they touch the config. Nothing read from the run
 folder is ever handed to Hydra's instantiate: the model and data module are built from checked
 plain settings (sae.config.model_settings), and the trainer, loggers and callbacks come from this
 project's config files.
@@ -21,7 +21,6 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sae.checkpoints import SavedSettings, last_checkpoint, read_checkpoint, saved_settings
 from sae.config import (
     DATA_EXECUTION_SETTINGS,
     MIRRORS,
@@ -30,7 +29,8 @@ from sae.config import (
     override_key,
     plain_value,
 )
-from sae.console import UserError, one_line
+from sae.errors import UserError, one_line
+from sae.training.checkpoints import SavedSettings, last_checkpoint, read_checkpoint, saved_settings
 
 # Data settings a resumed run keeps (what its checkpoint's weights were trained on); the rest of
 # the data group (where the files are, evaluation batches, workers) may change on resume.

@@ -10,7 +10,7 @@ from __future__ import annotations
 SELECTION_SPLIT = "val/"
 HIGHER_IS_BETTER = ("accuracy",)  # metric names containing these are maximised; every other is an error
 # The frontier the summary ranks by and the figures draw: the error of the code the decoder would
-# see with only the units L0 counts active (sae.metrics.truncate_codes), against that L0.
+# see with only the units L0 counts active (sae.core.metrics.truncate_codes), against that L0.
 SPARSITY_AXIS = "test/l0"
 ERROR_AXIS = "test/truncated_mse"
 FRONTIER_AXES = (SPARSITY_AXIS, ERROR_AXIS)
@@ -38,13 +38,10 @@ def selectable(name: object) -> bool:
     return isinstance(name, str) and name.startswith(SELECTION_SPLIT) and name != SELECTION_SPLIT
 
 
-def _register_direction_resolver() -> None:
+def register_resolvers() -> None:
     """`${metric_direction:${optimized_metric}}`: how conf/hparams_search/optuna.yaml sets the
-    study's direction from the metric. Registered on import: Hydra instantiates the sweep's
-    callbacks (sae.sweep imports this) before its sweeper."""
+    study's direction from the metric. Registered by the entry scripts (sae.cli.start_process)
+    before Hydra composes their config."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("metric_direction", direction, replace=True)
-
-
-_register_direction_resolver()

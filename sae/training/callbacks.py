@@ -11,7 +11,6 @@ not there yet for callbacks of that epoch.
 from __future__ import annotations
 
 import copy
-import json
 import signal
 import sys
 import threading
@@ -28,13 +27,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
-from sae import background
-from sae.atomic import write_json_atomic
 from sae.config import command_override_keys
-from sae.console import report
-from sae.lightning_internals import tensorboard_file_writer
-from sae.probe import ProbeData, probe_accuracies
-from sae.run_folder import record_status
+from sae.internals import tensorboard_file_writer
+from sae.report.probe import ProbeData, probe_accuracies
+from sae.run import handoff
+from sae.run.console import report
+from sae.run.record import RunRecord
 
 # The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
 # (the best by val/loss), the same numbers as the run's metrics.json.
@@ -94,12 +92,10 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-def record_metrics(metrics_file: Path, events_dir: str | None, step: int, values: dict[str, float]) -> None:
-    """Add metrics computed after the run wrote its metrics.json (a sweep job's hand-off): to the
-    file, and with events_dir as TensorBoard scalars at `step`, in an event file of their own."""
-    metrics = json.loads(metrics_file.read_text())
-    metrics.update(values)
-    write_json_atomic(metrics_file, metrics)
+def record_metrics(run: Path, events_dir: str | None, step: int, values: dict[str, float]) -> None:
+    """Add metrics computed after the run wrote its metrics.json (a sweep job's hand-off): to its
+    record, and with events_dir as TensorBoard scalars at `step`, in an event file of their own."""
+    RunRecord(run).add_metrics(values)
     if events_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -121,8 +117,8 @@ class LinearProbe(L.Callback):
 
     The pixel classifier depends only on the data, so it is cached in `cache_dir` (keyed by a
     hash of the data and the probe settings) and fitted once per data set, not once per run
-    (sae.probe.pixel_classifier). In a sweep whose jobs run one after another in this process,
-    the three are computed in the worker process (sae.background) from a copy of the model while
+    (sae.report.probe.pixel_classifier). In a sweep whose jobs run one after another in this process,
+    the three are computed in the worker process (sae.run.handoff) from a copy of the model while
     the next job trains, and join the job's metrics.json and TensorBoard when done (before the
     sweep's summary is final).
 
@@ -169,19 +165,16 @@ class LinearProbe(L.Callback):
     def _hand_off(self, trainer: L.Trainer, net: nn.Module, inputs: ProbeData, settings: dict) -> bool:
         """Hand the probes to the sweep's worker, if this is a sweep job that may; whether it did."""
         optimized = self.optimized_metric == self.SELECTABLE  # a sweeper reads it as the job ends
-        if optimized or trainer.world_size > 1 or not background.more_jobs_follow():
+        if optimized or trainer.world_size > 1 or not handoff.more_jobs_follow():
             return False
         run = Path(trainer.default_root_dir).resolve()
-        metrics_file = run / "metrics.json"
         tb = tensorboard(trainer)
         events = tb.log_dir if tb is not None else None
-        record = partial(record_metrics, metrics_file, events, trainer.global_step)
+        record = partial(record_metrics, run, events, trainer.global_step)
         model = copy.deepcopy(net).cpu().eval()  # this job's model as tested; the next job trains its own
         work = partial(probe_accuracies, **settings, threads=torch.get_num_threads())
         data = ProbeData(*(t.detach().cpu() for t in inputs))
-        background.run_or_hand_off(
-            str(metrics_file), work, model, data, then=record, result_of=(run, "probes")
-        )
+        handoff.run_or_hand_off(f"{run}: probes", work, model, data, then=record, result_of=(run, "probes"))
         return True
 
 
@@ -189,7 +182,7 @@ class RunFigures(L.Callback):
     """After testing, writes the per-run figures as PNG to `dirpath` and to TensorBoard as images.
 
     In a sweep whose jobs run one after another in this process, the drawing is handed to a
-    worker process (sae.background) and the next job starts training meanwhile. `events_dir` and
+    worker process (sae.run.handoff) and the next job starts training meanwhile. `events_dir` and
     `step`: where and at which optimizer step TensorBoard gets them, when not the trainer's own
     logger and step (evaluate.py completing a sweep job's figures afterwards).
     """
@@ -202,12 +195,12 @@ class RunFigures(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:  # under DDP: one process draws and writes the figures
             return
-        from sae.plots import write_run_figures
+        from sae.report.figures import write_run_figures
 
         tb = tensorboard(trainer)
         events = self.events_dir or (tb.log_dir if tb is not None else None)
         step = trainer.global_step if self.step is None else self.step
-        background.run_or_hand_off(
+        handoff.run_or_hand_off(
             str(self.dirpath.resolve()),
             write_run_figures,
             self.dirpath,
@@ -219,7 +212,7 @@ class RunFigures(L.Callback):
 
 
 def figure_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-    """What sae.plots.run_figures draws, from the tested module and the test split (CPU tensors)."""
+    """What sae.report.figures.run_figures draws, from the tested module and the test split (CPU tensors)."""
     images, labels = trainer.datamodule.split("test")
     hp = pl_module.hparams
     return dict(
@@ -362,7 +355,7 @@ def session_end_summary(status: str):
 
 
 def resumes_mid_epoch(loader) -> bool:
-    """Whether a training loader records where in an epoch it is (sae.data.TensorBatches does;
+    """Whether a training loader records where in an epoch it is (sae.data.mnist.TensorBatches does;
     worker DataLoaders and the vectorized launcher's replay do not)."""
     return callable(getattr(loader, "state_dict", None)) and callable(
         getattr(loader, "load_state_dict", None)
@@ -423,7 +416,7 @@ class SaveOnInterrupt(L.Callback):
         said = f"{said}; continue with: python train.py resume={self.dirpath.parent}"
         if trainer.is_global_zero:
             try:
-                record_status(self.dirpath.parent, "interrupted", said)
+                RunRecord(self.dirpath.parent).interrupted(said)
             except OSError:
                 pass  # the line below still says it
         report(said, stream=sys.stderr)

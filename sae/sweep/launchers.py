@@ -25,12 +25,20 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hydra_sub
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict
 
-from sae.console import JobFailed, one_line, report
-from sae.run_folder import record_status, recorded_status
+from sae.errors import JobFailed, one_line
+from sae.names import register_resolvers
+from sae.run.console import report
+from sae.run.record import RunRecord
 
 
 class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
     """launch() as Hydra's, but a job that left no result becomes a JobReturn holding JobFailed."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """The job, in its own process (submitit's): the config resolvers train.py registers
+        (sae.cli.start_process) are registered there too; the thread environment is inherited."""
+        register_resolvers()
+        return super().__call__(*args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs = self._submit(job_overrides, initial_job_idx)
@@ -104,7 +112,7 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
         """What the summary says of a job that left no result, recorded in its folder's status.json."""
         from submitit.core.utils import FailedJobError
 
-        status = recorded_status(folder)
+        status = RunRecord(folder).status()
         if status.get("status") == "interrupted":  # it saved last.ckpt and said how to resume
             return status.get("error", "interrupted")
         line = f"{self._EXECUTOR} job {job.job_id} ended without a result (state {job.state})"
@@ -112,7 +120,7 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
             line += f": {_last_line(err)}"
         line += f"; its log: {job.paths.stderr}"
         if folder.is_dir():
-            record_status(folder, "failed", line)
+            RunRecord(folder).failed(line)
         return line
 
     def _job_folder(self, overrides: list[str], job_num: int) -> Path:

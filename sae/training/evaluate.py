@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig
 
-from sae.atomic import write_json_atomic
-from sae.callbacks import RunFigures, record_metrics
-from sae.checkpoints import load_checkpoint, module_from_checkpoint, read_checkpoint
 from sae.config import (
     DATA_RULES,
     DATA_TARGET,
@@ -22,13 +18,17 @@ from sae.config import (
     group_settings,
     validate_evaluate_config,
 )
-from sae.console import UserError, closing_lines, format_metrics, one_line, report, tidy_library_output
-from sae.data import MNISTDataModule
-from sae.loggers import run_events_folder
-from sae.probe import ProbeData, probe_accuracies
-from sae.resume import recorded_config
-from sae.run_folder import record_result, recorded_status, writing_run_folder
-from sae.training import build_trainer, run_test, use_thread_count
+from sae.data.mnist import MNISTDataModule
+from sae.errors import UserError
+from sae.report.probe import ProbeData, probe_accuracies
+from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
+from sae.run.folder import writing_run_folder
+from sae.run.record import RunRecord
+from sae.training.callbacks import RunFigures, record_metrics
+from sae.training.checkpoints import load_checkpoint, module_from_checkpoint, read_checkpoint
+from sae.training.fit import build_trainer, run_test, use_thread_count
+from sae.training.loggers import run_events_folder
+from sae.training.resume import recorded_config
 
 # Data settings a model was trained with, which its evaluation reuses: the probe fits on the
 # training split the model was trained on. Where the data comes from is the command line's.
@@ -51,7 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics: dict[str, Any] = run_test(build_trainer(cfg), module, datamodule)
         metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
         metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        RunRecord(output_dir).evaluated(metrics)
     report(format_metrics(metrics))
     report(closing_lines(output_dir))
     return metrics
@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def evaluation_data_settings(cfg: DictConfig, trained_on: dict[str, Any]) -> dict[str, Any]:
     """The data module's arguments for evaluating a checkpoint: where the data is and how to batch
     the test from the command line; how the model was trained (TRAINING_DATA_SETTINGS) from the
-    checkpoint (checked by sae.checkpoints.saved_settings), never from both."""
+    checkpoint (checked by sae.training.checkpoints.saved_settings), never from both."""
     settings = group_settings(cfg, "data", DATA_TARGET)
     defaults = inspect.signature(MNISTDataModule).parameters
     for key in TRAINING_DATA_SETTINGS:
@@ -78,7 +78,7 @@ def evaluation_data_settings(cfg: DictConfig, trained_on: dict[str, Any]) -> dic
 def summarise(sweep_dir: str | Path) -> None:
     """summary.csv, summary.md and pareto.png of a sweep folder, from its job folders alone; first,
     each job's results that its status says are missing are computed (complete_run)."""
-    from sae.sweep import job_dirs, write_summary
+    from sae.report.summary import job_dirs, write_summary
 
     path = Path(sweep_dir)
     if not path.is_dir() or not job_dirs(path):
@@ -89,7 +89,7 @@ def summarise(sweep_dir: str | Path) -> None:
     report(write_summary(path).closing_lines())
 
 
-# A sweep job's results that may be computed after it (sae.background): the code and pixel probes,
+# A sweep job's results that may be computed after it (sae.run.handoff): the code and pixel probes,
 # and the figures.
 HANDED_OFF_RESULTS = ("probes", "figures")
 
@@ -99,9 +99,10 @@ def complete_run(job: Path) -> list[str]:
     a sweep's worker that was killed, or whose sweep stopped first) from its tested checkpoint, as
     the job would have: into its metrics.json, plots/ and TensorBoard events. Then the job is "ok".
     Returns the results it completed."""
-    from sae.background import more_jobs_follow
+    from sae.run.handoff import more_jobs_follow
 
-    status = recorded_status(job)
+    record = RunRecord(job)
+    status = record.status()
     missing = status.get("missing")
     if status.get("status") != "incomplete" or not isinstance(missing, list):
         return []
@@ -109,8 +110,7 @@ def complete_run(job: Path) -> list[str]:
     if not missing or more_jobs_follow():
         return []
     with writing_run_folder(job):
-        metrics_file = job / "metrics.json"
-        metrics = read_metrics(metrics_file)
+        metrics = record.metrics()
         ckpt_path = tested_checkpoint(job, metrics)
         cfg = recorded_config(job)
         ckpt = read_checkpoint(ckpt_path)
@@ -135,8 +135,8 @@ def complete_run(job: Path) -> list[str]:
                 tolerance=probe.tolerance,
             )
             values = probe_accuracies(module.net, data, **settings, threads=threads)
-            record_metrics(metrics_file, events_dir, step, values)
-            record_result(job, "probes")
+            record_metrics(job, events_dir, step, values)
+            record.result_done("probes")
         if "figures" in missing:
             figures = RunFigures(str(job / "plots"), events_dir=events_dir, step=step)
             trainer = L.Trainer(
@@ -148,19 +148,8 @@ def complete_run(job: Path) -> list[str]:
                 default_root_dir=str(job),
             )
             trainer.test(module, datamodule=datamodule, verbose=False)
-            record_result(job, "figures")
+            record.result_done("figures")
     return missing
-
-
-def read_metrics(path: Path) -> dict[str, Any]:
-    """A run's metrics.json, as input: a JSON mapping, or a one-line UserError naming the file."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {one_line(err)}") from err
-    if not isinstance(metrics, dict):
-        raise UserError(f"{path} is not a mapping of metrics")
-    return metrics
 
 
 def tested_checkpoint(run: Path, metrics: dict[str, Any]) -> Path:
@@ -171,7 +160,7 @@ def tested_checkpoint(run: Path, metrics: dict[str, Any]) -> Path:
     path = run / "checkpoints" / Path(named).name if isinstance(named, str) and named else None
     if path is None or not path.is_file():
         raise UserError(
-            f"{run / 'metrics.json'}: its tested checkpoint ckpt_path={named!r} is not in "
+            f"{RunRecord(run).metrics_file}: its tested checkpoint ckpt_path={named!r} is not in "
             f"{run / 'checkpoints'}"
         )
     return path

@@ -2,7 +2,7 @@
 
 A method owns its penalty terms: named tensors of one batch's forward pass (what training
 minimises, beside the reconstruction) and the same terms from a whole split's statistics (what
-validation and test report). `sae.loss.objective` adds them, weighted, to the reconstruction;
+validation and test report). `sae.core.loss.objective` adds them, weighted, to the reconstruction;
 training, validation, test and stacked training all call it, and logging iterates over the
 names. A new method is a subclass registered with `@register` plus its `conf/sparsity/<name>.yaml`
 (docs/design.md, "Adding a sparsity method").
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sae.metrics import pixel_variance
-from sae.model import AutoencoderOutput
+from sae.core.metrics import pixel_variance
+from sae.core.model import AutoencoderOutput
 
 RHO_HAT_CLAMP = 1e-6
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,10 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from sae.console import UserError
-from sae.lightning_internals import CheapHookName, count_optimizer_steps
-from sae.loss import RECONSTRUCTION_LOSSES, minimised, objective, split_objective, term_names
-from sae.metrics import (
+from sae.core.loss import RECONSTRUCTION_LOSSES, minimised, objective, split_objective, term_names
+from sae.core.metrics import (
     FractionOfVarianceUnexplained,
     UnitActivity,
     density_summary,
@@ -21,8 +21,10 @@ from sae.metrics import (
     rho_hat_summary,
     truncate_codes,
 )
-from sae.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
-from sae.sparsity import make_method
+from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
+from sae.core.sparsity import make_method
+from sae.errors import UserError
+from sae.internals import CheapHookName, count_optimizer_steps
 
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
@@ -32,7 +34,7 @@ OFF_VALUE_IMAGES = 10_000
 
 class SparseAutoencoderModule(CheapHookName, L.LightningModule):
     """Loss = reconstruction (mse|bce) + the sparsity method's penalty (`sparsity`, default kl:
-    beta * sum over covered layers of sum_j KL(rho || rho_hat_j)); see sae.loss and sae.sparsity.
+    beta * sum over covered layers of sum_j KL(rho || rho_hat_j)); see sae.core.loss and sae.core.sparsity.
 
     Every constructor argument is a plain value and is saved as a hyperparameter, so a checkpoint
     rebuilds its own model (evaluate.py needs no overrides) and loads with weights_only=True.
@@ -71,7 +73,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         if recon_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
         hidden_dims, sparsity_layers, l0_also_at = list(hidden_dims), list(sparsity_layers), list(l0_also_at)
-        # Reads the (list-converted) arguments above. logger=False: sae.callbacks.HParamsSummary
+        # Reads the (list-converted) arguments above. logger=False: sae.training.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
         knobs = dict(rho=rho, beta=beta, k=k, latent_dim=latent_dim)
@@ -309,7 +311,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
 
     @torch.no_grad()
     def latent_off_values(self) -> Tensor:
-        """Per latent unit, its off value (sae.metrics.off_values) on the first OFF_VALUE_IMAGES
+        """Per latent unit, its off value (sae.core.metrics.off_values) on the first OFF_VALUE_IMAGES
         training images: fitted on training data, like the probe, never on the split it scores."""
         codes = self.encode(self._training_images()[:OFF_VALUE_IMAGES])
         return off_values(codes, self.activity_threshold("latent"))
@@ -431,3 +433,8 @@ class NotWithDDP(UserError, ValueError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The training loss became NaN or inf; the message names the step and the last finite values."""
+
+
+def module_defaults() -> dict[str, Any]:
+    """SparseAutoencoderModule's arguments and their defaults (what an older checkpoint omits)."""
+    return {k: p.default for k, p in inspect.signature(SparseAutoencoderModule).parameters.items()}

@@ -1,4 +1,4 @@
-"""sae.background: work runs at once outside a sweep; in one, in a worker process, waited for at
+"""sae.run.handoff: work runs at once outside a sweep; in one, in a worker process, waited for at
 the sweep's end, and a failure there is reported with its label instead of stopping the sweep."""
 
 from concurrent.futures.process import BrokenProcessPool
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sae import background
+from sae.run import handoff
 
 
 def write_marker(path: Path, text: str) -> None:
@@ -18,22 +18,22 @@ def fail(message: str) -> None:
 
 
 def test_outside_a_sweep_the_work_runs_at_once(tmp_path):
-    assert not background.more_jobs_follow()  # train(cfg) called directly: no Hydra multirun
+    assert not handoff.more_jobs_follow()  # train(cfg) called directly: no Hydra multirun
     marker = tmp_path / "done"
-    assert background.run_or_hand_off("job", write_marker, marker, "now") is False
+    assert handoff.run_or_hand_off("job", write_marker, marker, "now") is False
     assert marker.read_text() == "now"
 
 
 def test_in_a_sweep_the_work_is_handed_off_and_failures_are_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
     marker = tmp_path / "done"
-    assert background.run_or_hand_off("job 0", write_marker, marker, "later") is True
-    assert background.run_or_hand_off("job 1", fail, "no space left on device") is True
-    failures = background.wait_for_hand_offs()
+    assert handoff.run_or_hand_off("job 0", write_marker, marker, "later") is True
+    assert handoff.run_or_hand_off("job 1", fail, "no space left on device") is True
+    failures = handoff.wait_for_hand_offs()
     assert marker.read_text() == "later"  # written by the worker process
     assert failures == ["job 1: no space left on device"]
     assert "warning: background work failed: job 1: no space left on device" in capsys.readouterr().out
-    assert not background.is_pending("job 0") and background.wait_for_hand_offs() == []
+    assert not handoff.is_pending("job 0") and handoff.wait_for_hand_offs() == []
 
 
 @pytest.mark.parametrize("launcher, follow", [("BasicLauncher", True), ("JoblibLauncher", False)])
@@ -44,7 +44,7 @@ def test_only_launchers_that_run_jobs_in_this_process_hand_off(monkeypatch, laun
 
     hydra = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"_target_": f"some.module.{launcher}"}})
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
-    assert background.more_jobs_follow() is follow
+    assert handoff.more_jobs_follow() is follow
 
 
 def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, monkeypatch):
@@ -52,11 +52,11 @@ def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, 
         def submit(self, *args):
             raise BrokenProcessPool("the worker died")
 
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
-    monkeypatch.setattr(background, "_worker", Broken())
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "_worker", Broken())
     marker = tmp_path / "done"
-    assert background.run_or_hand_off("job", write_marker, marker, "replaced") is True  # a new worker
-    assert background.wait_for_hand_offs() == [] and marker.read_text() == "replaced"
+    assert handoff.run_or_hand_off("job", write_marker, marker, "replaced") is True  # a new worker
+    assert handoff.wait_for_hand_offs() == [] and marker.read_text() == "replaced"
 
     class Spawner:  # every new worker is broken too
         def __init__(self, *args, **kwargs):
@@ -64,11 +64,11 @@ def test_a_dead_worker_is_replaced_and_without_one_the_work_runs_here(tmp_path, 
 
         submit = Broken.submit
 
-    monkeypatch.setattr(background, "ProcessPoolExecutor", Spawner)
-    monkeypatch.setattr(background, "_worker", Broken())
-    assert background.run_or_hand_off("job", write_marker, marker, "here") is False
+    monkeypatch.setattr(handoff, "ProcessPoolExecutor", Spawner)
+    monkeypatch.setattr(handoff, "_worker", Broken())
+    assert handoff.run_or_hand_off("job", write_marker, marker, "here") is False
     assert marker.read_text() == "here"
-    assert background.wait_for_hand_offs() == []  # ran here: nothing left to record
+    assert handoff.wait_for_hand_offs() == []  # ran here: nothing left to record
 
 
 def test_where_shared_memory_refuses_the_data_the_work_is_done_here_said_once(tmp_path, monkeypatch, capsys):
@@ -79,14 +79,14 @@ def test_where_shared_memory_refuses_the_data_the_work_is_done_here_said_once(tm
     def refuse(tensor):
         raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
 
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
-    monkeypatch.setattr(background, "_sharing_refused", False)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "_sharing_refused", False)
     monkeypatch.setattr(torch.Tensor, "share_memory_", refuse)
     recorded = []
     for x in (2.0, 3.0):
-        handed = background.run_or_hand_off(f"job {x}", scale, torch.full((4,), x), then=recorded.append)
+        handed = handoff.run_or_hand_off(f"job {x}", scale, torch.full((4,), x), then=recorded.append)
         assert handed is False and recorded == []  # done here; recorded when collected, as a hand-off
-    assert background.wait_for_hand_offs() == []
+    assert handoff.wait_for_hand_offs() == []
     assert [r.tolist() for r in recorded] == [[4.0] * 4, [9.0] * 4]
     said = capsys.readouterr().out
     assert said.count("warning: ") == 1 and "No space left on device" in said and "--shm-size" in said
@@ -102,30 +102,30 @@ def square(x: float) -> float:
 
 def test_results_are_recorded_here_after_the_job_in_the_order_handed_off(monkeypatch):
     recorded = []
-    assert background.run_or_hand_off("now", square, 2.0, then=recorded.append) is False
+    assert handoff.run_or_hand_off("now", square, 2.0, then=recorded.append) is False
     assert recorded == [4.0]  # outside a sweep: at once
 
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
     for x in (3.0, 4.0):
-        assert background.run_or_hand_off(f"job {x}", square, x, then=recorded.append) is True
+        assert handoff.run_or_hand_off(f"job {x}", square, x, then=recorded.append) is True
     assert recorded == [4.0]  # never during the job that handed it off
-    assert background.is_pending("job 3.0")
-    background.wait_for_hand_offs()
-    assert recorded == [4.0, 9.0, 16.0] and not background.is_pending("job 3.0")
+    assert handoff.is_pending("job 3.0")
+    handoff.wait_for_hand_offs()
+    assert recorded == [4.0, 9.0, 16.0] and not handoff.is_pending("job 3.0")
 
 
 def test_collect_finished_records_what_is_done_and_does_not_wait(tmp_path, monkeypatch):
     recorded = []
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
-    background.run_or_hand_off("quick", square, 5.0, then=recorded.append)
-    background._pending[0].future.result(timeout=120)  # the worker is done with it
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
+    handoff.run_or_hand_off("quick", square, 5.0, then=recorded.append)
+    handoff._pending[0].future.result(timeout=120)  # the worker is done with it
     gate = tmp_path / "gate"
-    background.run_or_hand_off("waits", wait_for_file, str(gate), then=recorded.append)
-    assert background.collect_finished() == [] and recorded == [25.0]
-    assert background.is_pending("waits")  # still running: left for later
+    handoff.run_or_hand_off("waits", wait_for_file, str(gate), then=recorded.append)
+    assert handoff.collect_finished() == [] and recorded == [25.0]
+    assert handoff.is_pending("waits")  # still running: left for later
     (tmp_path / "gate.tmp").write_text("go")
     (tmp_path / "gate.tmp").rename(gate)  # at once: the worker polls, and could read a file still empty
-    background.wait_for_hand_offs()
+    handoff.wait_for_hand_offs()
     assert recorded == [25.0, "go"]
 
 
@@ -135,10 +135,10 @@ def test_a_failing_record_is_reported_and_the_rest_are_recorded(monkeypatch, cap
     def refuse(result):
         raise OSError(f"metrics.json is read-only ({result})")
 
-    monkeypatch.setattr(background, "more_jobs_follow", lambda: True)
-    background.run_or_hand_off("job 0", square, 2.0, then=refuse)
-    background.run_or_hand_off("job 1", square, 3.0, then=recorded.append)
-    assert background.wait_for_hand_offs() == ["job 0: metrics.json is read-only (4.0)"]
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
+    handoff.run_or_hand_off("job 0", square, 2.0, then=refuse)
+    handoff.run_or_hand_off("job 1", square, 3.0, then=recorded.append)
+    assert handoff.wait_for_hand_offs() == ["job 0: metrics.json is read-only (4.0)"]
     assert recorded == [9.0]
     assert "warning: background work failed: job 0: metrics.json is read-only" in capsys.readouterr().out
 

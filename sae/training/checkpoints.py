@@ -21,7 +21,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from sae.atomic import write_atomic
 from sae.config import (
     DATA_RULES,
     RENAMED,
@@ -31,8 +30,9 @@ from sae.config import (
     is_number,
     model_settings,
 )
-from sae.console import UserError, one_line
-from sae.module import SparseAutoencoderModule
+from sae.errors import UserError, one_line
+from sae.run.atomic import write_atomic
+from sae.training.module import SparseAutoencoderModule, module_defaults
 
 # The hyperparameters that shape the network: a checkpoint's weights fit only the same values
 # (resuming with others is refused), and only runs that share them can be stacked.
@@ -192,7 +192,7 @@ def saved_settings(path: str | Path, ckpt: dict) -> SavedSettings:
     data = {k: v for k, v in data.items() if k not in RETIRED_DATA_HPARAMS}
     epochs = ckpt.get("epochs")
     try:
-        check_model_settings(model, lambda key: f"hyper_parameters.{key}")
+        check_model_settings(model, lambda key: f"hyper_parameters.{key}", module_defaults())
         check_settings(data, DATA_RULES, lambda key: f"datamodule_hyper_parameters.{key}", "the data")
         check_settings({"epochs": epochs}, {"epochs": _EPOCHS}, str, "a checkpoint")
     except ConfigError as err:

@@ -15,16 +15,16 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 
 Why each is needed:
 - The module takes its optimizer steps with plain `optimizer.step()` when Lightning's wrapper would
-  add nothing (sae.module.plain_steps_are_equivalent); Lightning's step count (`global_step`,
+  add nothing (sae.training.module.plain_steps_are_equivalent); Lightning's step count (`global_step`,
   which checkpoints, logging and max_steps read) then has to be advanced here.
 - A checkpoint written mid-epoch records how many of the epoch's training calls completed, so
-  that the resumed epoch skips exactly those (sae.data.TensorBatches).
+  that the resumed epoch skips exactly those (sae.data.mnist.TensorBatches).
 - Lightning records the running hook's name on the module dozens of times per training call;
   nn.Module.__setattr__ checks every such write for parameters and submodules.
 - TensorBoard's HParams entry is written without the placeholder metric values that the public
   `log_hyperparams` / `add_hparams` would write as scalars.
 - A checkpoint is input: what Lightning restores from it (callbacks' and loops' state) is checked
-  beforehand where the project can (sae.checkpoints.check_training_state); an error Lightning
+  beforehand where the project can (sae.training.checkpoints.check_training_state); an error Lightning
   still meets while restoring it is reported as the file's, in one line, not as a traceback.
 """
 
@@ -44,9 +44,9 @@ class LightningInternalsMoved(RuntimeError):
 
 def _moved(path: str, err: Exception) -> LightningInternalsMoved:
     return LightningInternalsMoved(
-        f"{path} is not where sae/lightning_internals.py expects it ({type(err).__name__}: {err}); "
+        f"{path} is not where sae/internals.py expects it ({type(err).__name__}: {err}); "
         f"this lightning/torch release is not one the project was tested with: install the versions "
-        f"pinned in pyproject.toml, or update sae/lightning_internals.py"
+        f"pinned in pyproject.toml, or update sae/internals.py"
     )
 
 

@@ -10,7 +10,7 @@ job for the hand-offs done by then (`collect_finished`), and at the sweep's end 
 fails is reported there, naming its label, and the sweep goes on.
 
 A hand-off made for a run's result (`result_of=(run folder, "probes")`) is promised in the run's
-status.json: the run says "incomplete" until every such result is recorded (sae.run_folder). A
+status.json: the run says "incomplete" until every such result is recorded (sae.run.folder). A
 worker that dies (the kernel's OOM killer, a kill) loses nothing: its unfinished hand-offs are
 done again here when collected.
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae.console import one_line, report
+from sae.errors import one_line
+from sae.run.console import report
 
 # Launchers that run a sweep's jobs one after another in the launching process.
 IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
@@ -175,7 +176,7 @@ def wait_for_hand_offs() -> list[str]:
 
 
 def _collect(wait: bool) -> list[str]:
-    from sae.run_folder import record_result
+    from sae.run.record import RunRecord
 
     failures = []
     while _pending and (wait or _pending[0].future.done()):
@@ -190,7 +191,7 @@ def _collect(wait: bool) -> list[str]:
             failures.append(f"{hand_off.label}: {error}")
         if hand_off.result_of is not None:
             try:
-                record_result(*hand_off.result_of, error=error)
+                RunRecord(hand_off.result_of[0]).result_done(hand_off.result_of[1], error=error)
             except OSError as err:  # the run folder cannot be written: said, the sweep goes on
                 failures.append(f"{hand_off.label}: {one_line(err)}")
     for line in failures:

@@ -6,88 +6,103 @@ vectorized launcher calls it for every job (with the job's epochs replayed from 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sae.atomic import write_json_atomic
-from sae.background import pending_results
-from sae.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
 from sae.config import command_overrides, data_settings, disk_needed, model_settings, validate_train_config
-from sae.console import closing_lines, format_metrics, report, tidy_library_output
-from sae.data import MNISTDataModule
-from sae.lightning_internals import guard_checkpoint_restore
-from sae.loggers import tensorboard_run_name
-from sae.module import SparseAutoencoderModule
-from sae.run_folder import (
-    check_free_space,
-    record_finished,
-    record_status,
-    remove_leftover_temporary_files,
-    writing_run_folder,
-)
-
-if TYPE_CHECKING:
-    from sae.stacked import JobRecord
+from sae.data.mnist import MNISTDataModule
+from sae.internals import guard_checkpoint_restore
+from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
+from sae.run.folder import check_free_space, remove_leftover_temporary_files, writing_run_folder
+from sae.run.handoff import pending_results
+from sae.run.record import RunRecord
+from sae.training.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
+from sae.training.loggers import tensorboard_run_name
+from sae.training.module import SparseAutoencoderModule
 
 
-def train(cfg: DictConfig, replay: JobRecord | None = None) -> dict[str, Any]:
+class Replay(Protocol):
+    """A job's training epochs computed elsewhere (sae.sweep.stacked.JobRecord: the vectorized
+    launcher's stacked fit), attached to the job's module in place of its own training steps."""
+
+    stacked_seconds: float  # the stacked fit's time, which its jobs shared
+    stacked_jobs: int
+
+    def attach(
+        self, module: SparseAutoencoderModule, datamodule: L.LightningDataModule
+    ) -> L.LightningModule: ...
+
+
+def train(cfg: DictConfig, replay: Replay | None = None) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write <output_dir>/metrics.json; return its contents.
 
     With `replay` (the vectorized launcher) the training epochs come from a stacked run's record
     instead of being computed here; everything else is the same.
     """
     tidy_library_output()
-    validate_train_config(cfg)
-    if not cfg.get("resume") and requeued_by_slurm(Path(cfg.output_dir)):
-        report(f"SLURM restarted this job (preempted or requeued): it continues from {cfg.output_dir}")
-        cfg.resume = cfg.output_dir
-    resumed_with = {}
-    if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
-        from sae.resume import resumed_config
-
-        cfg, resumed_with = resumed_config(cfg, command_overrides(cfg))
-        validate_train_config(cfg)
+    cfg, resumed_with = settled_config(cfg)
     resume_from = checkpoint_to_resume(cfg)  # checked before anything is written
-    # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
-    output_dir = Path(cfg.resume if cfg.get("resume") else cfg.output_dir).resolve()
+    output_dir = Path(cfg.output_dir)
     with writing_run_folder(output_dir):
         needed, checkpoint = disk_needed(cfg)
         check_free_space(
             output_dir, needed, f"checkpoints of {checkpoint / 2**20:.1f} MiB, figures, TensorBoard"
         )
-        metrics = _train(cfg, output_dir, resume_from, replay, resumed_with)
+        if cfg.get("resume"):
+            remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
+            report(f"resuming {output_dir} from checkpoints/last.ckpt")
+        metrics, rank = _train(cfg, resume_from, replay)
+        metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
+        if resumed_with:  # settings the resume changed (e.g. more epochs)
+            metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
+        _record(cfg, metrics, rank_zero=rank == 0)
     return metrics
 
 
-def _train(
-    cfg: DictConfig,
-    output_dir: Path,
-    resume_from: str | None,
-    replay: JobRecord | None,
-    resumed_with: dict[str, Any],
-) -> dict[str, Any]:
-    if cfg.get("resume"):
-        cfg.output_dir = str(output_dir)
-        remove_leftover_temporary_files(output_dir / "checkpoints")  # of writes a kill interrupted
-        report(f"resuming {cfg.output_dir} from checkpoints/last.ckpt")
+def settled_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's config, composed in full, then validated, then frozen (read-only): nothing after
+    this changes a setting. Composing includes a resume (`resume=DIR`, or a SLURM requeue): the
+    run's own recorded command and its checkpoint's checked settings, in the run's own folder;
+    and the TensorBoard version named from the command. Returns the settings a resume changed."""
+    cfg = copy.deepcopy(cfg)  # the caller's config is left as it was given
+    validate_train_config(cfg)
+    if not cfg.get("resume") and requeued_by_slurm(Path(cfg.output_dir)):
+        report(f"SLURM restarted this job (preempted or requeued): it continues from {cfg.output_dir}")
+        cfg.resume = cfg.output_dir
+    resumed_with: dict[str, Any] = {}
+    if cfg.get("resume"):  # the run's own settings; a change the command asks for is refused or applied
+        from sae.training.resume import resumed_config
+
+        cfg, resumed_with = resumed_config(cfg, command_overrides(cfg))
+        # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
+        cfg.output_dir = cfg.resume
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    tensorboard = (cfg.get("logger") or {}).get("tensorboard")
+    if tensorboard is not None and tensorboard.get("version") == "":  # "": not set by the user
+        tensorboard.version = tensorboard_run_name(cfg, Path(cfg.output_dir))
+    validate_train_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg, resumed_with
+
+
+def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> tuple[dict[str, Any], int]:
+    """Build, fit and test; the run's metrics, and this process's rank (DDP: 0 writes the record)."""
     use_thread_count(cfg)
     datamodule, module = build_data_and_module(cfg)
     report(module.describe())
     if replay is not None:
         module = replay.attach(module, datamodule)
-    tensorboard = (cfg.get("logger") or {}).get("tensorboard")
-    if tensorboard is not None and tensorboard.get("version") == "":  # "": not set by the user
-        tensorboard.version = tensorboard_run_name(cfg, output_dir)
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
@@ -95,7 +110,23 @@ def _train(
     # Time in the training loop (with its validation), summed over the run's resumes: the Timer's
     # state travels in the checkpoints. Read now: testing a checkpoint restores its callbacks' state.
     fit_seconds = fit_timer(trainer).time_elapsed("train")
+    metrics = _test(trainer, module, datamodule, Path(cfg.output_dir))
+    metrics["fit/seconds"] = fit_seconds
+    metrics["fit/epochs"] = trainer.current_epoch
+    metrics["fit/threads"] = torch.get_num_threads()
+    # The tested checkpoint's method state: e.g. how many latents AuxK revived on the way to it.
+    metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
+    if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
+        metrics["fit/seconds"] += replay.stacked_seconds
+        metrics["fit/stacked_jobs"] = replay.stacked_jobs
+    return metrics, trainer.global_rank
 
+
+def _test(
+    trainer: L.Trainer, module: SparseAutoencoderModule, datamodule: MNISTDataModule, output_dir: Path
+) -> dict[str, Any]:
+    """The test pass of the best checkpoint (else the last, else the module as trained): its
+    metrics, the monitored score and the path tested. SIGTERM during it: recorded, and raised."""
     checkpoint = trainer.checkpoint_callback
     tested = None
     if checkpoint is not None:
@@ -110,23 +141,19 @@ def _train(
             f"python train.py resume={output_dir}"
         )
         if trainer.global_rank == 0:
-            record_status(output_dir, "interrupted", said)
+            RunRecord(output_dir).interrupted(said)
         report(said, stream=sys.stderr)
         raise
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
-    metrics["fit/seconds"] = fit_seconds
-    metrics["fit/epochs"] = trainer.current_epoch
-    metrics["fit/threads"] = torch.get_num_threads()
-    # The tested checkpoint's method state: e.g. how many latents AuxK revived on the way to it.
-    metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
-    if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
-        metrics["fit/seconds"] += replay.stacked_seconds
-        metrics["fit/stacked_jobs"] = replay.stacked_jobs
     metrics["ckpt_path"] = str(Path(tested).resolve()) if tested else None
-    metrics["resumed_from"] = str(Path(resume_from).resolve()) if resume_from else None
-    if resumed_with:  # settings the resume changed (e.g. more epochs)
-        metrics["resumed_with"] = " ".join(f"{k}={v}" for k, v in resumed_with.items())
+    return metrics
+
+
+def _record(cfg: DictConfig, metrics: dict[str, Any], rank_zero: bool) -> None:
+    """The run's record (rank 0 only: under DDP every process has the same, synced, metrics), and
+    what it says on the console."""
+    output_dir = Path(cfg.output_dir)
     wanted = cfg.optimized_metric
     if wanted and wanted not in metrics and wanted not in pending_results_metrics(output_dir):
         report(
@@ -134,13 +161,12 @@ def _train(
             "(Optuna) gets nothing from it; metrics.json lists the names",
             stream=sys.stderr,
         )
-    if trainer.global_rank == 0:  # under DDP every process gets the same (synced) metrics
-        write_json_atomic(output_dir / "metrics.json", metrics)
-        # "ok" once every result is on disk: a sweep job's probes and figures may still be coming.
-        record_finished(output_dir, pending_results(output_dir), complete_with=completing_command(output_dir))
-        report(format_metrics(metrics))
-        report(closing_lines(output_dir, metrics["ckpt_path"]))
-    return metrics
+    if not rank_zero:
+        return
+    # "ok" once every result is on disk: a sweep job's probes and figures may still be coming.
+    RunRecord(output_dir).finished(metrics, pending_results(output_dir), completing_command(output_dir))
+    report(format_metrics(metrics))
+    report(closing_lines(output_dir, metrics["ckpt_path"], pending_results(output_dir)))
 
 
 def pending_results_metrics(output_dir: Path) -> list[str]:

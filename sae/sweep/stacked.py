@@ -24,13 +24,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from sae.checkpoints import ARCHITECTURE
-from sae.data import BatchIndexSampler
-from sae.lightning_internals import count_optimizer_steps
-from sae.loss import minimised, objective
-from sae.module import SparseAutoencoderModule
-from sae.sparsity import make_method
-from sae.training import build_data_and_module
+from sae.core.loss import minimised, objective
+from sae.core.sparsity import make_method
+from sae.data.mnist import BatchIndexSampler
+from sae.internals import count_optimizer_steps
+from sae.training.checkpoints import ARCHITECTURE
+from sae.training.fit import build_data_and_module
+from sae.training.module import SparseAutoencoderModule
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ process the lock is re-entrant (the Hydra callback takes it before Hydra writes 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -23,14 +22,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sae.atomic import CannotWrite, cannot_write_message, write_json_atomic
-from sae.console import UserError, one_line
+from sae.errors import UserError, one_line
+from sae.run.atomic import CannotWrite, cannot_write_message
 
 LOCK_FILE = ".lock"
-# How a run ended, written by the run (or, for a SLURM job that died, by its sweep): "ok" (every
-# result it promises is on disk), "incomplete" (some are still being computed, or failed: `missing`
-# names them), "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
-STATUS_FILE = "status.json"
 _held: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, in this process
 
 
@@ -113,55 +108,6 @@ def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def record_status(folder: str | Path, status: str, error: str = "", **extra: Any) -> None:
-    """Write <folder>/status.json: how the run ended (ok, failed, interrupted, incomplete) and why."""
-    write_json_atomic(Path(folder) / STATUS_FILE, {"status": status, "error": error, **extra})
-
-
-def recorded_status(folder: str | Path) -> dict[str, Any]:
-    """The folder's status.json ({} if there is none, or it cannot be read)."""
-    try:
-        status = json.loads((Path(folder) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def record_finished(folder: str | Path, missing: list[str], complete_with: str) -> None:
-    """status.json as a run ends: "ok" when every result it promises is on disk; else "incomplete",
-    naming the results still being computed (a sweep job's probes and figures, beside the next
-    job) and the command that completes them if the sweep stops first."""
-    if not missing:
-        record_status(folder, "ok")
-        return
-    record_status(
-        folder,
-        "incomplete",
-        f"{', '.join(missing)} not yet on disk (computed beside the next job); if the sweep stopped "
-        f"before, complete them with: {complete_with}",
-        missing=list(missing),
-        complete_with=complete_with,
-    )
-
-
-def record_result(folder: str | Path, name: str, error: str | None = None) -> None:
-    """A result an incomplete run was waiting for is on disk (error None), or could not be made.
-    The run becomes "ok" once none is missing; a failed one stays missing, with its error and the
-    command that completes it. A run whose status is not "incomplete" (interrupted, failed) keeps it."""
-    status = recorded_status(folder)
-    if status.get("status") != "incomplete":
-        return
-    missing = [m for m in status.get("missing", []) if m != name or error is not None]
-    complete_with = str(status.get("complete_with", "python evaluate.py sweep_dir=<the sweep folder>"))
-    if not missing:
-        record_status(folder, "ok")
-    elif error is not None:
-        said = f"{name} failed ({error}); complete {', '.join(missing)} with: {complete_with}"
-        record_status(folder, "incomplete", said, missing=missing, complete_with=complete_with)
-    else:
-        record_finished(folder, missing, complete_with)
 
 
 def _is_rank_zero() -> bool:

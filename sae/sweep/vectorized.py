@@ -3,10 +3,10 @@
 `python train.py -m hydra/launcher=vectorized beta=1e-3,5e-3 rho=0.02,0.05 seed=0,1` works in two
 phases. First the jobs are grouped by their composed configs: everything but rho, beta, lr and seed
 (so the method, k and the architecture) must be the same. Each group of two or more trains at once
-(sae.stacked.train_group), keeping every job's per-step loss terms and, at each epoch end, its
+(sae.sweep.stacked.train_group), keeping every job's per-step loss terms and, at each epoch end, its
 weights and Adam state. Then each job runs through Hydra's `run_job` like any
 other: its folder, `.hydra/`, callbacks and the whole `train(cfg)` pipeline, except that the
-training epochs are replayed from what the stacked phase recorded (sae.stacked.ReplayModule): the
+training epochs are replayed from what the stacked phase recorded (sae.sweep.stacked.ReplayModule): the
 loggers get the same train/* windows, validation, checkpoints (best and last, resumable),
 TensorBoard views, the test, figures and metrics.json are produced by the same code as for a
 separate run, and a job whose loss went NaN fails at the same step with the same message. Jobs that
@@ -29,15 +29,16 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sae.console import JobFailed, one_line, run_command
+from sae.errors import JobFailed, one_line
+from sae.run.commands import run_command
 
 if TYPE_CHECKING:
-    from sae.stacked import JobRecord
+    from sae.sweep.stacked import JobRecord
 
 log = logging.getLogger(__name__)
 
 # Only this project's model can be stacked.
-MODULE_TARGET = "sae.module.SparseAutoencoderModule"
+MODULE_TARGET = "sae.training.module.SparseAutoencoderModule"
 # The sweep values a stacked group may differ in (everything else must be the same).
 PER_JOB_KEYS = ("rho", "beta", "lr", "seed")
 # Trainer settings under which a replayed run is the run it stands for.
@@ -66,7 +67,7 @@ def stackable(cfg: DictConfig) -> bool:
     if OmegaConf.select(cfg, "model._target_", default=None) != MODULE_TARGET:
         return False  # another application's config
     from sae.config import validate_train_config
-    from sae.sparsity import METHODS
+    from sae.core.sparsity import METHODS
 
     try:
         validate_train_config(cfg)
@@ -119,12 +120,12 @@ def launch(
     for i, (_, _, cfg) in enumerate(jobs):
         if stackable(cfg):
             groups.setdefault(group_key(cfg), []).append(i)
-    records: dict[int, JobRecord] = {}  # sae.stacked.JobRecord
+    records: dict[int, JobRecord] = {}  # sae.sweep.stacked.JobRecord
     for members in groups.values():
         if len(members) > 1:
             names = ", ".join(str(jobs[i][0]) for i in members)
             log.info(f"training jobs {names} as one stacked model")
-            from sae.stacked import train_group
+            from sae.sweep.stacked import train_group
 
             try:
                 group_records = train_group([jobs[i][2] for i in members])
@@ -139,7 +140,7 @@ def launch(
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} ({mode})")
         task = task_function
         if i in records:
-            from sae.training import train
+            from sae.training.fit import train
 
             def task(job_cfg: DictConfig, record: JobRecord = records[i]):
                 # As train.py's main: errors for Hydra to record, SIGTERM ends the sweep with 143.

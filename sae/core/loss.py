@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.sparsity import SparsityMethod, kl_sparsity  # noqa: F401 -- kl_sparsity: the KL, re-exported
+from sae.core.sparsity import SparsityMethod, kl_sparsity  # noqa: F401 -- kl_sparsity: the KL, re-exported
 
 RECONSTRUCTION_LOSSES = ("mse", "bce")
 

@@ -7,27 +7,22 @@ interrupted or ran on another machine can be summarised too.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
-import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
-from sae.atomic import write_atomic, write_text_atomic
-from sae.console import JobFailed, one_line, report
-from sae.metric_names import ERROR_AXIS, FRONTIER_AXES, SPARSITY_AXIS, higher_is_better, within_setting
-from sae.run_folder import record_status, recorded_status
+from sae.errors import UserError, one_line
+from sae.names import ERROR_AXIS, FRONTIER_AXES, higher_is_better, within_setting
+from sae.report.frontier import frontier_axes, frontier_ranks, is_number
+from sae.run.atomic import write_atomic, write_text_atomic
+from sae.run.record import RunRecord
 
 # The reference notebook's baselines, each with what it was trained on. Its published test MSE is
 # not what its own loop gives when run here (10 epochs on the 60k training images); this project's
@@ -113,24 +108,22 @@ def job_row(job: Path) -> dict[str, Any]:
         key, _, value = str(item).lstrip("+").partition("=")
         if not key.startswith("hydra.") and "enable_progress_bar" not in key:
             row[key] = _parse_value(value)
-    metrics_file = job / "metrics.json"
-    status = recorded_status(job)
+    record = RunRecord(job)
+    status = record.status()
     if status.get("status") in ("failed", "interrupted"):
         row.update(status=status["status"], error=str(status.get("error", "")))
-    elif metrics_file.is_file():
+    elif record.metrics_file.is_file():
         try:
-            metrics = json.loads(metrics_file.read_text())
-        except (OSError, ValueError) as err:
-            return row | {"status": "incomplete", "error": f"cannot read metrics.json: {one_line(err)}"}
-        if not isinstance(metrics, dict):
-            return row | {"status": "incomplete", "error": "metrics.json is not a mapping of metrics"}
+            metrics = record.metrics()
+        except UserError as err:
+            return row | {"status": "incomplete", "error": one_line(err)}
         row.update({k: v for k, v in metrics.items() if k not in ("job", "status", "error")})
         if status.get("status") == "incomplete":  # results still missing (its probes, its figures)
             row.update(status="incomplete", error=str(status.get("error", "")))
         else:
             row.update(status="ok", error="")
     else:  # killed, or still running
-        row.update(status="incomplete", error="no metrics.json")
+        row.update(status="incomplete", error=f"no {record.metrics_file.name}")
     return row
 
 
@@ -224,11 +217,6 @@ def _optimized_metric(jobs: list[Path]) -> str:
     return "val/loss"
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): a metric value that can be ranked, averaged or drawn."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def override_keys(rows: list[dict[str, Any]]) -> list[str]:
     """The override columns, in the order the jobs give them."""
     keys = [k for r in rows for k in r if "/" not in k and k not in NON_OVERRIDE_COLUMNS]
@@ -238,41 +226,6 @@ def override_keys(rows: list[dict[str, Any]]) -> list[str]:
 def swept_knobs(rows: list[dict[str, Any]]) -> list[str]:
     """Override keys whose value differs between jobs (seeds included)."""
     return [k for k in override_keys(rows) if len({_fmt(r.get(k)) for r in rows}) > 1]
-
-
-def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
-    """Indices of the points not dominated when both coordinates are minimised, sorted by x (a
-    point equal to a front point is not dominated by it, so it is on the front too)."""
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
-    front, best_y = [], float("inf")
-    for i in order:
-        if ys[i] < best_y or (front and (xs[i], ys[i]) == (xs[front[-1]], ys[front[-1]])):
-            front.append(i)
-            best_y = ys[i]
-    return front
-
-
-def frontier_ranks(rows: list[dict[str, Any]], axes: tuple[str, str] = FRONTIER_AXES) -> list[int | None]:
-    """Per row, its Pareto rank over `axes` (both minimised): 1 for the rows no other row beats on
-    both, 2 for those only rank-1 rows beat, and so on; None for a row without both values."""
-    ranks: list[int | None] = [None] * len(rows)
-    left = [i for i, r in enumerate(rows) if all(is_number(r.get(a)) for a in axes)]
-    rank = 1
-    while left:
-        xs, ys = ([float(rows[i][a]) for i in left] for a in axes)
-        front = {left[j] for j in pareto_front(xs, ys)}
-        for i in front:
-            ranks[i] = rank
-        left = [i for i in left if i not in front]
-        rank += 1
-    return ranks
-
-
-def frontier_axes(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """(L0, the truncated code's test MSE), or (L0, test MSE) for jobs that predate the latter."""
-    if any(ERROR_AXIS in row for row in rows):
-        return FRONTIER_AXES
-    return (SPARSITY_AXIS, "test/mse")
 
 
 def ranking(
@@ -430,6 +383,31 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
         if "/" in c and (c not in (metric, *KEY_METRICS, *SHOWN_FIT) or (across and within_setting(c)))
     ]
     shown = [c for c in shown if c not in hidden]
+    header = _summary_header(sweep_dir, rows, ranked_by, same, hidden, across)
+    body = markdown_table(ranked, shown)
+
+    files = ["summary.csv", "summary.md"]
+    settings = aggregate_seeds(rows, job_settings)
+    if any(s["n"] > 1 for s in settings):
+        body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
+        files.append("summary_by_setting.csv")
+    write_text_atomic(sweep_dir / "summary.md", header + body)
+    if figures:
+        files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
+    else:  # the ones drawn before, on disk
+        files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
+    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
+
+
+def _summary_header(
+    sweep_dir: Path,
+    rows: list[dict[str, Any]],
+    ranked_by: str,
+    same: dict[str, Any],
+    hidden: list[str],
+    across: bool,
+) -> str:
+    """summary.md's opening: the count, the ranking, the baselines, and what the tables leave out."""
     baselines = "; ".join(
         f"{b['name']}: test MSE {b['test/mse']:g} ({b['epochs']} epochs, {b['train_images'] // 1000}k images)"
         for b in BASELINES
@@ -449,19 +427,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
         )
     if hidden:
         header += f"Also in summary.csv, one column each: {', '.join(f'`{c}`' for c in hidden)}.\n\n"
-    body = markdown_table(ranked, shown)
-
-    files = ["summary.csv", "summary.md"]
-    settings = aggregate_seeds(rows, job_settings)
-    if any(s["n"] > 1 for s in settings):
-        body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
-        files.append("summary_by_setting.csv")
-    write_text_atomic(sweep_dir / "summary.md", header + body)
-    if figures:
-        files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
-    else:  # the ones drawn before, on disk
-        files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
-    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
+    return header
 
 
 def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
@@ -495,9 +461,8 @@ SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps")
 def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str]) -> list[str]:
     """pareto.png and sweep_metrics.png (one point per setting, error bars over seeds), and
     sweep_heatmaps.png when the sweep is a grid over two knobs; returns their names."""
-    import matplotlib.pyplot as plt  # matplotlib only when there is something to draw
-
-    from sae.plots import pareto_figure, sweep_heatmaps, sweep_metrics
+    # matplotlib only when there is something to draw
+    from sae.report.figures import pareto_figure, sweep_heatmaps, sweep_metrics
 
     numeric = [k for k in knobs if all(is_number(s.get(k)) for s in settings)]
     figures = {
@@ -508,50 +473,4 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
         figures["sweep_heatmaps"] = sweep_heatmaps(settings, *numeric)
     for name, fig in figures.items():
         write_atomic(sweep_dir / f"{name}.png", lambda f, fig=fig: fig.savefig(f, format="png"))
-        plt.close(fig)
     return [f"{name}.png" for name in figures]
-
-
-def _job_exception(job_return: JobReturn) -> BaseException:
-    """The exception a failed job raised: JobReturn.return_value re-raises it (and writes a line to
-    stderr that the sweep's own report already gives, hence the redirect)."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            job_return.return_value  # noqa: B018
-    except Exception as err:
-        return err
-    return RuntimeError("the job failed")
-
-
-class SweepSummaryCallback(Callback):
-    """Hydra callback: records a failed job's status and keeps the sweep summary current."""
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        output_dir = Path(config.hydra.runtime.output_dir)
-        if job_return.status == JobStatus.FAILED:
-            record_status(output_dir, "failed", one_line(_job_exception(job_return)))
-        elif isinstance(job_return.return_value, JobFailed):
-            record_status(output_dir, "failed", job_return.return_value.error)
-        # a job that finished has recorded "ok" itself (train(), in the folder it trained in)
-        if config.hydra.mode is not None and str(config.hydra.mode) == "RunMode.MULTIRUN":
-            # Also after each job: a sweep that stops part-way still leaves a summary. Where more
-            # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on
-            # the sweep's folder): drawing them after every job would cost each job seconds.
-            from sae.background import collect_finished, more_jobs_follow
-
-            collect_finished()  # earlier jobs' probe accuracies, fitted beside the jobs after them
-            write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow())
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from sae.background import wait_for_hand_offs
-
-        wait_for_hand_offs()  # the last jobs' figures and probes, done while later jobs trained
-        summary = write_summary(config.hydra.sweep.dir)
-        report(summary.closing_lines())
-        rows = summary.rows
-        failed = [r["job"] for r in rows if r["status"] != "ok"]
-        if failed:  # the failures' lines were printed as they happened; the command exits non-zero
-            sys.exit(
-                f"{len(failed)} of {len(rows)} jobs failed or did not finish (jobs {', '.join(failed)}): "
-                f"see {Path(config.hydra.sweep.dir) / 'summary.md'}"
-            )

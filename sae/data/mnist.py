@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST
 
-from sae.console import UserError, one_line
-from sae.lightning_internals import batches_trained_this_epoch
+from sae.errors import UserError, one_line
+from sae.internals import batches_trained_this_epoch
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -214,7 +214,7 @@ class TrainValSplit(NamedTuple):
 
 
 # The last split made in this process, with the images it was made from: a sweep's jobs share it
-# (and a job handing its probe to sae.background sends the same tensors again, not a copy).
+# (and a job handing its probe to sae.run.handoff sends the same tensors again, not a copy).
 _last_split: tuple[Tensor, int, int, TrainValSplit] | None = None
 
 

@@ -1,0 +1,1 @@
+"""MNIST as tensors, batched by index (resumable mid-epoch): the LightningDataModule."""
