@@ -12,6 +12,8 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 | CheapHookName                | LightningModule._current_fx_name (set around every hook call)        |
 | tensorboard_file_writer      | torch.utils.tensorboard.SummaryWriter._get_file_writer()             |
 | guard_checkpoint_restore     | trainer._checkpoint_connector (its two restore methods)              |
+| failed_job_error             | hydra.core.utils.JobReturn._return_value (a failed job's exception)  |
+| submitit_cluster             | hydra-submitit's launcher class attribute _EXECUTOR ("local", "slurm") |
 
 Why each is needed:
 - The module takes its optimizer steps with plain `optimizer.step()` when Lightning's wrapper would
@@ -23,6 +25,9 @@ Why each is needed:
   nn.Module.__setattr__ checks every such write for parameters and submodules.
 - TensorBoard's HParams entry is written without the placeholder metric values that the public
   `log_hyperparams` / `add_hparams` would write as scalars.
+- A sweep survives a job that died (sae.sweep.launchers): its outcome is read without re-raising
+  the job's exception (JobReturn.return_value raises it), and the executor kind of hydra-submitit's
+  launcher names the scheduler in what the sweep says and records.
 - A checkpoint is input: what Lightning restores from it (callbacks' and loops' state) is checked
   beforehand where the project can (sae.training.checkpoints.check_training_state); an error Lightning
   still meets while restoring it is reported as the file's, in one line, not as a traceback.
@@ -120,3 +125,19 @@ def guard_checkpoint_restore(trainer: L.Trainer, refuse: Callable[[str, BaseExce
 
     for name, method in methods.items():
         setattr(connector, name, guarded(method))
+
+
+def failed_job_error(job_return: Any) -> BaseException | None:
+    """A failed Hydra job's exception, read without raising it (JobReturn.return_value re-raises)."""
+    try:
+        return job_return._return_value
+    except AttributeError as err:
+        raise _moved("hydra.core.utils.JobReturn._return_value", err) from err
+
+
+def submitit_cluster(launcher: Any) -> str:
+    """The submitit executor kind ("local", "slurm") of a hydra-submitit launcher."""
+    try:
+        return str(type(launcher)._EXECUTOR)
+    except AttributeError as err:
+        raise _moved("hydra_plugins.hydra_submitit_launcher BaseSubmititLauncher._EXECUTOR", err) from err

@@ -1,8 +1,9 @@
-"""What a metric's name says about it, written once: its split, which way is better, and whether
-it compares across settings.
+"""The names a researcher reads, written once: metrics (their split, which way is better, whether
+they compare across settings, the order they are shown in, their labels) and the swept knobs.
 
-Names are `<split>/<metric>`: `train/`, `val/`, `test/` (and `fit/` for the run's cost). A sweeper
-selects on the validation split only; the test split is reported, never selected on.
+The console, the sweep summary, TensorBoard's HParams tab and the figures all read them from here.
+Metric names are `<split>/<metric>`: `train/`, `val/`, `test/` (and `fit/` for the run's cost). A
+sweeper selects on the validation split only; the test split is reported, never selected on.
 """
 
 from __future__ import annotations
@@ -14,6 +15,64 @@ HIGHER_IS_BETTER = ("accuracy",)  # metric names containing these are maximised;
 SPARSITY_AXIS = "test/l0"
 ERROR_AXIS = "test/truncated_mse"
 FRONTIER_AXES = (SPARSITY_AXIS, ERROR_AXIS)
+
+# What each metric is, in the words of a figure's axis or a heatmap's title.
+LABELS = {
+    "test/truncated_mse": "test MSE, code truncated at L0",
+    "test/mse": "test MSE",
+    "test/l0": "L0",
+    "test/fvu": "fraction of variance unexplained",
+    "test/dead_fraction": "dead fraction",
+    "test/encoder_1/dead_fraction": "encoder_1 dead fraction",
+    "test/rho_hat_mean": "rho_hat mean",
+    "test/rho_hat_min": "rho_hat min",
+    "test/rho_hat_max": "rho_hat max",
+    "test/probe_accuracy": "probe accuracy",
+    "test/probe_accuracy_reconstructions": "pixel classifier on reconstructions",
+    "test/probe_accuracy_pixels": "pixel classifier on originals",
+}
+# The metrics a reader compares first, in this order (those that compare across settings, then
+# val/loss, which holds beta * the penalty): the summary's columns, then the rest alphabetically.
+COMPARED_FIRST = (
+    ERROR_AXIS,
+    "test/mse",
+    SPARSITY_AXIS,
+    "test/fvu",
+    "test/dead_fraction",
+    "test/encoder_1/dead_fraction",
+    "test/rho_hat_mean",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
+    "test/probe_accuracy",
+    "test/probe_accuracy_reconstructions",
+    "fit/auxk_dead",
+    "fit/auxk_revived",
+    "val/loss",
+)
+RUN_COST = ("fit/seconds", "fit/stacked_jobs")  # shown in summary.md beside COMPARED_FIRST
+# What a sweep command's closing lines show for its best jobs.
+CLOSING = (ERROR_AXIS, "test/mse", SPARSITY_AXIS, "test/dead_fraction", "test/probe_accuracy")
+# What TensorBoard's HParams tab shows beside each run's settings (it ticks the first few).
+HPARAMS = (
+    *CLOSING,
+    "test/rho_hat_mean",
+    "test/loss",
+    "test/fvu",
+    "test/kl",
+    "test/rho_hat_min",
+    "test/rho_hat_max",
+    "test/probe_accuracy_reconstructions",
+)
+
+# The swept knobs. Those that change the training objective itself: across them val/loss (which
+# contains beta * the penalty) ranks jobs by their objective, not by how well they reconstruct.
+OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
+SEED_KNOBS = ("seed",)  # jobs that differ only in these repeat one setting
+
+
+def label(name: str) -> str:
+    """A metric's words for a reader (its name where it has none)."""
+    return LABELS.get(name, name)
 
 
 def higher_is_better(name: str) -> bool:

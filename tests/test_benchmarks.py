@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import QUICK_RUN, ROOT
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_machinery_benchmark_turns_each_piece_off_and_the_run_still_ends_ok(mnis
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
     run = tmp_path / "run"
     command = [sys.executable, "benchmarks/machinery.py", "--child", piece, "--"]
-    command += [f"data.root={mnist_root}", "debug=limit", "accelerator=cpu", f"hydra.run.dir={run}"]
+    command += [f"data.root={mnist_root}", *QUICK_RUN, "debug=limit", f"hydra.run.dir={run}"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "status.json").read_text())["status"] == "ok"

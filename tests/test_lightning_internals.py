@@ -20,7 +20,9 @@ from sae.internals import (
     LightningInternalsMoved,
     batches_trained_this_epoch,
     count_optimizer_steps,
+    failed_job_error,
     guard_checkpoint_restore,
+    submitit_cluster,
     tensorboard_file_writer,
 )
 
@@ -144,8 +146,26 @@ def test_an_error_restoring_a_checkpoint_is_the_files(tmp_path):
         ),
         (lambda: tensorboard_file_writer(object()), "SummaryWriter._get_file_writer"),
         (lambda: guard_checkpoint_restore(SimpleNamespace(), None), "trainer._checkpoint_connector"),
+        (lambda: failed_job_error(object()), "JobReturn._return_value"),
+        (lambda: submitit_cluster(object()), "BaseSubmititLauncher._EXECUTOR"),
     ],
 )
 def test_a_moved_attribute_fails_loudly_naming_it(call, attribute):
     with pytest.raises(LightningInternalsMoved, match=attribute.replace(".", r"\.")):
         call()
+
+
+def test_a_failed_hydra_job_is_read_without_raising_and_submitit_launchers_name_their_cluster():
+    from hydra.core.utils import JobReturn, JobStatus
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweep extra (CI installs it)")
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+
+    error = ValueError("a bug")
+    failed = JobReturn(status=JobStatus.FAILED)
+    failed.return_value = error
+    assert failed_job_error(failed) is error
+    with pytest.raises(ValueError):
+        failed.return_value  # noqa: B018 -- the public getter raises; the internals read does not
+    assert submitit_cluster(LocalLauncher()) == "local"
+    assert submitit_cluster(SlurmLauncher()) == "slurm"

@@ -23,7 +23,8 @@ from tensorboard.plugins.hparams.backend_context import (
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from sae.config import ConfigError, validate_train_config
-from sae.training.callbacks import HPARAMS_METRICS, EpochLines
+from sae.names import HPARAMS as HPARAMS_METRICS
+from sae.training.callbacks import EpochLines
 from sae.training.evaluate import evaluate
 from sae.training.fit import build_data_and_module, build_trainer, train
 from tests.conftest import (

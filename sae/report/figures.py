@@ -18,7 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from sae.names import ERROR_AXIS
+from sae.names import ERROR_AXIS, SPARSITY_AXIS
+from sae.names import label as metric_label
 from sae.report.frontier import frontier_axes, is_number, pareto_front
 from sae.run.atomic import write_atomic
 
@@ -564,14 +565,16 @@ def _error_panel(ax, points: list[dict], knobs: list[str], baselines) -> None:
 SWEEP_PANELS = (
     ("test MSE", (("test/mse", "test/mse"), (ERROR_AXIS, "code truncated at the L0 threshold"))),
     ("rho_hat: units' min..mean..max", (("test/rho_hat_mean", "mean"),)),
-    ("L0: active latent units per digit", (("test/l0", "test/l0"),)),
+    ("L0: active latent units per digit", ((SPARSITY_AXIS, SPARSITY_AXIS),)),
     ("dead units (never active on test)", (("test/dead_fraction", "latent"),)),
     (
         "probe accuracy",
         (
             ("test/probe_accuracy", "codes"),
-            ("test/probe_accuracy_reconstructions", "pixel classifier on reconstructions"),
-            ("test/probe_accuracy_pixels", "pixel classifier on originals"),
+            *(
+                (m, metric_label(m))
+                for m in ("test/probe_accuracy_reconstructions", "test/probe_accuracy_pixels")
+            ),
         ),
     ),
 )
@@ -664,13 +667,16 @@ def _knob_axis(ax, settings: list[dict], knob: str | None, label_knobs: list[str
     ax.set_xlabel(knob)
 
 
-HEATMAP_METRICS = (
-    ("test/mse", "test MSE", ".4f"),
-    (ERROR_AXIS, "test MSE, code truncated at L0", ".4f"),
-    ("test/rho_hat_mean", "rho_hat mean", ".3f"),
-    ("test/l0", "L0", ".1f"),
-    ("test/encoder_1/dead_fraction", "encoder_1 dead fraction", ".2f"),
-    ("test/probe_accuracy", "probe accuracy", ".3f"),
+HEATMAP_METRICS = tuple(  # (metric, title, number format)
+    (metric, metric_label(metric), fmt)
+    for metric, fmt in (
+        ("test/mse", ".4f"),
+        (ERROR_AXIS, ".4f"),
+        ("test/rho_hat_mean", ".3f"),
+        (SPARSITY_AXIS, ".1f"),
+        ("test/encoder_1/dead_fraction", ".2f"),
+        ("test/probe_accuracy", ".3f"),
+    )
 )
 
 

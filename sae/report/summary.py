@@ -19,7 +19,17 @@ from typing import Any
 import yaml
 
 from sae.errors import UserError, one_line
-from sae.names import ERROR_AXIS, FRONTIER_AXES, higher_is_better, within_setting
+from sae.names import (
+    CLOSING,
+    COMPARED_FIRST,
+    ERROR_AXIS,
+    FRONTIER_AXES,
+    OBJECTIVE_KNOBS,
+    RUN_COST,
+    SEED_KNOBS,
+    higher_is_better,
+    within_setting,
+)
 from sae.report.frontier import frontier_axes, frontier_ranks, is_number
 from sae.run.atomic import write_atomic, write_text_atomic
 from sae.run.record import RunRecord
@@ -44,31 +54,6 @@ BASELINES = (
         "train_images": 60000,
     },
 )
-# The columns a reader compares first, in this order (those that compare across settings, then
-# val/loss, which holds beta * the penalty); the other metrics follow alphabetically.
-KEY_METRICS = (
-    "test/truncated_mse",
-    "test/mse",
-    "test/l0",
-    "test/fvu",
-    "test/dead_fraction",
-    "test/encoder_1/dead_fraction",
-    "test/rho_hat_mean",
-    "test/rho_hat_min",
-    "test/rho_hat_max",
-    "test/probe_accuracy",
-    "test/probe_accuracy_reconstructions",
-    "fit/auxk_dead",
-    "fit/auxk_revived",
-    "val/loss",
-)
-SHOWN_FIT = ("fit/seconds", "fit/stacked_jobs")  # in summary.md beside KEY_METRICS
-# The metrics a sweep command's closing lines show for its best jobs.
-CLOSING_METRICS = ("test/truncated_mse", "test/mse", "test/l0", "test/dead_fraction", "test/probe_accuracy")
-# Knobs that change the training objective itself: across them val/loss (which contains beta * the
-# penalty) ranks jobs by their objective, not by how well they reconstruct at a given sparsity.
-OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
-SEED_KNOBS = ("seed",)
 # What a job's metrics.json records about the run besides metrics: where it came from, not a knob.
 RUN_RECORD_COLUMNS = ("ckpt_path", "resumed_from", "resumed_with")
 NON_OVERRIDE_COLUMNS = (
@@ -131,7 +116,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     first = ["job"]
     overrides = [k for k in override_keys(rows) if k not in first]
     metrics = sorted({k for r in rows for k in r if "/" in k})
-    metrics = [m for m in KEY_METRICS if m in metrics] + [m for m in metrics if m not in KEY_METRICS]
+    metrics = [m for m in COMPARED_FIRST if m in metrics] + [m for m in metrics if m not in COMPARED_FIRST]
     ranked = ["frontier"] if any("frontier" in r for r in rows) else []
     ordered = first + overrides + ["status", *ranked] + metrics
     return ordered + ["error", "ckpt_path"] + [c for c in RUN_RECORD_COLUMNS[1:] if any(c in r for r in rows)]
@@ -348,7 +333,7 @@ class SweepSummary:
         top = [r for r in self.ranked if r["status"] == "ok"][:best]
         if top:  # the settings, how they rank, and the metrics compared first; summary.md has all
             settings = [c for c in self.columns if "/" not in c and c != "error"]
-            metrics = [m for m in (self.metric, *CLOSING_METRICS) if m in self.columns]
+            metrics = [m for m in (self.metric, *CLOSING) if m in self.columns]
             lines += [f"best {len(top)}:", markdown_table(top, [*settings, *dict.fromkeys(metrics)]).rstrip()]
         return "\n".join(lines)
 
@@ -380,7 +365,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
     hidden = [
         c
         for c in shown
-        if "/" in c and (c not in (metric, *KEY_METRICS, *SHOWN_FIT) or (across and within_setting(c)))
+        if "/" in c and (c not in (metric, *COMPARED_FIRST, *RUN_COST) or (across and within_setting(c)))
     ]
     shown = [c for c in shown if c not in hidden]
     header = _summary_header(sweep_dir, rows, ranked_by, same, hidden, across)
@@ -437,7 +422,7 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
     metrics = [
         m for m in dict.fromkeys(m for s in settings for m in s if "/" in m and not m.endswith("_std"))
     ]
-    metrics = [m for m in KEY_METRICS if m in metrics] + [m for m in metrics if m not in KEY_METRICS]
+    metrics = [m for m in COMPARED_FIRST if m in metrics] + [m for m in metrics if m not in COMPARED_FIRST]
     extra = ["frontier"] if any("frontier" in s for s in settings) else []
     columns = [*knobs, "n", "seeds", "jobs", *extra]
     _write_csv(
@@ -446,7 +431,7 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
         columns + [c for m in metrics for c in (m, f"{m}_std")],
     )
     varying = [k for k in knobs if len({_fmt(s.get(k)) for s in settings}) > 1] or knobs
-    shown = [m for m in metrics if m in KEY_METRICS and not (extra and within_setting(m))]
+    shown = [m for m in metrics if m in COMPARED_FIRST and not (extra and within_setting(m))]
     table = [{**s, **{m: _mean_std(s, m) for m in shown}} for s in sorted(settings, key=sort_key)]
     return (
         "## By setting: mean ± sample std over seeds (n jobs each)\n\n"

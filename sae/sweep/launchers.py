@@ -26,6 +26,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict
 
 from sae.errors import JobFailed, one_line
+from sae.internals import failed_job_error, submitit_cluster
 from sae.names import register_resolvers
 from sae.run.console import report
 from sae.run.record import RunRecord
@@ -33,6 +34,11 @@ from sae.run.record import RunRecord
 
 class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
     """launch() as Hydra's, but a job that left no result becomes a JobReturn holding JobFailed."""
+
+    @property
+    def cluster(self) -> str:
+        """submitit's executor kind: "local" or "slurm"."""
+        return submitit_cluster(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         """The job, in its own process (submitit's): the config resolvers train.py registers
@@ -54,16 +60,16 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
         assert self.config is not None and job_overrides
         specific_init_keys = {"max_num_timeout"}
         init_params = {"folder": self.params["submitit_folder"]}
-        init_params |= {f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k in specific_init_keys}
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        init_params |= {f"{self.cluster}_{k}": v for k, v in self.params.items() if k in specific_init_keys}
+        executor = submitit.AutoExecutor(cluster=self.cluster, **init_params)
         base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
         skipped = specific_init_keys | {"submitit_folder"}
         params = {k: v for k, v in self.params.items() if k not in skipped}
         executor.update_parameters(
-            **{k if k in base_keys else f"{self._EXECUTOR}_{k}": v for k, v in params.items()}
+            **{k if k in base_keys else f"{self.cluster}_{k}": v for k, v in params.items()}
         )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        hydra_submitit.log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        hydra_submitit.log.info(f"Submitit '{self.cluster}' sweep output dir : {sweep_dir}")
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
@@ -86,7 +92,7 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
             if key in self.params
         )
         return (
-            f"{self._EXECUTOR} refused the sweep's jobs ({_last_line(err)}); each asked for {asked}: "
+            f"{self.cluster} refused the sweep's jobs ({_last_line(err)}); each asked for {asked}: "
             "on a CPU-only partition use launcher=submitit_slurm_cpu, else change hydra.launcher.<key>"
         )
 
@@ -100,13 +106,15 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
         except (UncompletedJobError, FailedJobError) as err:
             line = self._dead_job_line(job, err, self._job_folder(overrides, job_num))
         else:
-            error = outcome._return_value if outcome.status == JobStatus.FAILED else None
+            error = failed_job_error(outcome) if outcome.status == JobStatus.FAILED else None
             if not isinstance(error, UncompletedJobError):
                 return outcome  # finished, or failed with an error of ours (Hydra re-raises it at the end)
             line = one_line(error)  # the job recorded its failed status itself
         shown = " ".join(filter_overrides(overrides))
         report(f"job {job_num} ({shown}) did not finish: {line}")
-        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=JobFailed(line))
+        outcome = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+        outcome.return_value = JobFailed(line)
+        return outcome
 
     def _dead_job_line(self, job: Any, err: BaseException, folder: Path) -> str:
         """What the summary says of a job that left no result, recorded in its folder's status.json."""
@@ -115,7 +123,7 @@ class SweepOutlivesJobs(hydra_submitit.BaseSubmititLauncher):
         status = RunRecord(folder).status()
         if status.get("status") == "interrupted":  # it saved last.ckpt and said how to resume
             return status.get("error", "interrupted")
-        line = f"{self._EXECUTOR} job {job.job_id} ended without a result (state {job.state})"
+        line = f"{self.cluster} job {job.job_id} ended without a result (state {job.state})"
         if isinstance(err, FailedJobError):  # submitit's own error: its traceback's last line
             line += f": {_last_line(err)}"
         line += f"; its log: {job.paths.stderr}"

@@ -29,27 +29,11 @@ from torch import Tensor, nn
 
 from sae.config import command_override_keys
 from sae.internals import tensorboard_file_writer
+from sae.names import HPARAMS
 from sae.report.probe import ProbeData, probe_accuracies
 from sae.run import handoff
 from sae.run.console import report
 from sae.run.record import RunRecord
-
-# The metrics the TensorBoard HParams tab shows next to each run's settings: the tested checkpoint's
-# (the best by val/loss), the same numbers as the run's metrics.json.
-HPARAMS_METRICS = (  # TensorBoard shows the first few by default: the ones compared first lead
-    "test/truncated_mse",
-    "test/mse",
-    "test/l0",
-    "test/dead_fraction",
-    "test/probe_accuracy",
-    "test/rho_hat_mean",
-    "test/loss",
-    "test/fvu",
-    "test/kl",
-    "test/rho_hat_min",
-    "test/rho_hat_max",
-    "test/probe_accuracy_reconstructions",
-)
 
 
 def progress_bar(refresh_rate: int = 5) -> ProgressBar:
@@ -274,7 +258,7 @@ class HParamsSummary(L.Callback):
     none, which TensorBoard shows as unknown too.
     """
 
-    def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS_METRICS) -> None:
+    def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS) -> None:
         # Lists (hidden sizes, covered layers) become strings: HParams takes scalars only.
         self.params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
         self.metrics = list(metrics)
