@@ -26,9 +26,10 @@ its `__main__`. The pieces (docs/performance.md, "What the speed machinery buys"
     vectorized           hydra/launcher=vectorized: the jobs trained as one stacked model, each
                          replayed through train(cfg) (sae.sweep.vectorized, sae.sweep.stacked)
 
-Rounds alternate the variants (round-robin), so that a change in the machine's load falls on all
-of them; the table gives each variant's median wall time and its ratio to `shipped` of the same
-workload (above 1: the piece saves that much). Compare ratios, not seconds, across machines.
+A warm-up run comes first, untimed (the pixel probe's cache, the page cache). Rounds alternate
+the variants (round-robin), so that a change in the machine's load falls on all of them; the
+table gives each variant's median wall time and its ratio to `shipped` of the same workload
+(above 1: the piece saves that much). Compare ratios, not seconds, across machines.
 """
 
 from __future__ import annotations
@@ -97,6 +98,14 @@ def measure(
     from benchmarks.common import timed_run
 
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    # Untimed, first: what the first run of a machine pays once (the pixel probe fitted into its
+    # cache, the data files into the page cache) falls on no variant.
+    out = (
+        [f"hydra.sweep.dir={folder / 'warm-up'}", "-m"]
+        if multirun
+        else [f"hydra.run.dir={folder / 'warm-up'}"]
+    )
+    timed_run([sys.executable, __file__, "--child", "-", "--", *common, *out], "warm-up (untimed)")
     for r in range(rounds):
         for i, (name, (overrides, piece)) in enumerate(variants.items()):
             where = folder / f"{r}-{i}"

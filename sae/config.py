@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sae.core.loss import RECONSTRUCTION_LOSSES
 from sae.core.model import ACTIVATIONS, layer_names
-from sae.core.sparsity import METHODS
+from sae.core.sparsity import METHODS, InvalidSetting, method_settings
 from sae.errors import UserError, did_you_mean, one_line
 from sae.names import selectable
 
@@ -35,9 +35,9 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything us
 # vectorized launcher's grouping read. A copy set on its own is refused, naming the knob.
 MIRRORS = {
     "model.latent_dim": "latent_dim",
-    "model.k": "k",
-    "model.rho": "rho",
-    "model.beta": "beta",
+    "model.sparsity.k": "k",
+    "model.sparsity.rho": "rho",
+    "model.sparsity.beta": "beta",
     "model.lr": "lr",
     "data.seed": "seed",
     "data.batch_size": "batch_size",
@@ -164,15 +164,7 @@ MODEL_RULES: dict[str, Rule] = {
     "latent_activation": _one_of(ACTIVATIONS),
     "output_activation": _one_of(HIDDEN_ACTIVATIONS),
     "recon_loss": _one_of(RECONSTRUCTION_LOSSES),
-    "sparsity": _one_of(METHODS),
     "sparsity_layers": _list_of(lambda v: isinstance(v, str), "a list of layer names, e.g. [latent]", True),
-    "k": (lambda v: v is None or _is_int(v), "an integer (or null)"),  # its range: with a topk latent
-    "auxk": _BOOL,
-    "auxk_alpha": _number_in(0, FLOAT32_MAX, "[]"),
-    "auxk_k": _int_at_least(1, nullable=True),
-    "auxk_dead_after": _int_at_least(1),
-    "rho": _number_in(0, 1),
-    "beta": _number_in(0, FLOAT32_MAX, "[]"),
     # Adam divides lr by 1 - beta1 = 0.1 at the first step, in float32.
     "lr": _number_in(0, MAX_LR, "(]"),
     "l0_threshold": _UNIT,
@@ -232,15 +224,15 @@ def check_settings(
 def check_model_settings(
     model: Mapping[str, Any], name: Callable[[str], str], defaults: Mapping[str, Any] | None = None
 ) -> None:
-    """The module's arguments, one by one (MODEL_RULES), then how they go together; `defaults`
-    fill the arguments a mapping leaves out (a checkpoint of an older version: the module's own
-    defaults, handed in from sae.training)."""
-    check_settings(model, MODEL_RULES, name, "the model")
+    """The module's arguments, one by one (MODEL_RULES; the method's settings by the method
+    itself), then how they go together; `defaults` fill the arguments a mapping leaves out (a
+    checkpoint of an older version: the module's own defaults, handed in from sae.training)."""
+    check_settings({k: v for k, v in model.items() if k != "sparsity"}, MODEL_RULES, name, "the model")
     settings = dict(defaults or {}) | dict(model)
-    missing = [key for key in MODEL_RULES if key not in settings]
+    missing = [key for key in (*MODEL_RULES, "sparsity") if key not in settings]
     if missing:
         raise ConfigError(f"{name(missing[0])} is missing: the model needs a value for it")
-    method = METHODS[settings["sparsity"]]
+    method = check_method_settings(settings["sparsity"], settings["latent_dim"], name)
     latent = settings["latent_activation"]
     _check(
         latent in method.latent_activations,
@@ -248,20 +240,6 @@ def check_model_settings(
         latent,
         f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
     )
-    width = settings["latent_dim"]
-    if latent == "topk":
-        k = settings["k"]
-        _check(
-            _is_int(k) and 1 <= k <= width,
-            name("k"),
-            k,
-            f"an integer in [1, latent_dim={width}]: units kept per input",
-        )
-    if settings["auxk"]:
-        _check(settings["sparsity"] == "topk", name("auxk"), True, "false unless sparsity=topk")
-        aux_k = settings["auxk_k"]
-        ok = aux_k is None or aux_k <= width
-        _check(ok, name("auxk_k"), aux_k, f"an integer in [1, latent_dim={width}] (or null)")
     layers = list(settings["sparsity_layers"])
     if method.only_latent:
         _check(layers == ["latent"], name("sparsity_layers"), layers, f"[latent] with sparsity={method.name}")
@@ -272,6 +250,28 @@ def check_model_settings(
             f"{name('sparsity_layers')}={layers}: {', '.join(unknown)} not in this model's layers "
             f"{', '.join(names)}"
         )
+
+
+def check_method_settings(sparsity: Any, latent_dim: int, name: Callable[[str], str]) -> type:
+    """`model.sparsity`: a mapping of plain values naming a method and its settings, which the
+    method checks itself (sae.core.sparsity); the method's class."""
+    if not isinstance(sparsity, Mapping) or not all(
+        isinstance(k, str) and not k.startswith("_") for k in sparsity
+    ):
+        choose = f"{{method: {'|'.join(METHODS)}, <its settings>}} (choose it with sparsity=<name>)"
+        raise ConfigError(f"{name('sparsity')}={_shown(sparsity)} must be a method's settings, {choose}")
+    for key, value in sparsity.items():
+        if not plain_value(value):
+            said = "a plain value (a number, true or false, null, or a name)"
+            raise ConfigError(f"{name(f'sparsity.{key}')}={_shown(value)} must be {said}")
+    try:
+        method, settings = method_settings(sparsity)
+        settings.check(latent_dim)
+    except InvalidSetting as err:
+        raise ConfigError(
+            f"{name(f'sparsity.{err.key}')}={_shown(err.value)} must be {err.allowed}"
+        ) from None
+    return method
 
 
 def plain_value(value: Any) -> bool:

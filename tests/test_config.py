@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.config import MIRRORS, RENAMED, ConfigError, validate_train_config
 from sae.training.fit import train
-from tests.conftest import compose_config, compose_train, run_script
+from tests.conftest import ROOT, compose_config, compose_train, run_script
 
 BAD = [
     ("rho=1.5", "rho=1.5 must be a number in (0, 1)"),
@@ -38,8 +38,14 @@ BAD = [
     ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
     # One spelling per knob: a group's copy of a top-level knob cannot be set on its own, even to
     # a valid value (the records would show the top-level one), and a renamed key names the new one.
-    ("model.rho=1.5", "model.rho=1.5: model.rho follows the top-level knob rho, so set rho=1.5 instead"),
-    ("model.beta=-1", "model.beta=-1: model.beta follows the top-level knob beta, so set beta=-1 instead"),
+    (
+        "model.sparsity.rho=1.5",
+        "model.sparsity.rho=1.5: model.sparsity.rho follows the top-level knob rho, so set rho=1.5 instead",
+    ),
+    (
+        "model.sparsity.beta=-1",
+        "model.sparsity.beta=-1: model.sparsity.beta follows the top-level knob beta, so set beta=-1 instead",
+    ),
     ("model.lr=0.01", "model.lr=0.01: model.lr follows the top-level knob lr, so set lr=0.01 instead"),
     ("model.latent_dim=64", "model.latent_dim=64: model.latent_dim follows the top-level knob latent_dim"),
     ("data.seed=3", "data.seed=3: data.seed follows the top-level knob seed, so set seed=3 instead"),
@@ -77,7 +83,8 @@ BAD = [
         "optimized_metric='test/loss' must be a validation metric (val/loss, val/mse, ...) or null: a "
         "sweeper selects on the validation split, never on the test split it reports",
     ),
-    ("+model.rhoo=0.1", "model.rhoo is not a setting of the model; did you mean rho?"),
+    ("+model.rhoo=0.1", "model.rhoo is not a setting of the model"),
+    ("+model.sparsity.rhoo=0.1", "model.sparsity.rhoo=0.1 must be absent: kl's settings are rho, beta"),
     ("+data.seeed=1", "data.seeed is not a setting of the data; did you mean seed?"),
     (
         "model._target_=builtins.print",
@@ -96,7 +103,12 @@ def test_defaults_and_presets_are_valid(mnist_root, tmp_path):
         ["debug=limit"],
         ["callbacks=none"],
     )
-    for overrides in (*presets, ["logger=none"], ["sparsity=topk", "model.auxk=true"], ["sparsity=l1"]):
+    for overrides in (
+        *presets,
+        ["logger=none"],
+        ["sparsity=topk", "model.sparsity.auxk=true"],
+        ["sparsity=l1"],
+    ):
         validate_train_config(compose_train(overrides, tmp_path, mnist_root))
 
 
@@ -115,20 +127,28 @@ def top_level_interpolations(cfg: DictConfig) -> dict[str, str]:
     """Every group setting written as `${knob}` of a top-level knob, as dotted key -> knob."""
     knobs = {k for k, v in cfg.items() if not isinstance(v, DictConfig)}
     found = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, raw in node.items():
+            if isinstance(raw, dict):
+                walk(raw, f"{prefix}{key}.")
+            elif isinstance(raw, str) and raw.startswith("${") and raw[2:-1] in knobs:
+                found[f"{prefix}{key}"] = raw[2:-1]
+
     for group in ("model", "data", "trainer"):
-        for key, raw in OmegaConf.to_container(cfg[group], resolve=False).items():
-            if isinstance(raw, str) and raw.startswith("${") and raw[2:-1] in knobs:
-                found[f"{group}.{key}"] = raw[2:-1]
+        walk(OmegaConf.to_container(cfg[group], resolve=False), f"{group}.")
     return found
 
 
 def test_every_copy_of_a_knob_is_declared_and_follows_it(mnist_root, tmp_path):
     """sae.config.MIRRORS is the YAML's list, so no copy escapes the one-spelling check."""
-    cfg = compose_train([], tmp_path, mnist_root)
-    assert top_level_interpolations(cfg) == MIRRORS
+    found = {}
+    for method in sorted(p.stem for p in (ROOT / "conf" / "sparsity").glob("*.yaml")):
+        found |= top_level_interpolations(compose_train([f"sparsity={method}"], tmp_path, mnist_root))
+    assert found == MIRRORS
     # The records read the knob: what the model and data module receive is the knob's value.
     cfg = compose_train(["rho=0.1", "beta=0.02", "lr=3e-3", "seed=4", "epochs=3"], tmp_path, mnist_root)
-    assert (cfg.model.rho, cfg.model.beta, cfg.model.lr) == (0.1, 0.02, 3e-3)
+    assert (cfg.model.sparsity.rho, cfg.model.sparsity.beta, cfg.model.lr) == (0.1, 0.02, 3e-3)
     assert (cfg.data.seed, cfg.trainer.max_epochs) == (4, 3)
     assert cfg.callbacks.hparams_summary.params.rho == 0.1
     for old in RENAMED:

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device (benchmarks/gpu_check.py runs these on a GPU)"
 )
 
-METHODS = {"kl": [], "topk_auxk": ["sparsity=topk", "k=5", "model.auxk=true", "model.auxk_dead_after=100"]}
+METHODS = {
+    "kl": [],
+    "topk_auxk": ["sparsity=topk", "k=5", "model.sparsity.auxk=true", "model.sparsity.auxk_dead_after=100"],
+}
 # The whole synthetic test split in one batch: the limited run's test pass (2 batches) covers the
 # split, as evaluate.py does.
 WHOLE_TEST = "data.eval_batch_size=200"

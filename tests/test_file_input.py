@@ -56,7 +56,8 @@ CRAFTED = {
     "data_seed": (("datamodule_hyper_parameters", "seed"), lambda call: call),
     "data_batch_size": (("datamodule_hyper_parameters", "batch_size"), lambda call: call),
     "data_root": (("datamodule_hyper_parameters", "root"), lambda call: call),
-    "model_rho": (("hyper_parameters", "rho"), lambda call: call),
+    "model_rho": (("hyper_parameters", "sparsity", "rho"), lambda call: call),
+    "model_sparsity": (("hyper_parameters", "sparsity"), lambda call: call),
     "model_hidden_dims_nested": (("hyper_parameters", "hidden_dims"), lambda call: [call]),
     "model_l0_also_at_nested": (("hyper_parameters", "l0_also_at"), lambda call: {"x": call}),
     "model_activation_interpolation": (
@@ -69,7 +70,8 @@ KEY_NAMED = {
     "data_seed": "datamodule_hyper_parameters.seed",
     "data_batch_size": "datamodule_hyper_parameters.batch_size",
     "data_root": "datamodule_hyper_parameters.root",
-    "model_rho": "hyper_parameters.rho",
+    "model_rho": "hyper_parameters.sparsity.rho",
+    "model_sparsity": "hyper_parameters.sparsity",
     "model_hidden_dims_nested": "hyper_parameters.hidden_dims",
     "model_l0_also_at_nested": "hyper_parameters.l0_also_at",
     "model_activation_interpolation": "hyper_parameters.activation",
@@ -180,8 +182,12 @@ MALFORMED = {
         "hyper_parameters is a list, not a mapping",
     ),
     "unknown_hyperparameter": (
-        lambda c: c["hyper_parameters"].__setitem__("bta", 0.1),
-        "hyper_parameters.bta is not a setting of the model; did you mean beta?",
+        lambda c: c["hyper_parameters"].__setitem__("lrr", 0.1),
+        "hyper_parameters.lrr is not a setting of the model; did you mean lr?",
+    ),
+    "unknown_method_setting": (
+        lambda c: c["hyper_parameters"]["sparsity"].__setitem__("bta", 0.1),
+        "hyper_parameters.sparsity.bta=0.1 must be absent: kl's settings are rho, beta",
     ),
     "no_loop_state": (lambda c: c.pop("loops"), "holds no training progress"),
     "loop_counter_text": (
@@ -216,6 +222,7 @@ WEIGHTS_ONLY = (
     "weight_not_a_tensor",
     "hyper_parameters_list",
     "unknown_hyperparameter",
+    "unknown_method_setting",
 )
 
 

@@ -149,3 +149,17 @@ def wait_for_file(path: str) -> str:
     while not Path(path).exists():
         time.sleep(0.05)
     return Path(path).read_text()
+
+
+def test_a_hand_off_leaves_the_callers_tensors_where_they_were(monkeypatch):
+    """The worker reads a copy in shared memory; the caller's tensor (a data split the next job
+    reads) is not moved under it."""
+    import torch
+
+    monkeypatch.setattr(handoff, "more_jobs_follow", lambda: True)
+    data = torch.arange(4.0)
+    recorded = []
+    assert handoff.run_or_hand_off("job 0", scale, data, then=recorded.append) is True
+    assert not data.is_shared()
+    assert handoff.wait_for_hand_offs() == []
+    assert recorded[0].tolist() == [0.0, 0.0, 0.0, 0.0] and data.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -74,7 +74,7 @@ def test_kl_method_uses_batch_mean_per_unit_and_sums_layers():
     expected = kl_sparsity(0.05, torch.tensor([0.2, 0.7], dtype=torch.float64)) + kl_sparsity(
         0.05, torch.tensor([0.4], dtype=torch.float64)
     )
-    kl = make_method("kl", {"rho": 0.05, "beta": 0.5}, ["latent", "encoder_1"])
+    kl = make_method({"method": "kl", "rho": 0.05, "beta": 0.5}, ["latent", "encoder_1"], 32)
     got = kl.batch_terms(
         forward_output({"latent": a, "encoder_1": b, "decoder_1": b}), a
     )  # decoder_1: not covered
@@ -95,7 +95,7 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
     recon = torch.tensor([[0.5, 0.5], [0.5, 0.75]], dtype=torch.float64)
     code = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
     out = forward_output({"latent": code}, torch.eye(2), recon=recon)
-    kl = make_method("kl", {"rho": 0.1, "beta": 0.5}, ["latent"])
+    kl = make_method({"method": "kl", "rho": 0.1, "beta": 0.5}, ["latent"], 32)
     got = objective("mse", kl, out, x)
     assert list(got) == ["loss", "mse", "kl_batch"]
     mse = 0.1875  # (0.25 + 0.25 + 0 + 0.25) / 4
@@ -110,8 +110,10 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
         torch.eye(2),
     )
     assert list(whole) == ["loss", "kl"] and whole["loss"].item() == pytest.approx(mse + 0.5 * kl_value)
-    with pytest.raises(ValueError, match="model.sparsity='nope' must be one of kl, l1"):
-        make_method("nope", {}, [])
+    with pytest.raises(ValueError, match="method='nope' must be one of kl, l1"):
+        make_method({"method": "nope"}, [], 32)
+    with pytest.raises(ValueError, match="k=3 must be absent: kl's settings are rho, beta"):
+        make_method({"method": "kl", "k": 3}, [], 32)
 
 
 def test_reconstruction_losses_are_per_pixel_means():
@@ -130,7 +132,7 @@ def test_l1_hand_case_weighs_units_by_their_decoder_columns():
     # Two samples, two units; decoder columns of norm 5 (3, 4) and 1 (0, 1).
     z = torch.tensor([[1.0, 2.0], [0.0, 4.0]], dtype=torch.float64)
     decoder = torch.tensor([[3.0, 0.0], [4.0, 1.0]], dtype=torch.float64)
-    l1 = make_method("l1", {"beta": 0.1, "rho": 0.05}, ["latent"])
+    l1 = make_method({"method": "l1", "beta": 0.1}, ["latent"], 32)
     got = l1.batch_terms(forward_output({"latent": z}, decoder), z)["l1"]
     assert got.item() == pytest.approx(((1 * 5 + 2 * 1) + (0 * 5 + 4 * 1)) / 2)  # 5.5
     assert l1.penalty({"l1": got}).item() == pytest.approx(0.55)
@@ -142,7 +144,7 @@ def test_l1_hand_case_weighs_units_by_their_decoder_columns():
 def test_l1_cannot_be_dodged_by_rescaling_codes_against_the_decoder():
     torch.manual_seed(0)
     z, decoder = torch.rand(8, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
-    l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
+    l1 = make_method({"method": "l1", "beta": 1.0}, ["latent"], 32)
     scale = torch.tensor([0.1, 2.0, 10.0, 1.0], dtype=torch.float64)  # per unit: z_j * c_j, d_j / c_j
     same = l1.batch_terms(forward_output({"latent": z * scale}, decoder / scale), z)["l1"]
     torch.testing.assert_close(same, l1.batch_terms(forward_output({"latent": z}, decoder), z)["l1"])
@@ -152,7 +154,7 @@ def test_l1_gradient_matches_finite_differences_float64():
     torch.manual_seed(0)
     z = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
     decoder = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    l1 = make_method("l1", {"beta": 1.0, "rho": 0.05}, ["latent"])
+    l1 = make_method({"method": "l1", "beta": 1.0}, ["latent"], 32)
     assert torch.autograd.gradcheck(
         lambda a, d: l1.batch_terms(forward_output({"latent": a}, d), a)["l1"], (z, decoder)
     )

@@ -33,8 +33,7 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
         recon_loss=recon_loss,
         activation="sigmoid",
         sparsity_layers=["encoder_1", "latent"],
-        rho=0.1,
-        beta=0.5,
+        sparsity={"method": "kl", "rho": 0.1, "beta": 0.5},
     )
     with torch.no_grad():  # latent codes on both sides of the 0.1 threshold, so truncation matters
         module.net.encoder[-1][0].bias.fill_(-2.0)
@@ -111,8 +110,10 @@ def test_truncated_mse_is_the_mse_for_exactly_sparse_codes(mnist_root, method):
     """ReLU and TopK codes are exactly 0 where L0 counts them off: the decoder already sees the
     truncated code, so truncated_mse is the MSE (to the last bit)."""
     torch.manual_seed(0)
-    knobs = dict(k=4, latent_activation="topk") if method == "topk" else dict(latent_activation="relu")
-    module = SparseAutoencoderModule(sparsity=method, **knobs)
+    settings = {"method": "topk", "k": 4} if method == "topk" else {"method": "l1", "beta": 5e-3}
+    module = SparseAutoencoderModule(
+        sparsity=settings, latent_activation="topk" if method == "topk" else "relu"
+    )
     dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=100)
     got = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
     assert got["val/truncated_mse"] == got["val/mse"]
@@ -291,4 +292,30 @@ def test_checkpoints_with_retired_metric_settings_still_load(tmp_path):
     torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
     reloaded, _ = load_checkpoint(path)
     assert "dead_threshold" not in reloaded.hparams
+    torch.testing.assert_close(reloaded.net.encoder[0][0].weight, module.net.encoder[0][0].weight)
+
+
+@pytest.mark.parametrize(
+    ("flat", "sparsity"),
+    [
+        ({"sparsity": "kl", "rho": 0.1, "beta": 0.5, "k": None}, {"method": "kl", "rho": 0.1, "beta": 0.5}),
+        (
+            {"sparsity": "topk", "k": 4, "rho": 0.05, "beta": 5e-3, "latent_activation": "topk"},
+            {"method": "topk", "k": 4},
+        ),
+    ],
+)
+def test_a_checkpoint_from_before_methods_owned_their_settings_loads_as_one_value(tmp_path, flat, sparsity):
+    """Older checkpoints hold every method's knobs beside the module's arguments: the method's own
+    become its settings, the others' are dropped, and the weights load."""
+    module = SparseAutoencoderModule(
+        sparsity={"method": flat["sparsity"]} | {k: v for k, v in sparsity.items() if k != "method"},
+        latent_activation=flat.get("latent_activation", "sigmoid"),
+    )
+    hparams = {k: v for k, v in module.hparams.items() if k != "sparsity"} | flat
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
+    reloaded, _ = load_checkpoint(path)
+    assert {k: v for k, v in reloaded.hparams.sparsity.items() if k in sparsity} == sparsity
+    assert reloaded.hparams.sparsity["method"] == flat["sparsity"] and "rho" not in reloaded.hparams
     torch.testing.assert_close(reloaded.net.encoder[0][0].weight, module.net.encoder[0][0].weight)

@@ -59,7 +59,8 @@ class FakeModule:
     """What RunFigures reads of a module: its rho, codes, reconstructions, first-layer weights and
     the setting that heads the figures."""
 
-    hparams = SimpleNamespace(rho=0.05, l0_threshold=0.1, rare_density=1e-3, dense_density=0.5)
+    hparams = SimpleNamespace(l0_threshold=0.1, rare_density=1e-3, dense_density=0.5)
+    method = SimpleNamespace(target=lambda: 0.05)  # KL's rho
 
     def encode(self, images):
         return torch.rand(len(images), 8)

@@ -35,7 +35,7 @@ def last_weights(folder) -> dict[str, torch.Tensor]:
 
 
 # TopK with AuxK keeps state besides the weights: how long since each latent fired.
-AUXK = ("sparsity=topk", "k=2", "model.auxk=true", "model.auxk_dead_after=64")
+AUXK = ("sparsity=topk", "k=2", "model.sparsity.auxk=true", "model.sparsity.auxk_dead_after=64")
 
 
 @pytest.mark.parametrize("method", [(), AUXK], ids=["kl", "topk_auxk"])
@@ -98,7 +98,7 @@ def test_resume_trains_on_with_the_runs_own_settings(mnist_root, tmp_path):
     resumed = train(compose_command([*LEAN, "debug=limit", f"resume={run}"], tmp_path / "r", mnist_root))
     assert resumed["fit/epochs"] == 3 and "resumed_with" not in resumed
     ckpt = torch.load(last, weights_only=True)
-    assert (ckpt["hyper_parameters"]["rho"], ckpt["hyper_parameters"]["lr"]) == (0.1, 0.01)
+    assert (ckpt["hyper_parameters"]["sparsity"]["rho"], ckpt["hyper_parameters"]["lr"]) == (0.1, 0.01)
     assert ckpt["datamodule_hyper_parameters"]["seed"] == 3
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01  # what the optimizer used
 
@@ -376,7 +376,7 @@ def started_run(tmp_path: Path, mnist_root: Path, *overrides: str) -> Path:
 @pytest.mark.parametrize(
     "override, changes",
     [
-        ("sparsity=l1", "model.latent_activation (sigmoid -> relu), model.sparsity (kl -> l1)"),
+        ("sparsity=l1", "model.latent_activation (sigmoid -> relu), model.sparsity.method (kl -> l1)"),
         ("experiment=all_layers", "model.activation (relu -> sigmoid)"),
         ("+point=l1_beta1e-4", "beta (0.005 -> 0.0001)"),
         ("trainer.precision=bf16-mixed", "trainer.precision (32-true -> bf16-mixed)"),

@@ -4,12 +4,13 @@ summarises with no other change."""
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 
 import pytest
 import torch
 import yaml
 
-from sae.core.sparsity import METHODS, SparsityMethod, register
+from sae.core.sparsity import METHODS, MethodSettings, SparsityMethod, check_weight, register
 from sae.report.summary import write_summary
 from sae.training.checkpoints import load_checkpoint
 from sae.training.evaluate import evaluate
@@ -20,11 +21,19 @@ from tests.conftest import checkpoint_weights, compose_train, evaluate_config, i
 @pytest.fixture
 def code_sum_method():
     """beta * the sum of the covered layers' activations, averaged over samples (a penalty that
-    whole-split unit means give exactly)."""
+    whole-split unit means give exactly), with its own settings: beta."""
+
+    @dataclass(frozen=True)
+    class CodeSumSettings(MethodSettings):
+        beta: float = 5e-3
+
+        def check(self, latent_dim):
+            check_weight("beta", self.beta)
 
     @register
     class CodeSum(SparsityMethod):
         name = "code_sum"
+        Settings = CodeSumSettings
         batch_term_names = ("code_sum",)
 
         def batch_terms(self, out, x):
@@ -34,7 +43,7 @@ def code_sum_method():
             return {"code_sum": sum(unit_means[n].sum() for n in self.layers)}
 
         def penalty(self, terms):
-            return self.knobs["beta"] * terms["code_sum"]
+            return self.settings.beta * terms["code_sum"]
 
     yield CodeSum
     del METHODS["code_sum"]
@@ -45,7 +54,8 @@ def test_a_method_registered_in_a_test_runs_through_everything(code_sum_method, 
     overrides = [
         "debug=limit",
         "data.eval_batch_size=200",
-        "model.sparsity=code_sum",
+        "~model.sparsity",  # what its conf/sparsity/code_sum.yaml would set
+        "+model.sparsity={method: code_sum, beta: ${beta}}",
         "beta=0.01",
         "logger=csv",
     ]
@@ -64,7 +74,8 @@ def test_a_method_registered_in_a_test_runs_through_everything(code_sum_method, 
 
     # The checkpoint rebuilds the method, and evaluate.py reproduces the test.
     module, _ = load_checkpoint(metrics["ckpt_path"])
-    assert module.hparams.sparsity == "code_sum" and type(module.method).__name__ == "CodeSum"
+    assert module.hparams.sparsity == {"method": "code_sum", "beta": 0.01}
+    assert type(module.method).__name__ == "CodeSum"
     again = evaluate(
         evaluate_config(
             metrics["ckpt_path"],
@@ -79,20 +90,20 @@ def test_a_method_registered_in_a_test_runs_through_everything(code_sum_method, 
     # The sweep summary reads its metrics like any other.
     (job / ".hydra").mkdir()
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/loss", "rho": 0.05}))
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.sparsity=code_sum"]))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["sparsity=code_sum"]))
     (job / "status.json").write_text('{"status": "ok"}')
     write_summary(tmp_path / "sweep")
     with open(tmp_path / "sweep" / "summary.csv") as f:
         (row,) = csv.DictReader(f)
-    assert row["model.sparsity"] == "code_sum"
+    assert row["sparsity"] == "code_sum"
     assert float(row["test/code_sum"]) == pytest.approx(read_metrics(job)["test/code_sum"])
 
 
 def test_an_unknown_method_is_one_config_line(mnist_root, tmp_path):
     from sae.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.sparsity='l0' must be one of kl"):
-        train(compose_train(["model.sparsity=l0"], tmp_path, mnist_root))
+    with pytest.raises(ConfigError, match="model.sparsity.method='l0' must be one of kl"):
+        train(compose_train(["model.sparsity.method=l0"], tmp_path, mnist_root))
 
 
 def test_l1_trains_relu_codes_and_reports_its_penalty_over_the_test_set(mnist_root, tmp_path):
@@ -101,7 +112,7 @@ def test_l1_trains_relu_codes_and_reports_its_penalty_over_the_test_set(mnist_ro
     cfg = compose_train(
         ["debug=limit", "data.eval_batch_size=200", "sparsity=l1", "beta=0.01"], tmp_path, mnist_root
     )
-    assert (cfg.model.sparsity, cfg.model.latent_activation) == ("l1", "relu")
+    assert (cfg.model.sparsity.method, cfg.model.latent_activation) == ("l1", "relu")
     metrics = train(cfg)
     x, _ = idx_test_split(mnist_root)
     w = checkpoint_weights(metrics["ckpt_path"])
@@ -142,7 +153,7 @@ def test_topk_codes_have_at_most_k_active_units_and_no_penalty(mnist_root, tmp_p
     )
     metrics = train(cfg)
     module, _ = load_checkpoint(metrics["ckpt_path"])
-    assert module.hparams.k == 4 and module.net.encoder[-1][1].k == 4
+    assert module.hparams.sparsity["k"] == 4 and module.net.encoder[-1][1].k == 4
     x, _ = idx_test_split(mnist_root)
     w = checkpoint_weights(metrics["ckpt_path"])
     h = torch.relu(x @ w["encoder.0.0.weight"].T + w["encoder.0.0.bias"])
@@ -179,8 +190,8 @@ def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False, hidden_dim
     net = SparseAutoencoder(
         5, list(hidden_dims), latent_dim, latent_activation="topk", output_activation=out_act, k=k
     )
-    knobs = dict(k=k, latent_dim=latent_dim, auxk=True, auxk_alpha=0.5, auxk_k=2, auxk_dead_after=4)
-    return net.double(), METHODS["topk"](knobs, ["latent"]).double()
+    settings = METHODS["topk"].Settings(k=k, auxk=True, auxk_alpha=0.5, auxk_k=2, auxk_dead_after=4)
+    return net.double(), METHODS["topk"](settings, ["latent"], latent_dim).double()
 
 
 def normalized_mse(recon, target):
@@ -319,9 +330,15 @@ def test_auxk_counts_the_latents_it_revived():
 
 
 def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
-    overrides = ["debug=limit", "data.eval_batch_size=200", "sparsity=topk", "k=2", "model.auxk=true"]
+    overrides = [
+        "debug=limit",
+        "data.eval_batch_size=200",
+        "sparsity=topk",
+        "k=2",
+        "model.sparsity.auxk=true",
+    ]
     metrics = train(
-        compose_train([*overrides, "model.auxk_dead_after=64", "logger=csv"], tmp_path, mnist_root)
+        compose_train([*overrides, "model.sparsity.auxk_dead_after=64", "logger=csv"], tmp_path, mnist_root)
     )
     with open(tmp_path / "csv" / "metrics.csv") as f:
         logged = [row for row in csv.DictReader(f) if row.get("train/auxk")]
@@ -333,7 +350,7 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
     assert metrics["test/loss"] == pytest.approx(metrics["test/mse"], rel=1e-6)  # a training term only
     assert metrics["fit/auxk_dead"] <= 32 and metrics["fit/auxk_revived"] <= 32
     module, _ = load_checkpoint(metrics["ckpt_path"])
-    assert module.hparams.auxk and module.method.inputs_since_fired.shape == (32,)
+    assert module.hparams.sparsity["auxk"] and module.method.inputs_since_fired.shape == (32,)
     assert module.method.inputs_since_fired.max() > 0  # the counter is in the checkpoint
     # evaluate.py reads the same record off the checkpoint; TopK's truncated code is its code.
     from sae.training.evaluate import evaluate
@@ -348,12 +365,16 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.auxk=true"], "model.auxk=True must be false unless sparsity=topk"),
+        (["+model.sparsity.auxk=true"], "model.sparsity.auxk=True must be absent: kl's settings are"),
         (
-            ["sparsity=topk", "k=4", "model.auxk=true", "model.auxk_k=40"],
-            "model.auxk_k=40 must be an integer",
+            ["sparsity=topk", "k=4", "model.sparsity.auxk=true", "model.sparsity.auxk_k=40"],
+            "model.sparsity.auxk_k=40 must be an integer in [1, latent_dim=32]",
         ),
-        (["sparsity=topk", "k=4", "model.auxk=yes"], "model.auxk='yes' must be true or false"),
+        (
+            ["sparsity=topk", "k=4", "model.sparsity.auxk=yes"],
+            "model.sparsity.auxk='yes' must be true or false",
+        ),
+        (["sparsity=topk", "k=40"], "k=40 must be an integer in [1, latent_dim=32]"),
     ],
 )
 def test_auxk_settings_are_checked(mnist_root, tmp_path, overrides, message):
@@ -368,7 +389,10 @@ def test_a_run_describes_its_setting_in_one_line():
     from sae.training.module import SparseAutoencoderModule
 
     topk = SparseAutoencoderModule(
-        hidden_dims=[], latent_dim=64, latent_activation="topk", sparsity="topk", k=4, auxk=True
+        hidden_dims=[],
+        latent_dim=64,
+        latent_activation="topk",
+        sparsity={"method": "topk", "k": 4, "auxk": True},
     )
     assert topk.setting() == "sparsity=topk (k 4, AuxK), latent_dim 64, lr 0.001"
     size = 784 * 64 + 64 + 64 * 784 + 784

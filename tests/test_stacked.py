@@ -86,4 +86,4 @@ def test_the_vectorized_launcher_groups_jobs_by_their_composed_configs(mnist_roo
     assert key("latent_dim=16") != kl and key("epochs=3") != kl
     # AuxK keeps a counter per run: such jobs run one at a time.
     assert stackable(config("sparsity=topk", "k=4"))
-    assert not stackable(config("sparsity=topk", "k=4", "model.auxk=true"))
+    assert not stackable(config("sparsity=topk", "k=4", "model.sparsity.auxk=true"))

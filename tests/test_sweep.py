@@ -16,8 +16,8 @@ from tests.conftest import run_script
 def fake_job(sweep, name, overrides, metrics=None, status=None, method="kl"):
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
-    sparsity, _, extra = method.partition("+")  # "topk+auxk": TopK with model.auxk=true
-    model = {"sparsity": sparsity} | ({extra: True} if extra else {})
+    sparsity, _, extra = method.partition("+")  # "topk+auxk": TopK with model.sparsity.auxk=true
+    model = {"sparsity": {"method": sparsity} | ({extra: True} if extra else {})}
     config = {"optimized_metric": "val/loss", "rho": 0.05, "model": model}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -254,7 +254,7 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
         ("l1", ["sparsity=l1", "beta=0.01"], 0.017, 9.0, 0.93),
         ("l1", ["sparsity=l1", "beta=0.1"], 0.025, 3.0, 0.88),
         ("topk", ["sparsity=topk", "k=4"], 0.020, 4.0, 0.91),
-        ("topk+auxk", ["sparsity=topk", "k=4", "model.auxk=true"], 0.019, 4.0, 0.92),
+        ("topk+auxk", ["sparsity=topk", "k=4", "model.sparsity.auxk=true"], 0.019, 4.0, 0.92),
     ]
     for i, (method, overrides, mse, l0, probe) in enumerate(jobs):
         m = {

@@ -220,7 +220,7 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
         0 <= metrics["test/rho_hat_min"] <= metrics["test/rho_hat_mean"] <= metrics["test/rho_hat_max"] <= 1
     )
     hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
-    assert (hp["latent_dim"], hp["rho"], hp["beta"]) == (64, 0.1, 5e-3)
+    assert (hp["latent_dim"], hp["sparsity"]) == (64, {"method": "kl", "rho": 0.1, "beta": 5e-3})
     assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']", "val_size": 100})
     assert_probe_reads_reconstructions(metrics, mnist_root)
 
@@ -477,10 +477,10 @@ def test_methods_frontier_sweeps_every_point_of_each_method_over_two_seeds():
     for name in points:  # each point composes to a valid run of the method its name says
         point = compose_config("train", ["experiment=methods_frontier", f"+point={name}"])
         validate_train_config(point)
-        method = point.model.sparsity + ("+auxk" if point.model.auxk else "")
+        method = point.model.sparsity.method + ("+auxk" if point.model.sparsity.get("auxk") else "")
         assert method == ("topk+auxk" if name.startswith("topk_auxk") else name.split("_")[0])
         methods.setdefault(method, []).append(
-            {"kl": (point.beta, point.rho), "l1": point.beta}.get(point.model.sparsity, point.k)
+            {"kl": (point.beta, point.rho), "l1": point.beta}.get(point.model.sparsity.method, point.k)
         )
     assert {m: len(v) for m, v in methods.items()} == {"kl": 6, "l1": 4, "topk": 4, "topk+auxk": 3}
     assert all(len(set(v)) == len(v) for v in methods.values())  # no point twice
@@ -495,7 +495,7 @@ def test_overcomplete_sweeps_each_method_over_widths_with_one_hidden_layer():
         point = compose_config("train", ["experiment=overcomplete", f"+wide_point={name}", "latent_dim=1024"])
         validate_train_config(point)
         assert list(point.model.hidden_dims) == [] and point.epochs == 10
-        methods.add(point.model.sparsity + ("+auxk" if point.model.auxk else ""))
+        methods.add(point.model.sparsity.method + ("+auxk" if point.model.sparsity.get("auxk") else ""))
     assert methods == {"kl", "l1", "topk", "topk+auxk"}
 
 

@@ -4,13 +4,18 @@ A method owns its penalty terms: named tensors of one batch's forward pass (what
 minimises, beside the reconstruction) and the same terms from a whole split's statistics (what
 validation and test report). `sae.core.loss.objective` adds them, weighted, to the reconstruction;
 training, validation, test and stacked training all call it, and logging iterates over the
-names. A new method is a subclass registered with `@register` plus its `conf/sparsity/<name>.yaml`
-(docs/design.md, "Adding a sparsity method").
+names. A method owns its settings: a frozen dataclass (`Settings`) of its knobs and their
+defaults, which it checks itself (`check`); the module takes them as one mapping,
+`{"method": <name>, <knob>: <value>, ...}`, and checkpoints store that mapping. A new method is a
+subclass registered with `@register` plus its `conf/sparsity/<name>.yaml` (docs/design.md,
+"Adding a sparsity method").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,41 +35,98 @@ def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
     return cls
 
 
-def make_method(name: str, knobs: Mapping[str, Any], layers: Sequence[str]) -> SparsityMethod:
-    if name not in METHODS:
-        raise ValueError(f"model.sparsity={name!r} must be one of {', '.join(METHODS)}")
-    return METHODS[name](knobs, layers)
+class InvalidSetting(ValueError):
+    """A method's setting out of its range: the key (within the method's settings), the value, and
+    what it must be. The config's checks say it in one line under the key the user set."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}={value!r} must be {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_weight(key: str, value: Any) -> None:
+    """A penalty's weight: a finite number >= 0 (beta, auxk_alpha)."""
+    if not (_number(value) and 0 <= value <= FLOAT32_MAX):
+        raise InvalidSetting(key, value, f"a number in [0, {FLOAT32_MAX:.2g}]")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's knobs: plain values (numbers, bools, null), or in stacked training one job's
+    values as 0-d tensors inside a vmap, so terms must be plain tensor arithmetic."""
+
+    def check(self, latent_dim: int) -> None:
+        """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def method_settings(sparsity: Mapping[str, Any]) -> tuple[type[SparsityMethod], MethodSettings]:
+    """The method a `{"method": name, <knob>: value, ...}` mapping names, and its settings; a
+    method or knob that does not exist is an InvalidSetting naming it (checked before use: the
+    config's rules and a checkpoint's both go through here)."""
+    if not isinstance(sparsity, Mapping) or sparsity.get("method") not in METHODS:
+        method = sparsity.get("method") if isinstance(sparsity, Mapping) else sparsity
+        raise InvalidSetting("method", method, f"one of {', '.join(METHODS)}")
+    cls = METHODS[sparsity["method"]]
+    knobs = {k: v for k, v in sparsity.items() if k != "method"}
+    fields = [f.name for f in dataclasses.fields(cls.Settings)]
+    unknown = [k for k in knobs if k not in fields]
+    if unknown:
+        said = ", ".join(fields) or "none"
+        raise InvalidSetting(unknown[0], knobs[unknown[0]], f"absent: {cls.name}'s settings are {said}")
+    return cls, cls.Settings(**knobs)
+
+
+def make_method(sparsity: Mapping[str, Any], layers: Sequence[str], latent_dim: int) -> SparsityMethod:
+    """The method `sparsity` names, with its settings, covering `layers`."""
+    cls, settings = method_settings(sparsity)
+    return cls(settings, layers, latent_dim)
 
 
 class SparsityMethod(nn.Module):
-    """A penalty on the activations of `layers` (by name: encoder_1.., latent, decoder_1..).
-
-    `knobs` holds the numbers the method reads (rho, beta, k, auxk...): floats, or in stacked
-    training one job's values as 0-d tensors inside a vmap, so terms must be plain tensor
-    arithmetic. A method is a module of the LightningModule: state it keeps across steps (a
-    registered buffer) is checkpointed and resumed with the weights.
+    """A penalty on the activations of `layers` (by name: encoder_1.., latent, decoder_1..), with
+    its `settings` (a `Settings` instance). A method is a module of the LightningModule: state it
+    keeps across steps (a registered buffer) is checkpointed and resumed with the weights.
     """
 
     name: ClassVar[str]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
     batch_term_names: ClassVar[tuple[str, ...]]  # what batch_terms returns, in this order
     # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
     latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
 
-    def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
+    def __init__(self, settings: MethodSettings, layers: Sequence[str], latent_dim: int) -> None:
         super().__init__()
-        self.knobs = dict(knobs)
+        self.settings = settings
         self.layers = list(layers)
 
     @classmethod
-    def stacks(cls, knobs: Mapping[str, Any]) -> bool:
-        """Whether runs with these knobs may train as one stacked model (the vectorized launcher):
+    def stacks(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether runs with these settings may train as one stacked model (the vectorized launcher):
         not when the method keeps state of its own across steps, which is one run's."""
         return True
 
     def describe(self) -> str:
         """The method and its knobs in a few words, for the console and figure titles."""
         return self.name
+
+    def target(self) -> float | None:
+        """The mean activation the method pulls each unit to (KL's rho), if it has one."""
+        return None
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         """The penalty's terms on one batch x, from the model's output for it: `out.activations`
@@ -107,6 +169,17 @@ def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
     return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
 
 
+@dataclass(frozen=True)
+class KLSettings(MethodSettings):
+    rho: float = 0.05  # the target mean activation of each covered unit
+    beta: float = 5e-3  # the penalty's weight
+
+    def check(self, latent_dim: int) -> None:
+        if not (_number(self.rho) and 0 < self.rho < 1):
+            raise InvalidSetting("rho", self.rho, "a number in (0, 1)")
+        check_weight("beta", self.beta)
+
+
 @register
 class KLSparsity(SparsityMethod):
     """beta * sum over covered layers and units of KL(rho || rho_hat_j): the reference notebook's.
@@ -117,14 +190,19 @@ class KLSparsity(SparsityMethod):
     """
 
     name = "kl"
+    Settings = KLSettings
+    settings: KLSettings
     latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
     batch_term_names = ("kl_batch",)
 
     def describe(self) -> str:
-        return f"kl (rho {self.knobs['rho']:g}, beta {self.knobs['beta']:g})"
+        return f"kl (rho {self.settings.rho:g}, beta {self.settings.beta:g})"
+
+    def target(self) -> float:
+        return float(self.settings.rho)
 
     def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
-        return sum(kl_sparsity(self.knobs["rho"], q) for q in rho_hats)
+        return sum(kl_sparsity(self.settings.rho, q) for q in rho_hats)
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers])}
@@ -133,12 +211,20 @@ class KLSparsity(SparsityMethod):
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return self.knobs["beta"] * sum(terms.values())
+        return self.settings.beta * sum(terms.values())
 
 
 def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
     """Mean over samples of sum_j |z_j| * ||d_j||, d_j column j of decoder_weight."""
     return (codes.abs() @ decoder_weight.norm(dim=0)).mean()
+
+
+@dataclass(frozen=True)
+class L1Settings(MethodSettings):
+    beta: float = 5e-3  # the penalty's weight
+
+    def check(self, latent_dim: int) -> None:
+        check_weight("beta", self.beta)
 
 
 @register
@@ -151,12 +237,14 @@ class L1Sparsity(SparsityMethod):
     """
 
     name = "l1"
+    Settings = L1Settings
+    settings: L1Settings
     latent_activations = ("relu",)
     only_latent = True
     batch_term_names = ("l1",)
 
     def describe(self) -> str:
-        return f"l1 (beta {self.knobs['beta']:g})"
+        return f"l1 (beta {self.settings.beta:g})"
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
@@ -165,7 +253,31 @@ class L1Sparsity(SparsityMethod):
         return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return self.knobs["beta"] * terms["l1"]
+        return self.settings.beta * terms["l1"]
+
+
+@dataclass(frozen=True)
+class TopKSettings(MethodSettings):
+    k: int = 8  # latent units kept per input
+    auxk: bool = False  # the auxiliary loss that revives dead latents (Gao et al. 2024)
+    auxk_alpha: float = 1 / 32  # its weight (as Gao et al.)
+    auxk_k: int | None = None  # dead latents each input may use (None: latent_dim // 2)
+    auxk_dead_after: int = 10_000  # training inputs without firing after which a latent is dead
+
+    def check(self, latent_dim: int) -> None:
+        if not (_int(self.k) and 1 <= self.k <= latent_dim):
+            raise InvalidSetting(
+                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input"
+            )
+        if not isinstance(self.auxk, bool):
+            raise InvalidSetting("auxk", self.auxk, "true or false")
+        check_weight("auxk_alpha", self.auxk_alpha)
+        if not (self.auxk_k is None or (_int(self.auxk_k) and 1 <= self.auxk_k <= latent_dim)):
+            raise InvalidSetting(
+                "auxk_k", self.auxk_k, f"an integer in [1, latent_dim={latent_dim}] (or null)"
+            )
+        if not (_int(self.auxk_dead_after) and self.auxk_dead_after >= 1):
+            raise InvalidSetting("auxk_dead_after", self.auxk_dead_after, "an integer >= 1")
 
 
 @register
@@ -174,7 +286,7 @@ class TopKSparsity(SparsityMethod):
     exactly 0: sparsity by construction (the `topk` latent activation), no penalty term. L0 is
     at most k (less where a kept pre-activation is negative).
 
-    With `auxk` (model.auxk=true), the auxiliary loss of Gao et al. (2024) revives dead latents,
+    With `auxk` (model.sparsity.auxk=true), the auxiliary loss of Gao et al. (2024) revives dead latents,
     weighted as their reference code (openai/sparse_autoencoder, train.py) weighs it. A latent is
     dead after `auxk_dead_after` training inputs without firing, counted with this batch (the
     reference takes the mask after its counter update too). On each batch the `auxk_k` largest
@@ -203,29 +315,30 @@ class TopKSparsity(SparsityMethod):
     """
 
     name = "topk"
+    Settings = TopKSettings
+    settings: TopKSettings
     latent_activations = ("topk",)
     only_latent = True
     batch_term_names = ()
 
-    def __init__(self, knobs: Mapping[str, Any], layers: Sequence[str]) -> None:
-        super().__init__(knobs, layers)
-        self.auxk = bool(self.knobs.get("auxk"))
+    def __init__(self, settings: TopKSettings, layers: Sequence[str], latent_dim: int) -> None:
+        super().__init__(settings, layers, latent_dim)
+        self.auxk = bool(settings.auxk)
         self.input_variance: float | None = None  # of the training inputs: prepare() sets it
         if self.auxk:
             self.batch_term_names = ("auxk", "auxk_dead", "auxk_revived")
-            latent_dim = int(self.knobs["latent_dim"])
-            self.auxk_k = int(self.knobs.get("auxk_k") or latent_dim // 2)
+            self.auxk_k = int(settings.auxk_k or latent_dim // 2)
             self.register_buffer("inputs_since_fired", torch.zeros(latent_dim))
             # 1 for each latent that has been dead (by the window) / has fired again since.
             self.register_buffer("was_dead", torch.zeros(latent_dim))
             self.register_buffer("revived", torch.zeros(latent_dim))
 
     @classmethod
-    def stacks(cls, knobs: Mapping[str, Any]) -> bool:
-        return not knobs.get("auxk")  # the dead-latent counter is one run's
+    def stacks(cls, settings: Mapping[str, Any]) -> bool:
+        return not settings.get("auxk")  # the dead-latent counter is one run's
 
     def describe(self) -> str:
-        return f"topk (k {self.knobs['k']}{', AuxK' if self.auxk else ''})"
+        return f"topk (k {self.settings.k}{', AuxK' if self.auxk else ''})"
 
     def prepare(self, training_inputs: Tensor) -> None:
         if self.auxk:
@@ -269,7 +382,7 @@ class TopKSparsity(SparsityMethod):
             return 0.0
         if self.input_variance is None:
             raise RuntimeError("AuxK weighs its term by the training inputs' variance: call prepare() first")
-        return self.knobs["auxk_alpha"] * self.input_variance * terms["auxk"]
+        return self.settings.auxk_alpha * self.input_variance * terms["auxk"]
 
     def fit_record(self) -> dict[str, float]:
         if not self.auxk:
@@ -278,4 +391,4 @@ class TopKSparsity(SparsityMethod):
 
     def _dead(self) -> Tensor:
         """The latents dead by AuxK's window: auxk_dead_after training inputs without firing."""
-        return self.inputs_since_fired >= float(self.knobs["auxk_dead_after"])
+        return self.inputs_since_fired >= float(self.settings.auxk_dead_after)

@@ -67,8 +67,9 @@ def code_heatmap(codes: Tensor, labels: Tensor) -> Figure:
     return fig
 
 
-def unit_mean_bars(rho_hat: Tensor, rho: float) -> Figure:
-    """Per-unit mean activation (rho_hat) against the target rho, on a fixed log axis."""
+def unit_mean_bars(rho_hat: Tensor, rho: float | None) -> Figure:
+    """Per-unit mean activation (rho_hat) on a fixed log axis, against the target rho of a method
+    that has one (KL; None: no target line)."""
     fig = _figure(10, 4.5)
     ax = fig.add_subplot()
     units = np.arange(len(rho_hat))
@@ -79,7 +80,8 @@ def unit_mean_bars(rho_hat: Tensor, rho: float) -> Figure:
     ax.set_xlim(-0.6, len(units) - 0.4)
     ax.set_yscale("log")
     ax.set_ylim(low, high)
-    ax.axhline(rho, **RHO_STYLE, label=f"target rho = {rho:g}")
+    if rho is not None:
+        ax.axhline(rho, **RHO_STYLE, label=f"target rho = {rho:g}")
     ax.axhline(float(rho_hat.mean()), color="black", linewidth=1, label=f"mean = {float(rho_hat.mean()):.4f}")
     ax.set(xlabel="latent unit", ylabel="mean activation on the test set (rho_hat, log)")
     ax.set_title(f"Per-unit mean activation (min {float(rho_hat.min()):.3g}, max {float(rho_hat.max()):.3g})")
@@ -320,7 +322,7 @@ def run_figures(
     codes: Tensor,
     reconstructions: Tensor,
     filters: Tensor,
-    rho: float,
+    rho: float | None,
     l0_threshold: float = 0.1,
     densities: dict[str, Tensor] | None = None,
     decoded_units: Tensor | None = None,

@@ -81,12 +81,12 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def job_row(job: Path) -> dict[str, Any]:
+def job_row(job: Path, files: JobFiles | None = None) -> dict[str, Any]:
     """job, each override as a column, status (ok / failed / interrupted / incomplete), error, every
     metric."""
     row: dict[str, Any] = {"job": job.name}
     overrides_file = job / ".hydra" / "overrides.yaml"
-    overrides = _read_yaml(overrides_file) if overrides_file.is_file() else []
+    overrides = (files or JobFiles()).read(overrides_file) if overrides_file.is_file() else []
     for item in overrides or []:
         if str(item).startswith("~"):
             continue  # a deletion (~callbacks.x) sets no value
@@ -159,44 +159,63 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _job_config(job: Path) -> dict[str, Any]:
-    return _read_yaml(job / ".hydra" / "config.yaml") or {}
+def _job_config(job: Path, files: JobFiles) -> dict[str, Any]:
+    return files.read(job / ".hydra" / "config.yaml") or {}
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it
-_yaml_read: dict[tuple[str, int, int], Any] = {}
 
 
-def _read_yaml(path: Path) -> Any:
-    """A job's .hydra file, parsed once per version: the summary rewritten after each of a sweep's
-    n jobs reads every job's files, n^2 reads over the sweep."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _yaml_read:
-        _yaml_read[key] = yaml.load(path.read_text(), Loader=_SafeLoader)
-    return copy.deepcopy(_yaml_read[key])
+class JobFiles:
+    """Jobs' .hydra files, each parsed once per version (path, mtime, size). Its owner keeps it
+    between summaries (sae.sweep.summary_callback: the summary rewritten after each of a sweep's n
+    jobs reads every job's files, n^2 reads over the sweep); a summary made once makes its own."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[str, int, int], Any] = {}
+
+    def read(self, path: Path) -> Any:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._parsed:
+            self._parsed[key] = yaml.load(path.read_text(), Loader=_SafeLoader)
+        return copy.deepcopy(self._parsed[key])
+
+
+def _method(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A job's sparsity method and its settings, from its config (a sweep from before the method
+    owned its settings: `model.sparsity` a name, `model.auxk` beside it)."""
+    model = cfg.get("model") or {}
+    sparsity = model.get("sparsity", "kl")
+    if isinstance(sparsity, dict):
+        return str(sparsity.get("method", "kl")), sparsity
+    return str(sparsity), {"auxk": model.get("auxk")}
 
 
 def _objective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings of a job's config that define its training objective."""
     model = cfg.get("model") or {}
-    return {k: cfg.get(k) for k in OBJECTIVE_KNOBS} | {
-        f"model.{k}": model.get(k)
-        for k in ("sparsity", "auxk", "recon_loss", "sparsity_layers", "hidden_dims")
-    }
+    method, settings = _method(cfg)
+    return (
+        {k: cfg.get(k) for k in OBJECTIVE_KNOBS}
+        | {f"model.{k}": model.get(k) for k in ("recon_loss", "sparsity_layers", "hidden_dims")}
+        | {"model.sparsity": method, "model.sparsity.auxk": settings.get("auxk")}
+    )
 
 
 def _figure_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the figures need of a job's config: its KL target rho and its sparsity method (TopK with
-    AuxK apart from TopK: a frontier each)."""
-    model = cfg.get("model") or {}
-    method = model.get("sparsity", "kl") + ("+auxk" if model.get("auxk") else "")
-    return {"rho": cfg.get("rho"), "method": method}
+    """What the figures need of a job's config: its KL target rho (none for other methods) and its
+    sparsity method (TopK with AuxK apart from TopK: a frontier each)."""
+    method, settings = _method(cfg)
+    return {
+        "rho": cfg.get("rho") if method == "kl" else None,
+        "method": method + ("+auxk" if settings.get("auxk") else ""),
+    }
 
 
-def _optimized_metric(jobs: list[Path]) -> str:
+def _optimized_metric(jobs: list[Path], files: JobFiles) -> str:
     for job in jobs:
-        cfg = _job_config(job)
+        cfg = _job_config(job, files)
         if cfg.get("optimized_metric"):
             return cfg["optimized_metric"]
     return "val/loss"
@@ -338,20 +357,21 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def write_summary(sweep_dir: str | Path, figures: bool = True) -> SweepSummary:
+def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles | None = None) -> SweepSummary:
     """Write summary.csv, summary.md, pareto.png and sweep_metrics.png into sweep_dir (and, when
     jobs repeat a setting with other seeds, summary_by_setting.csv; for a two-knob grid,
     sweep_heatmaps.png). figures=False: the tables only (a job's end, when more jobs follow)."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
-    rows = [job_row(job) for job in jobs]
-    configs = {job.name: _job_config(job) for job in jobs}
+    files = files or JobFiles()
+    rows = [job_row(job, files) for job in jobs]
+    configs = {job.name: _job_config(job, files) for job in jobs}
     job_settings = {name: _figure_settings(cfg) for name, cfg in configs.items()}
     objectives = [_objective_settings(cfg) for cfg in configs.values()]
     differ = [
         k for k in (objectives[0] if objectives else {}) if len({repr(o.get(k)) for o in objectives}) > 1
     ]
-    metric = _optimized_metric(jobs)
+    metric = _optimized_metric(jobs, files)
     sort_key, ranked_by = ranking(rows, metric, differ)
     columns = _columns(rows)
     _write_csv(sweep_dir / "summary.csv", rows, columns)

@@ -86,7 +86,8 @@ def run_or_hand_off(
     global _worker
     if result_of is not None:
         result_of = (Path(result_of[0]).resolve(), result_of[1])
-    tries = 2 if _can_share(args) else 0  # none for data that shared memory refused
+    shared = _shared_arguments(args)  # None: shared memory refused them
+    tries = 2 if shared is not None else 0
     for _ in range(tries):  # a worker that died (killed, out of memory) is replaced once
         if _worker is None:
             # spawn: a fresh interpreter, not a fork of one whose torch threads are running
@@ -95,7 +96,7 @@ def run_or_hand_off(
             atexit.unregister(_wait_at_exit)  # once, however many workers
             atexit.register(_wait_at_exit)
         try:
-            _pending.append(HandOff(label, _worker.submit(work, *args), then, work, args, result_of))
+            _pending.append(HandOff(label, _worker.submit(work, *shared), then, work, shared, result_of))
             return True
         except (BrokenProcessPool, RuntimeError):
             _worker = None
@@ -111,13 +112,18 @@ def pending_results(folder: str | Path) -> list[str]:
     return [h.result_of[1] for h in _pending if h.result_of is not None and h.result_of[0] == folder]
 
 
-def _can_share(args: tuple) -> bool:
-    """Move a hand-off's tensors into shared memory (below); False where that fails (e.g. a
-    container's small /dev/shm), said once: that work is then done in this process, as before."""
+def _shared_arguments(args: tuple) -> tuple | None:
+    """The hand-off's arguments with their CPU tensors copied into shared memory (the worker then
+    reads them without a copy of its own); None where shared memory refuses (e.g. a container's
+    small /dev/shm), said once: that work is then done in this process, as before.
+
+    A copy, not the caller's tensors moved: the pool pickles in a thread of its own, maybe while
+    the next job reads the same tensor (a data split its jobs share), and the caller's memory stays
+    as it was. A module's parameters are shared in place: a hand-off is given its own copy of a model.
+    """
     global _sharing_refused
     try:
-        _to_shared_memory(args)
-        return True
+        return tuple(_shared(arg) for arg in args)
     except (RuntimeError, OSError) as err:
         if not _sharing_refused:
             _sharing_refused = True
@@ -126,28 +132,25 @@ def _can_share(args: tuple) -> bool:
                 "what does not fit is computed in the job instead; a container needs a larger /dev/shm "
                 "(e.g. docker run --shm-size=2g)"
             )
-        return False
+        return None
 
 
-def _to_shared_memory(value: Any) -> None:
-    """Move the CPU tensors of a hand-off's arguments (and modules' parameters) into shared memory
-    now, in this thread. The worker gets them through shared memory either way (torch's pickling),
-    but the pool pickles in a thread of its own, maybe while the next job reads the same tensor
-    (a data split its jobs share), and moving a tensor's memory under a reader is not safe. Sent
-    again, a tensor already there costs no copy."""
+def _shared(value: Any) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        if value.device.type == "cpu":
-            value.share_memory_()
-    elif isinstance(value, torch.nn.Module):
-        value.share_memory()
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _to_shared_memory(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _to_shared_memory(item)
+        if value.device.type != "cpu" or value.is_shared():
+            return value
+        return torch.empty_like(value).share_memory_().copy_(value)
+    if isinstance(value, torch.nn.Module):
+        return value.share_memory()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (ProbeData)
+        return type(value)(*(_shared(item) for item in value))
+    if isinstance(value, list | tuple):
+        return type(value)(_shared(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _shared(item) for key, item in value.items()}
+    return value
 
 
 def _start_worker() -> None:

@@ -12,11 +12,13 @@ ends with, up to float rounding (tests/test_stacked.py checks it against train.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,7 +27,6 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from sae.core.loss import minimised, objective
-from sae.core.sparsity import make_method
 from sae.data.mnist import BatchIndexSampler
 from sae.internals import count_optimizer_steps
 from sae.training.checkpoints import ARCHITECTURE
@@ -34,53 +35,65 @@ from sae.training.module import SparseAutoencoderModule
 
 log = logging.getLogger(__name__)
 
-# What jobs must share: the network and the loss's form (the method's knobs may differ).
-STACK_KEYS = (*ARCHITECTURE, "recon_loss", "sparsity", "k")
+# The method's settings stacked jobs may differ in (a tensor of one value per job); they share
+# the network, the loss's form and every other setting (shared_settings).
+PER_JOB_SETTINGS = ("rho", "beta")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the module uses
+
+
+def shared_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What stacked jobs must share: the network (ARCHITECTURE), the loss's form, and the method's
+    settings but the per-job ones."""
+    sparsity = {k: v for k, v in hparams["sparsity"].items() if k not in PER_JOB_SETTINGS}
+    shared = {k: hparams[k] for k in (*ARCHITECTURE, "recon_loss")}
+    return shared | {f"sparsity.{k}": v for k, v in sparsity.items()}
 
 
 class StackedTraining:
     """J SparseAutoencoderModules trained together: one vmapped step, one Adam per job."""
 
     def __init__(self, modules: Sequence[SparseAutoencoderModule], device: torch.device | str = "cpu"):
-        first = modules[0].hparams
+        first = shared_settings(modules[0].hparams)
         for m in modules[1:]:
-            differ = [k for k in STACK_KEYS if m.hparams[k] != first[k]]
+            differ = [k for k, v in shared_settings(m.hparams).items() if v != first[k]]
             if differ:
                 raise ValueError(f"jobs with different {', '.join(differ)} cannot be stacked")
-        if not type(modules[0].method).stacks(modules[0].method.knobs):
-            raise ValueError(f"sparsity={first.sparsity} with these settings cannot be stacked")
+        method = modules[0].method
+        if not type(method).stacks(modules[0].hparams.sparsity):
+            raise ValueError(f"sparsity={method.describe()} cannot be stacked")
         self.modules = list(modules)
         self.device = torch.device(device)
-        self.recon_loss = first.recon_loss
-        self.sparsity, self.layers = first.sparsity, list(first.sparsity_layers)
-        self.knobs = modules[0].method.knobs  # what the jobs' methods read; rho and beta per job below
+        self.recon_loss = modules[0].hparams.recon_loss
+        self.method_class, self.settings = type(method), method.settings
+        self.layers, self.latent_dim = list(method.layers), modules[0].hparams.latent_dim
+        self.per_job = [k for k in PER_JOB_SETTINGS if hasattr(self.settings, k)]
         self.net = modules[0].net  # the function; its own weights are not used
         params, self.buffers = stack_module_state([m.net for m in modules])
         self.params = {k: p.detach().to(self.device).requires_grad_() for k, p in params.items()}
         self.buffers = {k: b.to(self.device) for k, b in self.buffers.items()}
 
-        def column(name: str) -> Tensor:
-            return torch.tensor([float(m.hparams[name]) for m in modules], device=self.device)
+        def column(values: list) -> Tensor:
+            return torch.tensor([float(v) for v in values], device=self.device)
 
-        self.rho, self.beta, self.lr = column("rho"), column("beta"), column("lr")
+        self.columns = [column([getattr(m.method.settings, k) for m in modules]) for k in self.per_job]
+        self.lr = column([m.hparams.lr for m in modules])
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.steps = 0
         self._terms = vmap(self._job_terms)
 
-    def _job_terms(
-        self, params: dict, buffers: dict, x: Tensor, rho: Tensor, beta: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One job's minimised loss on its batch, and its terms (the module's term_names, stacked)."""
+    def _job_terms(self, params: dict, buffers: dict, x: Tensor, *values: Tensor) -> tuple[Tensor, Tensor]:
+        """One job's minimised loss on its batch, and its terms (the module's term_names, stacked);
+        `values`: the job's per-job settings (self.per_job), as 0-d tensors."""
         out = functional_call(self.net, (params, buffers), (x,))
-        method = make_method(self.sparsity, {**self.knobs, "rho": rho, "beta": beta}, self.layers)
+        settings = dataclasses.replace(self.settings, **dict(zip(self.per_job, values, strict=True)))
+        method = self.method_class(settings, self.layers, self.latent_dim)
         named = objective(self.recon_loss, method, out, x)
         return minimised(method, named), torch.stack(list(named.values()))
 
     def step(self, x: Tensor) -> Tensor:
         """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""
-        losses, terms = self._terms(self.params, self.buffers, x, self.rho, self.beta)
+        losses, terms = self._terms(self.params, self.buffers, x, *self.columns)
         grads = torch.autograd.grad(losses.sum(), list(self.params.values()))  # jobs are independent
         self.steps += 1
         self._adam(dict(zip(self.params, grads, strict=True)))

@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sae.errors import JobFailed, one_line
-from sae.report.summary import write_summary
+from sae.report.summary import JobFiles, write_summary
 from sae.run.console import report
 from sae.run.record import RunRecord
 
@@ -33,6 +33,9 @@ def _job_exception(job_return: JobReturn) -> BaseException:
 class SweepSummaryCallback(Callback):
     """Hydra callback: records a failed job's status and keeps the sweep summary current."""
 
+    def __init__(self) -> None:
+        self.files = JobFiles()  # the jobs' .hydra files as parsed, kept across the sweep's summaries
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
@@ -47,13 +50,13 @@ class SweepSummaryCallback(Callback):
             from sae.run.handoff import collect_finished, more_jobs_follow
 
             collect_finished()  # earlier jobs' probe accuracies, fitted beside the jobs after them
-            write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow())
+            write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow(), files=self.files)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from sae.run.handoff import wait_for_hand_offs
 
         wait_for_hand_offs()  # the last jobs' figures and probes, done while later jobs trained
-        summary = write_summary(config.hydra.sweep.dir)
+        summary = write_summary(config.hydra.sweep.dir, files=self.files)
         report(summary.closing_lines())
         rows = summary.rows
         failed = [r["job"] for r in rows if r["status"] != "ok"]

@@ -81,7 +81,7 @@ def stackable(cfg: DictConfig) -> bool:
         and trainer.get("devices", 1) in (1, "1", "auto")
         and str(trainer.get("precision", "32-true")) in ("32", "32-true")
         and cfg.data.val_size > 0  # train.py drops validation without it; kept simple: run alone
-        and METHODS[cfg.model.sparsity].stacks(cfg.model)
+        and METHODS[cfg.model.sparsity.method].stacks(cfg.model.sparsity)
     )
 
 

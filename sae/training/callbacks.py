@@ -205,7 +205,7 @@ def figure_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         codes=pl_module.encode(images).cpu(),
         reconstructions=pl_module.reconstruct(images[:16]).cpu(),
         filters=pl_module.input_filters().cpu(),
-        rho=hp.rho,
+        rho=pl_module.method.target(),
         l0_threshold=hp.l0_threshold,
         densities={name: d.cpu() for name, (_, d) in pl_module.unit_activity("test").items()},
         decoded_units=pl_module.decoded_units().cpu(),

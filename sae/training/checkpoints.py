@@ -8,10 +8,11 @@ hyperparameters as such), so a crafted pickle cannot run code.
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sae.config import (
     is_number,
     model_settings,
 )
+from sae.core.sparsity import METHODS
 from sae.errors import UserError, one_line
 from sae.run.atomic import write_atomic
 from sae.training.module import SparseAutoencoderModule, module_defaults
@@ -44,9 +46,17 @@ ARCHITECTURE = (
     "latent_activation",
     "output_activation",
     "sparsity_layers",
-    "k",
-    "auxk",  # its dead-latent counter is part of the module's state
 )
+# ... and of the method's settings: the method, TopK's k, and AuxK (its dead-latent counter is
+# part of the module's state).
+ARCHITECTURE_SPARSITY = ("method", "k", "auxk")
+
+
+def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The module arguments a checkpoint's weights and state depend on, by name (`sparsity.k`)."""
+    sparsity = model.get("sparsity") or {}
+    shape = {key: model.get(key) for key in ARCHITECTURE}
+    return shape | {f"sparsity.{key}": sparsity.get(key) for key in ARCHITECTURE_SPARSITY}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -188,7 +198,7 @@ def saved_settings(path: str | Path, ckpt: dict) -> SavedSettings:
     does not know, is a one-line CheckpointError naming the file and the key."""
     model = _mapping(path, ckpt, "hyper_parameters")
     data = _mapping(path, ckpt, "datamodule_hyper_parameters")
-    model = {k: v for k, v in model.items() if k not in RETIRED_HPARAMS}
+    model = _method_settings_as_one({k: v for k, v in model.items() if k not in RETIRED_HPARAMS})
     data = {k: v for k, v in data.items() if k not in RETIRED_DATA_HPARAMS}
     epochs = ckpt.get("epochs")
     try:
@@ -200,6 +210,21 @@ def saved_settings(path: str | Path, ckpt: dict) -> SavedSettings:
             f"{path}: {err}; refused (not a checkpoint this project wrote, or altered)"
         ) from err
     return SavedSettings(model, data, epochs)
+
+
+# Before a method owned its settings, the module took every method's knobs as arguments of its own.
+FLAT_METHOD_KNOBS = ("k", "auxk", "auxk_alpha", "auxk_k", "auxk_dead_after", "rho", "beta")
+
+
+def _method_settings_as_one(model: dict[str, Any]) -> dict[str, Any]:
+    """An older checkpoint's hyperparameters (`sparsity` a method's name, its knobs beside it, those
+    of every other method too) as this version's: `sparsity` the method and its own settings."""
+    if not isinstance(model.get("sparsity"), str) or model["sparsity"] not in METHODS:
+        return model  # this version's, or not a checkpoint of ours: the checks say which
+    method = METHODS[model["sparsity"]]
+    fields = [f.name for f in dataclasses.fields(method.Settings)]
+    settings = {"method": method.name} | {k: model[k] for k in fields if k in model}
+    return {k: v for k, v in model.items() if k not in FLAT_METHOD_KNOBS} | {"sparsity": settings}
 
 
 _EPOCHS = (
@@ -380,13 +405,12 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
         return None
     ckpt = read_checkpoint(path)
     saved = saved_settings(path, ckpt).model
-    wanted = model_settings(cfg)
-    defaults = inspect.signature(SparseAutoencoderModule).parameters
-    for key in ARCHITECTURE:
-        held = saved.get(key, defaults[key].default)  # a key newer than the checkpoint: its default
-        if held != wanted[key]:
+    held = architecture(module_defaults() | saved)  # a key newer than the checkpoint: its default
+    wanted = architecture(model_settings(cfg))
+    for key, value in held.items():
+        if value != wanted[key]:
             raise CheckpointError(
-                f"{path} holds a model with {key}={held}, the config asks for {key}={wanted[key]}; "
+                f"{path} holds a model with {key}={value}, the config asks for {key}={wanted[key]}; "
                 f"pass the same model settings to continue it"
             )
     check_training_state(path, ckpt, SparseAutoencoderModule(**saved))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -26,6 +26,7 @@ from sae.core.sparsity import make_method
 from sae.errors import UserError
 from sae.internals import CheapHookName, count_optimizer_steps
 
+DEFAULT_SPARSITY = {"method": "kl", "rho": 0.05, "beta": 5e-3}  # the reference notebook's
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
 UNLOGGED_CHECK_EVERY = 1000
 # The first this many training images give each latent unit its off value (truncated_mse).
@@ -54,15 +55,8 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         latent_activation: str = "sigmoid",
         output_activation: str = "sigmoid",
         recon_loss: str = "mse",
-        sparsity: str = "kl",
+        sparsity: Mapping[str, Any] | None = None,
         sparsity_layers: Sequence[str] = ("latent",),
-        k: int | None = None,
-        auxk: bool = False,
-        auxk_alpha: float = 1 / 32,
-        auxk_k: int | None = None,
-        auxk_dead_after: int = 10_000,
-        rho: float = 0.05,
-        beta: float = 5e-3,
         lr: float = 1e-3,
         l0_threshold: float = 0.1,
         l0_also_at: Sequence[float] = (0.05, 0.5),
@@ -73,12 +67,12 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         if recon_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
         hidden_dims, sparsity_layers, l0_also_at = list(hidden_dims), list(sparsity_layers), list(l0_also_at)
+        # The method and its settings, one plain mapping (sae.core.sparsity): {"method": "kl", ...}.
+        sparsity = dict(sparsity if sparsity is not None else DEFAULT_SPARSITY)
         # Reads the (list-converted) arguments above. logger=False: sae.training.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
-        knobs = dict(rho=rho, beta=beta, k=k, latent_dim=latent_dim)
-        knobs |= dict(auxk=auxk, auxk_alpha=auxk_alpha, auxk_k=auxk_k, auxk_dead_after=auxk_dead_after)
-        self.method = make_method(sparsity, knobs, sparsity_layers)
+        self.method = make_method(sparsity, sparsity_layers, latent_dim)
         self.term_names = term_names(recon_loss, self.method)  # what training logs, in order
         self.net = SparseAutoencoder(
             input_dim,
@@ -88,7 +82,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
             latent_activation,
             output_activation,
             sparsity_layers,
-            k,
+            getattr(self.method.settings, "k", None),  # the topk latent's units kept per input
         )
         widths = dict(
             zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]], strict=True)
@@ -437,4 +431,5 @@ class TrainingDiverged(UserError, RuntimeError):
 
 def module_defaults() -> dict[str, Any]:
     """SparseAutoencoderModule's arguments and their defaults (what an older checkpoint omits)."""
-    return {k: p.default for k, p in inspect.signature(SparseAutoencoderModule).parameters.items()}
+    defaults = {k: p.default for k, p in inspect.signature(SparseAutoencoderModule).parameters.items()}
+    return defaults | {"sparsity": dict(DEFAULT_SPARSITY)}

@@ -204,7 +204,9 @@ def _take_saved_settings(cfg: DictConfig, saved: SavedSettings, command: list[st
     """Set cfg's model and data settings and epochs to the checkpoint's, where the command does not
     set them; a setting the command sets to another value is refused, but epochs, which is
     returned, to be recorded. `command`: the command's override keys (None: all of cfg is meant)."""
-    settings = {_config_key("model", k): v for k, v in saved.model.items()}
+    settings = {_config_key("model", k): v for k, v in saved.model.items() if k != "sparsity"}
+    # The method's settings one by one (model.sparsity.rho follows the knob rho, ...).
+    settings |= {_config_key("model", f"sparsity.{k}"): v for k, v in saved.model["sparsity"].items()}
     settings |= {_config_key("data", k): saved.data[k] for k in KEPT_DATA_SETTINGS if k in saved.data}
     if saved.epochs is not None:
         settings["epochs"] = saved.epochs
