@@ -6,18 +6,12 @@ piece on (as shipped) and off, in one invocation.
 
 Every workload runs as a user runs it (`python train.py ...`, a process of its own, CPU), through
 this file's `--child` mode, which turns one piece off in that process and then runs train.py as
-its `__main__`. The pieces (docs/performance.md, "What the speed machinery buys"):
+its `__main__`. The pieces still shipped (docs/performance.md, "What the speed machinery buys",
+lists those measured and deleted on 2026-12-03):
 
   default run (python train.py, 10 epochs):
     shipped              everything on
     batches_per_call=1   one batch per Lightning training call, instead of 16
-    Lightning's step     manual_backward and Lightning's optimizer wrapper for every step, instead
-                         of loss.backward() and optimizer.step() (plain_steps_are_equivalent in
-                         sae.training.module, with sae.internals.count_optimizer_steps)
-    hook name checked    nn.Module.__setattr__ for Lightning's running-hook name
-                         (sae.internals.CheapHookName off)
-    NVML CUDA check      Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 kept
-                         (sae.training.fit.cheap_cuda_checks_without_gpus off)
 
   16-job sweep (4 beta x 4 rho, python train.py -m, 2 epochs each):
     shipped              Hydra's basic launcher, each job's probes and figures handed to a worker
@@ -48,9 +42,6 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_RUN = {
     "shipped": ([], None),
     "batches_per_call=1": (["data.batches_per_call=1"], None),
-    "Lightning's step": ([], "lightning_step"),
-    "hook name checked": ([], "checked_hook_name"),
-    "NVML CUDA check": ([], "nvml_check"),
 }
 SWEEP = {
     "shipped": ([], None),
@@ -61,19 +52,7 @@ SWEEP = {
 
 def turn_off(piece: str) -> None:
     """In the child process, before train.py runs: turn one piece of machinery off."""
-    if piece == "lightning_step":
-        import sae.training.module as module
-
-        module.plain_steps_are_equivalent = lambda trainer: False
-    elif piece == "checked_hook_name":
-        from sae.internals import CheapHookName
-
-        del CheapHookName.__setattr__  # Lightning's writes go through nn.Module.__setattr__ again
-    elif piece == "nvml_check":
-        import sae.training.fit as fit
-
-        fit.cheap_cuda_checks_without_gpus = lambda: "off"
-    elif piece == "no_hand_off":
+    if piece == "no_hand_off":
         from sae.run import handoff
 
         handoff.more_jobs_follow = lambda: False

@@ -1,6 +1,7 @@
 """Every use of a Lightning (or torch) attribute that is not public API, behind named functions.
 
-Speed and exact resume need four things the public APIs do not offer; a release that moves one
+Exact resume, the stacked sweep, TensorBoard's HParams entry, a sweep that outlives its jobs and
+checkpoints read as input need things the public APIs do not offer; a release that moves one
 of them must fail loudly here, naming it, instead of silently training or resuming wrong.
 tests/test_lightning_internals.py exercises each against the installed releases, and
 pyproject.toml pins lightning and torch to the releases that suite was run with.
@@ -9,20 +10,17 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 | ---------------------------- | -------------------------------------------------------------------- |
 | count_optimizer_steps        | trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress   |
 | batches_trained_this_epoch   | trainer.fit_loop.epoch_loop.batch_progress.current.completed          |
-| CheapHookName                | LightningModule._current_fx_name (set around every hook call)        |
 | tensorboard_file_writer      | torch.utils.tensorboard.SummaryWriter._get_file_writer()             |
 | guard_checkpoint_restore     | trainer._checkpoint_connector (its two restore methods)              |
 | failed_job_error             | hydra.core.utils.JobReturn._return_value (a failed job's exception)  |
 | submitit_cluster             | hydra-submitit's launcher class attribute _EXECUTOR ("local", "slurm") |
 
 Why each is needed:
-- The module takes its optimizer steps with plain `optimizer.step()` when Lightning's wrapper would
-  add nothing (sae.training.module.plain_steps_are_equivalent); Lightning's step count (`global_step`,
-  which checkpoints, logging and max_steps read) then has to be advanced here.
+- The vectorized launcher replays a job's recorded steps without taking them (sae.sweep.stacked);
+  Lightning's step count (`global_step`, which checkpoints, logging and max_steps read) then has
+  to be advanced here.
 - A checkpoint written mid-epoch records how many of the epoch's training calls completed, so
   that the resumed epoch skips exactly those (sae.data.mnist.TensorBatches).
-- Lightning records the running hook's name on the module dozens of times per training call;
-  nn.Module.__setattr__ checks every such write for parameters and submodules.
 - TensorBoard's HParams entry is written without the placeholder metric values that the public
   `log_hyperparams` / `add_hparams` would write as scalars.
 - A sweep survives a job that died (sae.sweep.launchers): its outcome is read without re-raising
@@ -39,8 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-
-HOOK_NAME_ATTRIBUTE = "_current_fx_name"
 
 
 class LightningInternalsMoved(RuntimeError):
@@ -70,17 +66,6 @@ def batches_trained_this_epoch(trainer: L.Trainer) -> int:
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
     except AttributeError as err:
         raise _moved("trainer.fit_loop.epoch_loop.batch_progress.current.completed", err) from err
-
-
-class CheapHookName:
-    """Mixin for a LightningModule: stores Lightning's running-hook name without nn.Module's
-    __setattr__ checks (a str is neither a parameter nor a submodule). Put it first in the bases."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == HOOK_NAME_ATTRIBUTE:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
 
 def tensorboard_file_writer(writer: Any) -> Any:

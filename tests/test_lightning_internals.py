@@ -15,8 +15,6 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard.summary import hparams
 
 from sae.internals import (
-    HOOK_NAME_ATTRIBUTE,
-    CheapHookName,
     LightningInternalsMoved,
     batches_trained_this_epoch,
     count_optimizer_steps,
@@ -27,17 +25,16 @@ from sae.internals import (
 )
 
 
-class PlainSteps(CheapHookName, L.LightningModule):
-    """Manual optimization with plain optimizer steps, as SparseAutoencoderModule takes them."""
+class PlainSteps(L.LightningModule):
+    """Manual optimization with plain optimizer steps counted by hand, as the vectorized launcher's
+    replay (sae.sweep.stacked.ReplayModule) advances Lightning's step count."""
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.layer = torch.nn.Linear(4, 1)
-        self.hook_names: list[str | None] = []
 
     def training_step(self, batch, batch_idx):
-        self.hook_names.append(getattr(self, HOOK_NAME_ATTRIBUTE))
         optimizer = self.optimizers().optimizer  # the torch optimizer, not Lightning's wrapper
         optimizer.zero_grad()
         self.layer(batch).square().mean().backward()
@@ -83,14 +80,6 @@ def test_batches_trained_this_epoch_counts_completed_calls_from_zero_each_epoch(
     record = TrainedSoFar()
     fit(PlainSteps(), [record])
     assert record.seen == [(e, i, i) for e in (0, 1) for i in range(5)]
-
-
-def test_lightning_names_the_running_hook_on_the_module():
-    """CheapHookName keeps the attribute Lightning writes around each hook out of nn.Module's checks."""
-    module = PlainSteps()
-    fit(module)
-    assert module.hook_names == ["training_step"] * 10
-    assert HOOK_NAME_ATTRIBUTE in vars(module)  # a plain attribute, set without nn.Module.__setattr__
 
 
 def test_tensorboard_file_writer_takes_summary_protos(tmp_path):

@@ -191,9 +191,9 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signal)
 
 
-# Epochs of 4 training calls (3+3+3+1 batches, 10 steps): a stop lands between calls, mid-epoch.
+# Epochs of 3 training calls of 3 batches (debug=limit), 9 steps: a stop lands between calls.
 INTERRUPTIBLE = [*LEAN, "debug=limit", "epochs=6", "data.batches_per_call=3"]
-STEPS_PER_EPOCH = 10
+STEPS_PER_EPOCH = 9
 
 
 @pytest.mark.slow

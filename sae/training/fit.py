@@ -236,7 +236,6 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
             warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     guard_checkpoint_restore(trainer, refuse_restore)
-    cheap_cuda_checks_without_gpus()
     return trainer
 
 
@@ -249,18 +248,6 @@ def runs_in_one_process(trainer_cfg: DictConfig) -> bool:
 
 def fit_timer(trainer: L.Trainer) -> Timer:
     return next(c for c in trainer.callbacks if isinstance(c, Timer))
-
-
-def cheap_cuda_checks_without_gpus() -> None:
-    """Undo Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 on a machine that has no GPU.
-
-    Lightning sets it at import so that asking whether CUDA is available cannot spoil fork().
-    torch.optim.Adam asks on every step, and with no GPU the NVML route loads the NVML library
-    again on each ask (with the CUDA builds of torch that pip installs by default): a visible
-    share of a CPU step (docs/performance.md). With no GPU there is nothing for fork to spoil.
-    """
-    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_count() == 0:
-        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
 
 
 def run_test(

@@ -24,7 +24,6 @@ from sae.core.metrics import (
 from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
 from sae.core.sparsity import make_method
 from sae.errors import UserError
-from sae.internals import CheapHookName, count_optimizer_steps
 
 DEFAULT_SPARSITY = {"method": "kl", "rho": 0.05, "beta": 5e-3}  # the reference notebook's
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
@@ -33,7 +32,7 @@ UNLOGGED_CHECK_EVERY = 1000
 OFF_VALUE_IMAGES = 10_000
 
 
-class SparseAutoencoderModule(CheapHookName, L.LightningModule):
+class SparseAutoencoderModule(L.LightningModule):
     """Loss = reconstruction (mse|bce) + the sparsity method's penalty (`sparsity`, default kl:
     beta * sum over covered layers of sum_j KL(rho || rho_hat_j)); see sae.core.loss and sae.core.sparsity.
 
@@ -95,7 +94,6 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self._window_len = 0
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
-        self._plain_steps = False  # see plain_steps_are_equivalent
         self._off_values: Tensor | None = None  # per latent unit: set as each validation and test starts
 
     def setting(self) -> str:
@@ -181,7 +179,7 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         hooks around each call run once per group, while each batch still gets its own zero_grad,
         backward and optimizer step: the training is the same as one batch per call. The steps go
         through Lightning's manual_backward and optimizer wrapper (precision plugins, callbacks'
-        step hooks) unless those would add nothing (plain_steps_are_equivalent).
+        step hooks, the step count).
         """
         batches = [batch] if isinstance(batch[0], Tensor) else batch
         if len(batches) > 1 and self.trainer.world_size > 1:
@@ -197,15 +195,9 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
             named = objective(hp.recon_loss, self.method, self.net(x), x)
             loss = minimised(self.method, named)
             terms = torch.stack(list(named.values()))
-            if self._plain_steps:
-                optimizer.optimizer.zero_grad()
-                loss.backward()
-                optimizer.optimizer.step()
-                count_optimizer_steps(self.trainer, 1)
-            else:
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                optimizer.step()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
             if (mean_loss := self._after_step(terms.detach())) is not None:
                 written = mean_loss
         self._end_call(written)
@@ -291,7 +283,6 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
         self.method.prepare(self._training_images())
 
     def on_train_start(self) -> None:
-        self._plain_steps = plain_steps_are_equivalent(self.trainer)
         # Training continued from a checkpoint (ckpt_path=) restores Adam's state with the lr it
         # had; the run trains at the lr it records (its hyperparameter), as a fresh run would.
         for group in self.optimizers().optimizer.param_groups:
@@ -395,30 +386,6 @@ class SparseAutoencoderModule(CheapHookName, L.LightningModule):
 
 
 # Hooks that Lightning runs around each backward and optimizer step of manual optimization.
-STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def plain_steps_are_equivalent(trainer: L.Trainer) -> bool:
-    """Whether `loss.backward(); optimizer.step()` does all that Lightning's manual_backward and
-    optimizer step would: full precision on one device, and no callback or module hook that
-    runs around a step. The wrappers' cost is a visible share of a CPU step of the default model
-    (docs/performance.md), so the module uses the plain calls when nothing is lost.
-    """
-    from lightning.pytorch.plugins.precision import Precision
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    module = trainer.lightning_module
-    hooked = any(is_overridden(h, cb, L.Callback) for cb in trainer.callbacks for h in STEP_HOOKS)
-    hooked = hooked or any(is_overridden(h, module, L.LightningModule) for h in STEP_HOOKS)
-    hooked = hooked or is_overridden("configure_gradient_clipping", module, L.LightningModule)
-    return (
-        type(trainer.precision_plugin) is Precision  # 32-true / 64-true: no scaler, no autocast
-        and isinstance(trainer.strategy, SingleDeviceStrategy)
-        and not hooked
-    )
-
-
 class NotWithDDP(UserError, ValueError):
     """A setting that several processes cannot train with (sae.config refuses it before a run)."""
 
