@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,16 @@ class ProbeData(NamedTuple):
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+
+
+# The probe's settings (conf/callbacks/linear_probe.yaml), as the LinearProbe callback holds them
+# and as a run's recorded config holds them (evaluate.py completing a killed sweep's job).
+PROBE_SETTINGS = ("weight_decay", "max_iter", "cache_dir", "tolerance")
+
+
+def probe_settings(source: Any) -> dict[str, Any]:
+    """The probe's settings read off anything that holds them as attributes."""
+    return {name: getattr(source, name) for name in PROBE_SETTINGS}
 
 
 def probe_accuracies(

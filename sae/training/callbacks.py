@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from sae.config import command_override_keys
 from sae.internals import tensorboard_file_writer
 from sae.names import HPARAMS
-from sae.report.probe import ProbeData, probe_accuracies
+from sae.report.probe import ProbeData, probe_accuracies, probe_settings
 from sae.run import handoff
 from sae.run.console import report
 from sae.run.record import RunRecord
@@ -132,12 +132,7 @@ class LinearProbe(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
         inputs = ProbeData(*data.split("train"), *data.split("test"))
-        settings = dict(
-            weight_decay=self.weight_decay,
-            max_iter=self.max_iter,
-            cache_dir=self.cache_dir,
-            tolerance=self.tolerance,
-        )
+        settings = probe_settings(self)
         if self._hand_off(trainer, pl_module.net, inputs, settings):
             return
         val = data.split("val") if self.optimized_metric == self.SELECTABLE else None

@@ -20,7 +20,7 @@ from sae.config import (
 )
 from sae.data.mnist import MNISTDataModule
 from sae.errors import UserError
-from sae.report.probe import ProbeData, probe_accuracies
+from sae.report.probe import ProbeData, probe_accuracies, probe_settings
 from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.run.folder import writing_run_folder
 from sae.run.record import RunRecord
@@ -126,14 +126,8 @@ def complete_run(job: Path) -> list[str]:
         events = run_events_folder(job)
         events_dir = str(events) if events is not None else None
         if "probes" in missing:
-            probe = cfg.callbacks.linear_probe
             data = ProbeData(*datamodule.split("train"), *datamodule.split("test"))
-            settings = dict(
-                weight_decay=probe.weight_decay,
-                max_iter=probe.max_iter,
-                cache_dir=probe.cache_dir,
-                tolerance=probe.tolerance,
-            )
+            settings = probe_settings(cfg.callbacks.linear_probe)
             values = probe_accuracies(module.net, data, **settings, threads=threads)
             record_metrics(job, events_dir, step, values)
             record.result_done("probes")
