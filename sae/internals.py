@@ -34,9 +34,10 @@ Why each is needed:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
+if TYPE_CHECKING:  # annotations only: the launchers import this module when Hydra starts
+    import lightning as L
 
 
 class LightningInternalsMoved(RuntimeError):

@@ -166,3 +166,17 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_hydra_finding_our_plugins_loads_neither_torch_nor_lightning():
+    """Hydra imports every hydra_plugins module as it starts (train.py --help, a config error):
+    ours must not make that pay for torch or Lightning (sae.internals imports Lightning for
+    annotations only)."""
+    probe = (
+        "import sys, hydra_plugins.sae_submitit_launchers.submitit_launchers, "
+        "hydra_plugins.sae_vectorized_launcher.vectorized_launcher; "
+        "print(sorted(m for m in ('torch', 'lightning', 'matplotlib') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
