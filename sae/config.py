@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sae.core.loss import RECONSTRUCTION_LOSSES
 from sae.core.model import ACTIVATIONS, layer_names
-from sae.core.sparsity import METHODS, InvalidSetting, method_settings
+from sae.core.sparsity import FLOAT32_MAX, METHODS, InvalidSetting, method_settings
 from sae.errors import UserError, did_you_mean, one_line
 from sae.names import selectable
 
@@ -26,7 +26,6 @@ HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "topk"]  # topk is the late
 
 MNIST_TRAIN_IMAGES = 60000
 MNIST_PIXELS = 28 * 28
-FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
 MAX_LR = FLOAT32_MAX * 0.1
 MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything uses
 

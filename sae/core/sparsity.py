@@ -69,9 +69,6 @@ class MethodSettings:
     def check(self, latent_dim: int) -> None:
         """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def method_settings(sparsity: Mapping[str, Any]) -> tuple[type[SparsityMethod], MethodSettings]:
     """The method a `{"method": name, <knob>: value, ...}` mapping names, and its settings; a

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from sae.errors import JobFailed, UserError, did_you_mean, one_line
 from sae.run.atomic import cannot_write_message
 from sae.run.console import report, to_run_log
+from sae.run.folder import locked_folders
+from sae.run.record import RunRecord
 
 T = TypeVar("T")
 
@@ -56,8 +58,6 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
 def _record_failure(line: str) -> None:
     """status.json in the run folder Hydra made, as a sweep job's: failed, and the line."""
     from hydra.core.hydra_config import HydraConfig
-
-    from sae.run.record import RunRecord
 
     if HydraConfig.initialized():
         folder = Path(HydraConfig.get().runtime.output_dir)
@@ -117,8 +117,6 @@ def run_app(main: Callable[[], Any], config_name: str) -> None:
 def _run_folder() -> str:
     """The run or sweep folder this process locked as it started (Hydra's callback, before Hydra
     writes .hydra/ into it), or the current folder."""
-    from sae.run.folder import locked_folders
-
     folders = locked_folders()
     return str(folders[-1]) if folders else os.getcwd()
 

@@ -10,7 +10,7 @@ job for the hand-offs done by then (`collect_finished`), and at the sweep's end 
 fails is reported there, naming its label, and the sweep goes on.
 
 A hand-off made for a run's result (`result_of=(run folder, "probes")`) is promised in the run's
-status.json: the run says "incomplete" until every such result is recorded (sae.run.folder). A
+status.json: the run says "incomplete" until every such result is recorded (sae.run.record). A
 worker that dies (the kernel's OOM killer, a kill) loses nothing: its unfinished hand-offs are
 done again here when collected.
 """
@@ -29,6 +29,7 @@ from typing import Any
 
 from sae.errors import one_line
 from sae.run.console import report
+from sae.run.record import RunRecord
 
 # Launchers that run a sweep's jobs one after another in the launching process.
 IN_PROCESS_LAUNCHERS = ("BasicLauncher", "VectorizedLauncher")
@@ -179,8 +180,6 @@ def wait_for_hand_offs() -> list[str]:
 
 
 def _collect(wait: bool) -> list[str]:
-    from sae.run.record import RunRecord
-
     failures = []
     while _pending and (wait or _pending[0].future.done()):
         hand_off = _pending.pop(0)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from sae.errors import JobFailed, one_line
 from sae.report.summary import JobFiles, write_summary
+from sae.run import handoff
 from sae.run.console import report
 from sae.run.record import RunRecord
 
@@ -47,15 +48,11 @@ class SweepSummaryCallback(Callback):
             # Also after each job: a sweep that stops part-way still leaves a summary. Where more
             # jobs follow in this process, its figures wait for the sweep's end (or evaluate.py on
             # the sweep's folder): drawing them after every job would cost each job seconds.
-            from sae.run.handoff import collect_finished, more_jobs_follow
-
-            collect_finished()  # earlier jobs' probe accuracies, fitted beside the jobs after them
-            write_summary(config.hydra.sweep.dir, figures=not more_jobs_follow(), files=self.files)
+            handoff.collect_finished()  # earlier jobs' probe accuracies, fitted beside the jobs after them
+            write_summary(config.hydra.sweep.dir, figures=not handoff.more_jobs_follow(), files=self.files)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from sae.run.handoff import wait_for_hand_offs
-
-        wait_for_hand_offs()  # the last jobs' figures and probes, done while later jobs trained
+        handoff.wait_for_hand_offs()  # the last jobs' figures and probes, done while later jobs trained
         summary = write_summary(config.hydra.sweep.dir, files=self.files)
         report(summary.closing_lines())
         rows = summary.rows

@@ -85,13 +85,13 @@ def settled_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         from sae.training.resume import resumed_config
 
         cfg, resumed_with = resumed_config(cfg, command_overrides(cfg))
+        validate_train_config(cfg)  # the run's recorded command and checkpoint values, composed in
         # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
         cfg.output_dir = cfg.resume
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     tensorboard = (cfg.get("logger") or {}).get("tensorboard")
     if tensorboard is not None and tensorboard.get("version") == "":  # "": not set by the user
         tensorboard.version = tensorboard_run_name(cfg, Path(cfg.output_dir))
-    validate_train_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg, resumed_with
 
@@ -154,8 +154,9 @@ def _record(cfg: DictConfig, metrics: dict[str, Any], rank_zero: bool) -> None:
     """The run's record (rank 0 only: under DDP every process has the same, synced, metrics), and
     what it says on the console."""
     output_dir = Path(cfg.output_dir)
+    pending = pending_results(output_dir)
     wanted = cfg.optimized_metric
-    if wanted and wanted not in metrics and wanted not in pending_results_metrics(output_dir):
+    if wanted and wanted not in metrics and wanted not in pending_results_metrics(pending):
         report(
             f"warning: optimized_metric={cfg.optimized_metric} is not among this run's metrics: a sweeper "
             "(Optuna) gets nothing from it; metrics.json lists the names",
@@ -164,15 +165,15 @@ def _record(cfg: DictConfig, metrics: dict[str, Any], rank_zero: bool) -> None:
     if not rank_zero:
         return
     # "ok" once every result is on disk: a sweep job's probes and figures may still be coming.
-    RunRecord(output_dir).finished(metrics, pending_results(output_dir), completing_command(output_dir))
+    RunRecord(output_dir).finished(metrics, pending, completing_command(output_dir))
     report(format_metrics(metrics))
-    report(closing_lines(output_dir, metrics["ckpt_path"], pending_results(output_dir)))
+    report(closing_lines(output_dir, metrics["ckpt_path"], pending))
 
 
-def pending_results_metrics(output_dir: Path) -> list[str]:
-    """Metric names a run's handed-off results will add (its probes), for the checks above."""
+def pending_results_metrics(pending: list[str]) -> list[str]:
+    """Metric names a run's handed-off results (`pending`) will add (its probes), for the check above."""
     probes = ("test/probe_accuracy", "test/probe_accuracy_pixels", "test/probe_accuracy_reconstructions")
-    return list(probes) if "probes" in pending_results(output_dir) else []
+    return list(probes) if "probes" in pending else []
 
 
 def completing_command(output_dir: Path) -> str:
