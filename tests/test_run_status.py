@@ -130,8 +130,23 @@ def sweep_command(mnist_root: Path, sweep: Path, *overrides: str) -> list[str]:
 
 
 def children(pid: int) -> list[int]:
-    found = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in found.read_text().split()] if found.exists() else []
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # the process has ended
+        return []
+
+
+def command_line(pid: int) -> bytes:
+    """A process's command line, empty once it has ended (a child may end between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def is_handoff_worker(pid: int) -> bool:
+    line = command_line(pid)
+    return b"multiprocessing" in line and b"resource_tracker" not in line
 
 
 @pytest.mark.slow
@@ -144,13 +159,13 @@ def test_a_sweep_whose_worker_is_killed_still_has_every_result(mnist_root, tmp_p
     )
     killed, deadline = None, time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        workers = [
-            c for c in children(proc.pid) if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
-        workers = [c for c in workers if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        workers = [c for c in children(proc.pid) if is_handoff_worker(c)]
         if workers:
-            os.kill(workers[0], signal.SIGKILL)
-            killed = workers[0]
+            try:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+            except ProcessLookupError:  # it ended between the listing and the kill: look again
+                pass
         time.sleep(0.01)
     out, err = proc.communicate(timeout=600)
     assert killed is not None, err[-2000:]
