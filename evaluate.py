@@ -20,21 +20,40 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from sae.config import check_checkpoint_file, validate_evaluate_config  # noqa: E402
+from sae.report.summary import sweep_jobs  # noqa: E402
 from sae.run.commands import run_app, run_command  # noqa: E402
-from sae.training.evaluate import evaluate, summarise  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    # Lightning and torch are imported after the config and the checkpoint's path are checked
+    # (seconds of imports): a mistyped setting or path is answered at once.
     if cfg.sweep_dir:
         try:
-            run_command(lambda: summarise(cfg.sweep_dir))
+            run_command(lambda: summarise(cfg))
         finally:  # everything went into the sweep folder: leave no empty run folder behind
             shutil.rmtree(Path(HydraConfig.get().runtime.output_dir), ignore_errors=True)
     elif cfg.ckpt_path:
         run_command(lambda: evaluate(cfg))
     else:
         sys.exit("error: pass ckpt_path=<run>/checkpoints/<name>.ckpt or sweep_dir=<multirun folder>")
+
+
+def summarise(cfg: DictConfig) -> None:
+    validate_evaluate_config(cfg)
+    sweep_jobs(cfg.sweep_dir)
+    from sae.training.evaluate import summarise
+
+    summarise(cfg.sweep_dir)
+
+
+def evaluate(cfg: DictConfig) -> None:
+    validate_evaluate_config(cfg)
+    check_checkpoint_file(cfg.ckpt_path)
+    from sae.training.evaluate import evaluate
+
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

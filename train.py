@@ -13,18 +13,26 @@ start_process()  # before torch loads: OpenMP reads its settings then
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from sae.config import validate_train_config  # noqa: E402
 from sae.errors import JobFailed  # noqa: E402
 from sae.run.commands import run_app, run_command  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | JobFailed | None:
-    # Imported here: a sweep's figure worker (sae.run.handoff, spawned) imports this file, and
-    # needs none of Lightning.
+    metrics = run_command(lambda: checked_then_trained(cfg))
+    return metrics if isinstance(metrics, JobFailed) else metrics.get(cfg.optimized_metric)
+
+
+def checked_then_trained(cfg: DictConfig) -> dict:
+    """The config is checked before Lightning and torch are imported (seconds of imports), so a
+    mistyped setting is answered at once; train() checks it again as it settles the run."""
+    validate_train_config(cfg)
+    # Imported here, not above: a sweep's figure worker (sae.run.handoff, spawned) imports this
+    # file and needs none of Lightning.
     from sae.training.fit import train
 
-    metrics = run_command(lambda: train(cfg))
-    return metrics if isinstance(metrics, JobFailed) else metrics.get(cfg.optimized_metric)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,20 @@ On the real MNIST, default model (784-128-32-128-784), loss (MSE + beta * KL) an
   (c) train.py   this project's training as `python train.py` runs it: the same config, DataModule,
                  LightningModule, Trainer and callbacks (progress bar, TensorBoard, checkpoints,
                  per-epoch validation and visuals); its epoch time includes all of them
+  (d) real run   the user's own command, `python train.py accelerator=cpu|gpu` with the defaults
+                 (10 epochs, probes and figures), in its own process: s/epoch is its
+                 `fit/seconds / fit/epochs` from metrics.json, and its whole wall time is
+                 reported against the floor's 10 epochs
 
 Timing: the three run interleaved in one process, an epoch of (a) and one of (b) after each epoch
 of (c), so that a machine whose speed drifts (shared virtual machines do, by a third and more
 within a minute) slows all three alike; the ratios are medians of per-epoch ratios. The first
-epoch is reported apart as warm-up. Peak memory comes from a separate process per variant.
-(a) and (b) train on the same 55k training images as (c). Last, the time from `python train.py`
-starting to its first training step (interpreter, imports, config, data setup).
+epoch is reported apart as warm-up. (d) cannot be interleaved (it is its own process): it runs
+--real-rounds times after (c), each run followed by epochs of the floor in this process, and its
+ratio to the floor is the median over those pairs. Peak memory comes from a separate process per
+variant ((d): the peak RSS of its process). (a) and (b) train on the same 55k training images as
+(c). Last, the time from `python train.py` starting to its first training step (interpreter,
+imports, config, data setup).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from sae.training.fit import build_data_and_module, build_trainer  # noqa: E402
 
 BATCH, RHO, BETA, LR = 128, 0.05, 5e-3, 1e-3
 NAMES = {"a": "reference loop", "b": "floor", "c": "train.py"}
+REAL = "d"
 
 
 class PlainLoop:
@@ -193,6 +201,55 @@ def memory_child(args) -> None:
     print(f"PEAK_MIB {peak:.1f}")
 
 
+def real_run(args) -> dict:
+    """(d): `python train.py` with the defaults in its own process (the environment as the user's,
+    so the entry point's own thread settings apply): its s/epoch, wall time, peak RSS, test MSE."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"data.root={args.data_root}",
+            f"hydra.run.dir={out}",
+            f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+            *args.overrides,
+        ]
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = proc.communicate()
+        wall = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"python train.py failed:\n{stderr.decode()[-3000:]}")
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+    return {
+        "epoch": metrics["fit/seconds"] / metrics["fit/epochs"],
+        "epochs": metrics["fit/epochs"],
+        "wall": wall,
+        "peak_mib": usage.ru_maxrss / 1024,  # the largest child so far: run (d) before the memory children
+        "test_mse": metrics["test/mse"],
+    }
+
+
+def real_rounds(args, device: torch.device, images: torch.Tensor) -> dict:
+    """(d) --real-rounds times, each followed by 1 + 3 epochs of the floor (the first warm-up)."""
+    runs, floors = [], []
+    for r in range(args.real_rounds):
+        print(f"(d) python train.py, round {r + 1} of {args.real_rounds} ...", file=sys.stderr, flush=True)
+        runs.append(real_run(args))
+        floor = floor_loop(images, device)
+        for _ in range(4):
+            floor.epoch()
+        floors.append(statistics.median(floor.times[1:]))
+    return {
+        "runs": runs,
+        "floor": floors,
+        "epoch_ratio": statistics.median(r["epoch"] / f for r, f in zip(runs, floors, strict=True)),
+        "wall_ratio": statistics.median(
+            r["wall"] / (f * r["epochs"]) for r, f in zip(runs, floors, strict=True)
+        ),
+    }
+
+
 def first_step_seconds(args) -> float:
     """From launching `python train.py` to its first training step."""
     with tempfile.TemporaryDirectory() as out:
@@ -227,6 +284,9 @@ def main() -> None:
     parser.add_argument(
         "--overrides", nargs="*", default=[], help="train.py overrides for (c) (and its split)"
     )
+    parser.add_argument(
+        "--real-rounds", type=int, default=2, help="runs of (d), each followed by the floor (0: none)"
+    )
     parser.add_argument("--timing-only", action="store_true", help="no peak memory, no start-up time")
     parser.add_argument("--memory-of", choices=sorted(NAMES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,6 +301,10 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"timing (a), (b), (c) interleaved, {args.epochs} epochs each ...", file=sys.stderr, flush=True)
     results = project_run(args, device, interleave=True)
+    real = None
+    if args.real_rounds > 0:  # before the memory children: its peak is the largest child's so far
+        images, _ = load_mnist_split(args.data_root, train=True)
+        real = real_rounds(args, device, images[:55000])  # as many images as the training split
     startup = float("nan")
     for name in NAMES:
         results[name]["peak_mib"] = float("nan")
@@ -270,9 +334,27 @@ def main() -> None:
             f"({name}) {label:<16} {r['times'][0]:>10.3f} {median:>15.3f} {r['peak_mib']:>9.0f} "
             f"{r['test_mse']:>9.5f}"
         )
+    if real is not None:
+        runs = real["runs"]
+        median = statistics.median(r["epoch"] for r in runs)
+        print(
+            f"({REAL}) {'real run':<16} {'':>10} {median:>15.3f} {runs[0]['peak_mib']:>9.0f} "
+            f"{runs[0]['test_mse']:>9.5f}  ({runs[0]['epochs']} epochs)"
+        )
     print()
     print(f"(a)/(c) speed-up over the reference loop: {ratio('a', 'c'):.2f}x  (target >= 3x)")
     print(f"(c)/(b) overhead over the floor:          {ratio('c', 'b'):.2f}x  (target <= 1.15x)")
+    if real is not None:
+        walls = ", ".join(f"{r['wall']:.1f}" for r in real["runs"])
+        floors = ", ".join(f"{f:.3f}" for f in real["floor"])
+        print(
+            f"({REAL})/(b) real epoch over the floor:       {real['epoch_ratio']:.2f}x  (target <= 1.15x; "
+            f"floor after each run: {floors} s/epoch)"
+        )
+        print(
+            f"({REAL}) whole run over the floor's epochs:   {real['wall_ratio']:.2f}x  (target <= 1.8x; "
+            f"wall {walls} s)"
+        )
     print(f"python train.py, process start to first training step: {startup:.2f} s")
     print(json.dumps({n: r["times"] for n, r in results.items()}), file=sys.stderr)
 

@@ -7,8 +7,8 @@ run that trains on a meaningless objective.
 
 from __future__ import annotations
 
-import inspect
 import math
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,20 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sae.core.loss import RECONSTRUCTION_LOSSES
-from sae.core.model import ACTIVATIONS, layer_names
-from sae.core.sparsity import FLOAT32_MAX, METHODS, InvalidSetting, method_settings
-from sae.errors import UserError, did_you_mean, one_line
+from sae.core.settings import (
+    ACTIVATION_NAMES,
+    FLOAT32_MAX,
+    RECONSTRUCTION_LOSSES,
+    SETTINGS,
+    InvalidSetting,
+    MethodSettings,
+    layer_names,
+    method_settings,
+)
+from sae.errors import CheckpointError, UserError, did_you_mean, one_line
 from sae.names import selectable
 
-HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "topk"]  # topk is the latent's, with k
+HIDDEN_ACTIVATIONS = [a for a in ACTIVATION_NAMES if a != "topk"]  # topk is the latent's, with k
 
 MNIST_TRAIN_IMAGES = 60000
 MNIST_PIXELS = 28 * 28
@@ -130,7 +137,7 @@ def _int_at_least(low: int, nullable: bool = False) -> Rule:
 
 
 def _one_of(choices: Iterable[str]) -> Rule:
-    """One of `choices`, read when checked: a registry (METHODS) may grow after import."""
+    """One of `choices`, read when checked: a registry (SETTINGS) may grow after import."""
     return (
         lambda v: isinstance(v, str) and v in choices,
         lambda: f"one of {', '.join(choices)}",
@@ -160,7 +167,7 @@ MODEL_RULES: dict[str, Rule] = {
     ),
     "latent_dim": _int_at_least(1),
     "activation": _one_of(HIDDEN_ACTIVATIONS),
-    "latent_activation": _one_of(ACTIVATIONS),
+    "latent_activation": _one_of(ACTIVATION_NAMES),
     "output_activation": _one_of(HIDDEN_ACTIVATIONS),
     "recon_loss": _one_of(RECONSTRUCTION_LOSSES),
     "sparsity_layers": _list_of(lambda v: isinstance(v, str), "a list of layer names, e.g. [latent]", True),
@@ -237,11 +244,13 @@ def check_model_settings(
         latent in method.latent_activations,
         name("latent_activation"),
         latent,
-        f"one of {', '.join(method.latent_activations)} with sparsity={method.name}",
+        f"one of {', '.join(method.latent_activations)} with sparsity={method.method}",
     )
     layers = list(settings["sparsity_layers"])
     if method.only_latent:
-        _check(layers == ["latent"], name("sparsity_layers"), layers, f"[latent] with sparsity={method.name}")
+        _check(
+            layers == ["latent"], name("sparsity_layers"), layers, f"[latent] with sparsity={method.method}"
+        )
     names = layer_names(len(settings["hidden_dims"]))
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
@@ -251,26 +260,26 @@ def check_model_settings(
         )
 
 
-def check_method_settings(sparsity: Any, latent_dim: int, name: Callable[[str], str]) -> type:
+def check_method_settings(sparsity: Any, latent_dim: int, name: Callable[[str], str]) -> MethodSettings:
     """`model.sparsity`: a mapping of plain values naming a method and its settings, which the
-    method checks itself (sae.core.sparsity); the method's class."""
+    settings check themselves (sae.core.settings); the settings."""
     if not isinstance(sparsity, Mapping) or not all(
         isinstance(k, str) and not k.startswith("_") for k in sparsity
     ):
-        choose = f"{{method: {'|'.join(METHODS)}, <its settings>}} (choose it with sparsity=<name>)"
+        choose = f"{{method: {'|'.join(SETTINGS)}, <its settings>}} (choose it with sparsity=<name>)"
         raise ConfigError(f"{name('sparsity')}={_shown(sparsity)} must be a method's settings, {choose}")
     for key, value in sparsity.items():
         if not plain_value(value):
             said = "a plain value (a number, true or false, null, or a name)"
             raise ConfigError(f"{name(f'sparsity.{key}')}={_shown(value)} must be {said}")
     try:
-        method, settings = method_settings(sparsity)
+        settings = method_settings(sparsity)
         settings.check(latent_dim)
     except InvalidSetting as err:
         raise ConfigError(
             f"{name(f'sparsity.{err.key}')}={_shown(err.value)} must be {err.allowed}"
         ) from None
-    return method
+    return settings
 
 
 def plain_value(value: Any) -> bool:
@@ -379,6 +388,24 @@ EVALUATE_RULES: dict[str, Rule] = {
     "threads": TOP_LEVEL_RULES["threads"],
     "output_dir": (lambda v: isinstance(v, str) and v != "", "a folder"),
 }
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """The path of a checkpoint file, as far as it is checked without reading it (here, without
+    torch: evaluate.py answers a mistyped ckpt_path at once); CheckpointError if it is a folder,
+    missing, or not a file torch.save writes. sae.training.checkpoints reads it."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("**/*.ckpt"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass one of its .ckpt files{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"cannot load {path} as a PyTorch checkpoint: it is not a file torch.save writes"
+        )
+    return path
 
 
 def validate_evaluate_config(cfg: DictConfig) -> None:
@@ -504,7 +531,7 @@ def check_trainer(cfg: DictConfig, training: bool = True) -> None:
     if not isinstance(trainer, DictConfig):
         raise ConfigError(f"trainer={_shown(trainer)} must be the trainer settings (a mapping)")
     keys = [k for k in trainer if k != "_target_"]
-    known = trainer_arguments()
+    known = TRAINER_ARGUMENTS
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ConfigError(
@@ -677,9 +704,17 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def trainer_arguments() -> list[str]:
-    """The arguments Lightning's Trainer takes (what `trainer.*` keys may be)."""
-
-    from lightning.pytorch import Trainer
-
-    return [name for name in inspect.signature(Trainer).parameters if name != "self"]
+# The arguments Lightning's Trainer takes (what `trainer.*` keys may be), written out so that a
+# config is checked without importing Lightning; tests/test_config.py compares them with the
+# installed release's Trainer (lightning is pinned in pyproject.toml).
+TRAINER_ARGUMENTS = (
+    *("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks"),
+    *("fast_dev_run", "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time"),
+    *("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"),
+    *("overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps"),
+    *("log_every_n_steps", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"),
+    *("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "deterministic"),
+    *("benchmark", "inference_mode", "use_distributed_sampler", "profiler", "detect_anomaly"),
+    *("barebones", "plugins", "sync_batchnorm", "reload_dataloaders_every_n_epochs"),
+    *("default_root_dir", "enable_autolog_hparams", "model_registry"),
+)

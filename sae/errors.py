@@ -18,6 +18,10 @@ class UserError(Exception):
     kind = "error"  # the word the one-line report starts with
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint path that is missing, unreadable, or not one of this project's checkpoints."""
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """ "; did you mean X?" for the known name nearest to name, or ""."""
     import difflib

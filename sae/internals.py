@@ -14,6 +14,7 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 | guard_checkpoint_restore     | trainer._checkpoint_connector (its two restore methods)              |
 | failed_job_error             | hydra.core.utils.JobReturn._return_value (a failed job's exception)  |
 | submitit_cluster             | hydra-submitit's launcher class attribute _EXECUTOR ("local", "slurm") |
+| is_rank_zero                 | lightning.fabric.utilities.rank_zero._get_rank's environment keys     |
 
 Why each is needed:
 - The vectorized launcher replays a job's recorded steps without taking them (sae.sweep.stacked);
@@ -26,6 +27,9 @@ Why each is needed:
 - A sweep survives a job that died (sae.sweep.launchers): its outcome is read without re-raising
   the job's exception (JobReturn.return_value raises it), and the executor kind of hydra-submitit's
   launcher names the scheduler in what the sweep says and records.
+- A run folder is locked by rank 0 of a DDP run only, as Hydra starts and before Lightning is
+  imported (a config error is answered without it): the rank is read from the environment
+  variables Lightning's own `_get_rank` reads, in its order.
 - A checkpoint is input: what Lightning restores from it (callbacks' and loops' state) is checked
   beforehand where the project can (sae.training.checkpoints.check_training_state); an error Lightning
   still meets while restoring it is reported as the file's, in one line, not as a traceback.
@@ -33,6 +37,8 @@ Why each is needed:
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -127,3 +133,18 @@ def submitit_cluster(launcher: Any) -> str:
         return str(type(launcher)._EXECUTOR)
     except AttributeError as err:
         raise _moved("hydra_plugins.hydra_submitit_launcher BaseSubmititLauncher._EXECUTOR", err) from err
+
+
+# The environment variables Lightning reads a process's rank from, in its order.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (the only one of a single-process run): Lightning's own
+    `rank_zero_only.rank` once Lightning is loaded (a DDP strategy sets it as it starts), before
+    that what Lightning would read from the environment, without importing it."""
+    loaded = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if loaded is not None:
+        return getattr(loaded.rank_zero_only, "rank", 0) == 0
+    rank = next((os.environ[key] for key in RANK_VARIABLES if key in os.environ), "0")
+    return int(rank) == 0

@@ -219,6 +219,50 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert train_cli_error(tmp_path, "rho=1.5") == "config error: rho=1.5 must be a number in (0, 1)"
 
 
+def test_trainer_arguments_are_the_installed_lightnings():
+    """sae.config lists the Trainer's arguments so that a config is checked without importing
+    Lightning: a Lightning release that adds or drops one fails here, not in a user's run."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from sae.config import TRAINER_ARGUMENTS
+
+    assert list(TRAINER_ARGUMENTS) == [n for n in inspect.signature(Trainer).parameters if n != "self"]
+
+
+CHECK_WITHOUT_LIBRARIES = """
+import sys
+from sae.config import ConfigError, compose_train_config, validate_train_config
+for overrides in (["beta=-1"], ["sparsity=topk", "k=0"], ["+trainer.max_epoch=3"], ["lr=0"]):
+    try:
+        validate_train_config(compose_train_config(overrides))
+    except ConfigError as err:
+        print(err)
+heavy = [m for m in ("torch", "lightning", "torchvision", "torchmetrics", "matplotlib") if m in sys.modules]
+print("imported:", heavy)
+"""
+
+
+def test_a_config_is_checked_without_torch_or_lightning():
+    """What makes a config error answer at once: sae.config (and what it reads of the model and
+    the methods, sae.core.settings) imports none of torch, Lightning, torchvision or matplotlib."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK_WITHOUT_LIBRARIES], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "beta=-1 must be a number in [0, 3.4e+38]",
+        "k=0 must be an integer in [1, latent_dim=32]: units kept per input",
+        "trainer.max_epoch is not an argument of Lightning's Trainer; did you mean max_epochs?",
+        "lr=0 must be a number in (0, 3.4e+37]",
+        "imported: []",
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "override, line",

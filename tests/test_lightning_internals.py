@@ -15,11 +15,13 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard.summary import hparams
 
 from sae.internals import (
+    RANK_VARIABLES,
     LightningInternalsMoved,
     batches_trained_this_epoch,
     count_optimizer_steps,
     failed_job_error,
     guard_checkpoint_restore,
+    is_rank_zero,
     submitit_cluster,
     tensorboard_file_writer,
 )
@@ -158,3 +160,32 @@ def test_a_failed_hydra_job_is_read_without_raising_and_submitit_launchers_name_
         failed.return_value  # noqa: B018 -- the public getter raises; the internals read does not
     assert submitit_cluster(LocalLauncher()) == "local"
     assert submitit_cluster(SlurmLauncher()) == "slurm"
+
+
+@pytest.mark.parametrize(
+    "environment, rank",
+    [
+        ({}, 0),
+        ({"LOCAL_RANK": "1"}, 1),
+        ({"SLURM_PROCID": "0"}, 0),
+        ({"SLURM_PROCID": "3", "LOCAL_RANK": "0"}, 0),  # LOCAL_RANK first: SLURM may not manage the ranks
+        ({"RANK": "2", "LOCAL_RANK": "0"}, 2),
+    ],
+)
+def test_the_rank_before_lightning_loads_is_the_one_lightning_reads(monkeypatch, environment, rank):
+    """A run folder is locked (rank 0 only) before Lightning is imported: is_rank_zero reads the
+    environment as Lightning's _get_rank does, and Lightning's own rank once it is loaded."""
+    import sys
+
+    from lightning.fabric.utilities import rank_zero
+
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    assert (rank_zero._get_rank() or 0) == rank
+    monkeypatch.delitem(sys.modules, "lightning.fabric.utilities.rank_zero")
+    assert is_rank_zero() == (rank == 0)
+    monkeypatch.setitem(sys.modules, "lightning.fabric.utilities.rank_zero", rank_zero)
+    monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
+    assert not is_rank_zero()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from sae.core.sparsity import METHODS, MethodSettings, SparsityMethod, check_weight, register
+from sae.core.settings import SETTINGS, MethodSettings, check_weight, register_settings
+from sae.core.sparsity import METHODS, SparsityMethod, register
 from sae.report.summary import write_summary
 from sae.training.checkpoints import load_checkpoint
 from sae.training.evaluate import evaluate
@@ -23,8 +24,10 @@ def code_sum_method():
     """beta * the sum of the covered layers' activations, averaged over samples (a penalty that
     whole-split unit means give exactly), with its own settings: beta."""
 
+    @register_settings
     @dataclass(frozen=True)
     class CodeSumSettings(MethodSettings):
+        method = "code_sum"
         beta: float = 5e-3
 
         def check(self, latent_dim):
@@ -32,7 +35,6 @@ def code_sum_method():
 
     @register
     class CodeSum(SparsityMethod):
-        name = "code_sum"
         Settings = CodeSumSettings
         batch_term_names = ("code_sum",)
 
@@ -46,7 +48,7 @@ def code_sum_method():
             return self.settings.beta * terms["code_sum"]
 
     yield CodeSum
-    del METHODS["code_sum"]
+    del METHODS["code_sum"], SETTINGS["code_sum"]
 
 
 def test_a_method_registered_in_a_test_runs_through_everything(code_sum_method, mnist_root, tmp_path):

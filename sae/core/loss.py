@@ -11,9 +11,8 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae.core.settings import RECONSTRUCTION_LOSSES
 from sae.core.sparsity import SparsityMethod, kl_sparsity  # noqa: F401 -- kl_sparsity: the KL, re-exported
-
-RECONSTRUCTION_LOSSES = ("mse", "bce")
 
 
 def reconstruction_loss(kind: str, recon: Tensor, target: Tensor) -> Tensor:

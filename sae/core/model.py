@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sae.core.settings import ACTIVATION_NAMES, layer_names
+
 
 class TopK(nn.Module):
     """ReLU of each row's k largest entries; every other entry exactly 0 (k-sparse autoencoders,
@@ -34,6 +36,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
     "topk": TopK,  # latent only, with the model's k
 }
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "sae.core.settings names the activations a config may choose"
 
 
 # Activations that are positive exactly when their input is: a unit of such a layer is active
@@ -53,15 +56,6 @@ class AutoencoderOutput(NamedTuple):
     decode: Callable[[Tensor], Tensor]
     latent_input: Tensor  # what the latent layer reads: the last encoder hidden layer, or x
     latent_layer: Callable[[Tensor], Tensor]  # latent_input -> latent_preactivation
-
-
-def layer_names(num_hidden: int) -> list[str]:
-    """Names of the hidden layers in forward order: encoder_1.., latent, decoder_1.. ."""
-    return (
-        [f"encoder_{i}" for i in range(1, num_hidden + 1)]
-        + ["latent"]
-        + [f"decoder_{i}" for i in range(1, num_hidden + 1)]
-    )
 
 
 def _activation(name: str, k: int | None = None) -> nn.Module:

@@ -4,18 +4,17 @@ A method owns its penalty terms: named tensors of one batch's forward pass (what
 minimises, beside the reconstruction) and the same terms from a whole split's statistics (what
 validation and test report). `sae.core.loss.objective` adds them, weighted, to the reconstruction;
 training, validation, test and stacked training all call it, and logging iterates over the
-names. A method owns its settings: a frozen dataclass (`Settings`) of its knobs and their
-defaults, which it checks itself (`check`); the module takes them as one mapping,
-`{"method": <name>, <knob>: <value>, ...}`, and checkpoints store that mapping. A new method is a
-subclass registered with `@register` plus its `conf/sparsity/<name>.yaml` (docs/design.md,
-"Adding a sparsity method").
+names. A method's settings (its knobs, their defaults and their check) are a frozen dataclass in
+sae.core.settings, plain Python so that a config is checked before torch loads; the method names
+it as `Settings`, the module takes the settings as one mapping, `{"method": <name>, <knob>:
+<value>, ...}`, and checkpoints store that mapping. A new method is its settings class
+(`@register_settings`), a subclass here (`@register`) and its `conf/sparsity/<name>.yaml`
+(docs/design.md, "Adding a sparsity method").
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +22,14 @@ from torch import Tensor, nn
 
 from sae.core.metrics import pixel_variance
 from sae.core.model import AutoencoderOutput
+from sae.core.settings import (
+    SETTINGS,
+    KLSettings,
+    L1Settings,
+    MethodSettings,
+    TopKSettings,
+    method_settings,
+)
 
 RHO_HAT_CLAMP = 1e-6
 
@@ -30,67 +37,19 @@ METHODS: dict[str, type[SparsityMethod]] = {}
 
 
 def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
-    """Make a method selectable by its `name` (model.sparsity=<name>)."""
-    METHODS[cls.name] = cls
+    """Make a method selectable by its settings' name (model.sparsity.method=<name>)."""
+    name = cls.Settings.method
+    if SETTINGS.get(name) is not cls.Settings:
+        raise TypeError(f"{cls.__name__}.Settings is not registered: decorate it with @register_settings")
+    cls.name = name
+    METHODS[name] = cls
     return cls
-
-
-class InvalidSetting(ValueError):
-    """A method's setting out of its range: the key (within the method's settings), the value, and
-    what it must be. The config's checks say it in one line under the key the user set."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{key}={value!r} must be {allowed}")
-        self.key, self.value, self.allowed = key, value, allowed
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_weight(key: str, value: Any) -> None:
-    """A penalty's weight: a finite number >= 0 (beta, auxk_alpha)."""
-    if not (_number(value) and 0 <= value <= FLOAT32_MAX):
-        raise InvalidSetting(key, value, f"a number in [0, {FLOAT32_MAX:.2g}]")
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
-
-
-@dataclass(frozen=True)
-class MethodSettings:
-    """A method's knobs: plain values (numbers, bools, null), or in stacked training one job's
-    values as 0-d tensors inside a vmap, so terms must be plain tensor arithmetic."""
-
-    def check(self, latent_dim: int) -> None:
-        """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
-
-
-def method_settings(sparsity: Mapping[str, Any]) -> tuple[type[SparsityMethod], MethodSettings]:
-    """The method a `{"method": name, <knob>: value, ...}` mapping names, and its settings; a
-    method or knob that does not exist is an InvalidSetting naming it (checked before use: the
-    config's rules and a checkpoint's both go through here)."""
-    if not isinstance(sparsity, Mapping) or sparsity.get("method") not in METHODS:
-        method = sparsity.get("method") if isinstance(sparsity, Mapping) else sparsity
-        raise InvalidSetting("method", method, f"one of {', '.join(METHODS)}")
-    cls = METHODS[sparsity["method"]]
-    knobs = {k: v for k, v in sparsity.items() if k != "method"}
-    fields = [f.name for f in dataclasses.fields(cls.Settings)]
-    unknown = [k for k in knobs if k not in fields]
-    if unknown:
-        said = ", ".join(fields) or "none"
-        raise InvalidSetting(unknown[0], knobs[unknown[0]], f"absent: {cls.name}'s settings are {said}")
-    return cls, cls.Settings(**knobs)
 
 
 def make_method(sparsity: Mapping[str, Any], layers: Sequence[str], latent_dim: int) -> SparsityMethod:
     """The method `sparsity` names, with its settings, covering `layers`."""
-    cls, settings = method_settings(sparsity)
-    return cls(settings, layers, latent_dim)
+    settings = method_settings(sparsity)
+    return METHODS[settings.method](settings, layers, latent_dim)
 
 
 class SparsityMethod(nn.Module):
@@ -99,12 +58,9 @@ class SparsityMethod(nn.Module):
     keeps across steps (a registered buffer) is checkpointed and resumed with the weights.
     """
 
-    name: ClassVar[str]
-    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    Settings: ClassVar[type[MethodSettings]]  # registered in sae.core.settings
+    name: ClassVar[str]  # the settings' name, set by @register
     batch_term_names: ClassVar[tuple[str, ...]]  # what batch_terms returns, in this order
-    # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
-    latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
-    only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
 
     def __init__(self, settings: MethodSettings, layers: Sequence[str], latent_dim: int) -> None:
         super().__init__()
@@ -166,17 +122,6 @@ def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
     return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
 
 
-@dataclass(frozen=True)
-class KLSettings(MethodSettings):
-    rho: float = 0.05  # the target mean activation of each covered unit
-    beta: float = 5e-3  # the penalty's weight
-
-    def check(self, latent_dim: int) -> None:
-        if not (_number(self.rho) and 0 < self.rho < 1):
-            raise InvalidSetting("rho", self.rho, "a number in (0, 1)")
-        check_weight("beta", self.beta)
-
-
 @register
 class KLSparsity(SparsityMethod):
     """beta * sum over covered layers and units of KL(rho || rho_hat_j): the reference notebook's.
@@ -186,10 +131,8 @@ class KLSparsity(SparsityMethod):
     least the whole-split value on the same data: the two are named apart.
     """
 
-    name = "kl"
     Settings = KLSettings
     settings: KLSettings
-    latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
     batch_term_names = ("kl_batch",)
 
     def describe(self) -> str:
@@ -216,14 +159,6 @@ def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
     return (codes.abs() @ decoder_weight.norm(dim=0)).mean()
 
 
-@dataclass(frozen=True)
-class L1Settings(MethodSettings):
-    beta: float = 5e-3  # the penalty's weight
-
-    def check(self, latent_dim: int) -> None:
-        check_weight("beta", self.beta)
-
-
 @register
 class L1Sparsity(SparsityMethod):
     """beta * sum_j |z_j| * ||d_j||, averaged over samples: the sparse-coding penalty on the latent
@@ -233,11 +168,8 @@ class L1Sparsity(SparsityMethod):
     Its codes are non-negative (ReLU), so a split's mean of |z_j| is unit j's mean activation.
     """
 
-    name = "l1"
     Settings = L1Settings
     settings: L1Settings
-    latent_activations = ("relu",)
-    only_latent = True
     batch_term_names = ("l1",)
 
     def describe(self) -> str:
@@ -251,30 +183,6 @@ class L1Sparsity(SparsityMethod):
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
         return self.settings.beta * terms["l1"]
-
-
-@dataclass(frozen=True)
-class TopKSettings(MethodSettings):
-    k: int = 8  # latent units kept per input
-    auxk: bool = False  # the auxiliary loss that revives dead latents (Gao et al. 2024)
-    auxk_alpha: float = 1 / 32  # its weight (as Gao et al.)
-    auxk_k: int | None = None  # dead latents each input may use (None: latent_dim // 2)
-    auxk_dead_after: int = 10_000  # training inputs without firing after which a latent is dead
-
-    def check(self, latent_dim: int) -> None:
-        if not (_int(self.k) and 1 <= self.k <= latent_dim):
-            raise InvalidSetting(
-                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input"
-            )
-        if not isinstance(self.auxk, bool):
-            raise InvalidSetting("auxk", self.auxk, "true or false")
-        check_weight("auxk_alpha", self.auxk_alpha)
-        if not (self.auxk_k is None or (_int(self.auxk_k) and 1 <= self.auxk_k <= latent_dim)):
-            raise InvalidSetting(
-                "auxk_k", self.auxk_k, f"an integer in [1, latent_dim={latent_dim}] (or null)"
-            )
-        if not (_int(self.auxk_dead_after) and self.auxk_dead_after >= 1):
-            raise InvalidSetting("auxk_dead_after", self.auxk_dead_after, "an integer >= 1")
 
 
 @register
@@ -311,11 +219,8 @@ class TopKSparsity(SparsityMethod):
     same quantity. The counters are buffers, checkpointed and resumed with the weights.
     """
 
-    name = "topk"
     Settings = TopKSettings
     settings: TopKSettings
-    latent_activations = ("topk",)
-    only_latent = True
     batch_term_names = ()
 
     def __init__(self, settings: TopKSettings, layers: Sequence[str], latent_dim: int) -> None:

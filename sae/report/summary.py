@@ -74,6 +74,14 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
+def sweep_jobs(sweep_dir: str | Path) -> list[Path]:
+    """A sweep folder's job folders; a UserError naming the folder if it has none."""
+    path = Path(sweep_dir)
+    if not path.is_dir() or not job_dirs(path):
+        raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
+    return job_dirs(path)
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)

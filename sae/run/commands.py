@@ -32,16 +32,13 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
     JobFailed: Hydra would print every failure's traceback and stop the sweep at the first batch
     with one. Other exceptions (bugs) are raised as they are, traceback and all.
     """
-    from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         return command()
-    except SIGTERMException:  # SaveOnInterrupt has written last.ckpt and said how to resume
-        sys.exit(128 + signal.SIGTERM)
-    except (UserError, InstantiationException, MisconfigurationException) as err:
-        # Lightning's MisconfigurationException: a setting it refuses, named in its message.
+    except BaseException as err:
+        if _stopped_by_sigterm(err):  # SaveOnInterrupt has written last.ckpt and said how to resume
+            sys.exit(128 + signal.SIGTERM)
+        if not _said_in_one_line(err):
+            raise
         kind = err.kind if isinstance(err, UserError) else "config error"
         line = one_line(err, limit=400)
         if not _in_multirun():
@@ -53,6 +50,26 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
         overrides = " ".join(job.overrides.task)
         report(f"job {job.job.num} ({overrides}) failed: {kind}: {line}", stream=sys.stderr)
         return JobFailed(line)
+
+
+def _lightning_error(err: BaseException, module: str, name: str) -> bool:
+    """Whether err is Lightning's exception `name`; never true while Lightning is not loaded (a
+    config error is answered before it is), so it is not imported for the question."""
+    return module in sys.modules and isinstance(err, getattr(sys.modules[module], name))
+
+
+def _stopped_by_sigterm(err: BaseException) -> bool:
+    return _lightning_error(err, "lightning.pytorch.utilities.exceptions", "SIGTERMException")
+
+
+def _said_in_one_line(err: BaseException) -> bool:
+    """A UserError, a config object Hydra cannot build, or a setting Lightning refuses (its
+    MisconfigurationException names the setting in its message)."""
+    from hydra.errors import InstantiationException
+
+    return isinstance(err, UserError | InstantiationException) or _lightning_error(
+        err, "lightning.fabric.utilities.exceptions", "MisconfigurationException"
+    )
 
 
 def _record_failure(line: str) -> None:
@@ -100,6 +117,9 @@ def run_app(main: Callable[[], Any], config_name: str) -> None:
     """
     from hydra.errors import HydraException
 
+    if sys.argv[1:] in (["--help"], ["-h"]) and (text := _plain_help(config_name)) is not None:
+        print(text)
+        return
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()
         return
@@ -112,6 +132,19 @@ def run_app(main: Callable[[], Any], config_name: str) -> None:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         sys.exit(f"error: {cannot_write_message(Path(err.filename or _run_folder()), err)}")
+
+
+def _plain_help(config_name: str) -> str | None:
+    """`--help` alone, read from conf/<config_name>.yaml's hydra.help.template when it is plain text
+    (no $ fields for Hydra to fill): what Hydra prints, without composing every config group's
+    options for fields the text does not use (a second and more). None: let Hydra print it."""
+    from omegaconf import OmegaConf
+
+    from sae.config import CONF_DIR
+
+    config = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    template = OmegaConf.select(config, "hydra.help.template", default=None)
+    return template if isinstance(template, str) and "$" not in template else None
 
 
 def _run_folder() -> str:
@@ -137,9 +170,9 @@ def hydra_error_line(err: BaseException, config_name: str) -> str:
     if found and "not in struct" in str(err.__cause__ or ""):
         key = found.group(1)
         known = _config_keys(config_name)
-        from sae.config import trainer_arguments
+        from sae.config import TRAINER_ARGUMENTS
 
-        if key.startswith("trainer.") and key.split(".", 1)[1] in trainer_arguments():
+        if key.startswith("trainer.") and key.split(".", 1)[1] in TRAINER_ARGUMENTS:
             return f"{key} is not set in conf/{config_name}.yaml: add it with +{key}=..."
         hint = did_you_mean(key, known) or f"; `python {app} --cfg job` lists every setting"
         return f"{key} is not a setting of {app}{hint}"

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sae.errors import UserError, one_line
+from sae.internals import is_rank_zero
 from sae.run.atomic import CannotWrite, cannot_write_message
 
 LOCK_FILE = ".lock"
@@ -38,7 +39,7 @@ def lock_run_folder(folder: str | Path) -> bool:
 
     Processes other than rank 0 of a multi-process (DDP) run share rank 0's folder and lock.
     """
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return False
     folder = Path(folder).resolve()
     if folder in _held:
@@ -108,12 +109,6 @@ def remove_leftover_temporary_files(folder: str | Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 class RunFolderLock(Callback):

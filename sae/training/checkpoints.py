@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,14 @@ from sae.config import (
     DATA_RULES,
     RENAMED,
     ConfigError,
+    check_checkpoint_file,
     check_model_settings,
     check_settings,
     is_number,
     model_settings,
 )
-from sae.core.sparsity import METHODS
-from sae.errors import UserError, one_line
+from sae.core.settings import SETTINGS
+from sae.errors import CheckpointError, one_line
 from sae.run.atomic import write_atomic
 from sae.training.module import SparseAutoencoderModule, module_defaults
 
@@ -57,10 +57,6 @@ def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
     sparsity = model.get("sparsity") or {}
     shape = {key: model.get(key) for key in ARCHITECTURE}
     return shape | {f"sparsity.{key}": sparsity.get(key) for key in ARCHITECTURE_SPARSITY}
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint path that is missing, unreadable, or not one of this project's checkpoints."""
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -149,17 +145,7 @@ class RunFolderCheckpoint(ModelCheckpoint):
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A training checkpoint as a dict, loaded weights-only; a missing, unreadable or foreign file
     is a one-line CheckpointError."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(p.name for p in path.glob("**/*.ckpt"))[:3]
-        hint = f" (it holds {', '.join(found)})" if found else ""
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass one of its .ckpt files{hint}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (pass ckpt_path=<run>/checkpoints/*.ckpt)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"cannot load {path} as a PyTorch checkpoint: it is not a file torch.save writes"
-        )
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -219,11 +205,11 @@ FLAT_METHOD_KNOBS = ("k", "auxk", "auxk_alpha", "auxk_k", "auxk_dead_after", "rh
 def _method_settings_as_one(model: dict[str, Any]) -> dict[str, Any]:
     """An older checkpoint's hyperparameters (`sparsity` a method's name, its knobs beside it, those
     of every other method too) as this version's: `sparsity` the method and its own settings."""
-    if not isinstance(model.get("sparsity"), str) or model["sparsity"] not in METHODS:
+    if not isinstance(model.get("sparsity"), str) or model["sparsity"] not in SETTINGS:
         return model  # this version's, or not a checkpoint of ours: the checks say which
-    method = METHODS[model["sparsity"]]
-    fields = [f.name for f in dataclasses.fields(method.Settings)]
-    settings = {"method": method.name} | {k: model[k] for k in fields if k in model}
+    method = model["sparsity"]
+    fields = [f.name for f in dataclasses.fields(SETTINGS[method])]
+    settings = {"method": method} | {k: model[k] for k in fields if k in model}
     return {k: v for k, v in model.items() if k not in FLAT_METHOD_KNOBS} | {"sparsity": settings}
 
 

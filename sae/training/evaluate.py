@@ -78,15 +78,12 @@ def evaluation_data_settings(cfg: DictConfig, trained_on: dict[str, Any]) -> dic
 def summarise(sweep_dir: str | Path) -> None:
     """summary.csv, summary.md and pareto.png of a sweep folder, from its job folders alone; first,
     each job's results that its status says are missing are computed (complete_run)."""
-    from sae.report.summary import job_dirs, write_summary
+    from sae.report.summary import sweep_jobs, write_summary
 
-    path = Path(sweep_dir)
-    if not path.is_dir() or not job_dirs(path):
-        raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
-    for job in job_dirs(path):
+    for job in sweep_jobs(sweep_dir):
         if done := complete_run(job):
             report(f"job {job.name}: completed its {', '.join(done)}")
-    report(write_summary(path).closing_lines())
+    report(write_summary(Path(sweep_dir)).closing_lines())
 
 
 # A sweep job's results that may be computed after it (sae.run.handoff): the code and pixel probes,

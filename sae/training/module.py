@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from sae.core.loss import RECONSTRUCTION_LOSSES, minimised, objective, split_objective, term_names
+from sae.core.loss import minimised, objective, split_objective, term_names
 from sae.core.metrics import (
     FractionOfVarianceUnexplained,
     UnitActivity,
@@ -21,7 +21,8 @@ from sae.core.metrics import (
     rho_hat_summary,
     truncate_codes,
 )
-from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder, layer_names
+from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder
+from sae.core.settings import RECONSTRUCTION_LOSSES, layer_names
 from sae.core.sparsity import make_method
 from sae.errors import UserError
 

@@ -1,0 +1,151 @@
+"""What the model and each sparsity method accept, in plain Python: sae.config checks a command's
+settings against this before torch is imported, so that a mistyped value is answered at once
+rather than after seconds of imports.
+
+A sparsity method's settings are a frozen dataclass registered under the method's name
+(`@register_settings`): its knobs with their defaults and their check, and what the method needs
+of the model (the latent activations its terms are defined for, whether it covers only the
+latent). The method itself (sae.core.sparsity) names its settings class as `Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
+
+# The model's activations by name (sae.core.model builds them); topk is the latent's, with k.
+ACTIVATION_NAMES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity", "topk")
+RECONSTRUCTION_LOSSES = ("mse", "bce")
+
+
+def layer_names(num_hidden: int) -> list[str]:
+    """Names of the hidden layers in forward order: encoder_1.., latent, decoder_1.. ."""
+    return (
+        [f"encoder_{i}" for i in range(1, num_hidden + 1)]
+        + ["latent"]
+        + [f"decoder_{i}" for i in range(1, num_hidden + 1)]
+    )
+
+
+class InvalidSetting(ValueError):
+    """A method's setting out of its range: the key (within the method's settings), the value, and
+    what it must be. The config's checks say it in one line under the key the user set."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}={value!r} must be {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_weight(key: str, value: Any) -> None:
+    """A penalty's weight: a finite number >= 0 (beta, auxk_alpha)."""
+    if not (_number(value) and 0 <= value <= FLOAT32_MAX):
+        raise InvalidSetting(key, value, f"a number in [0, {FLOAT32_MAX:.2g}]")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's knobs: plain values (numbers, bools, null), or in stacked training one job's
+    values as 0-d tensors inside a vmap, so terms must be plain tensor arithmetic."""
+
+    method: ClassVar[str]  # the name a config selects it by (model.sparsity.method)
+    # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
+    latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
+    only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
+
+    def check(self, latent_dim: int) -> None:
+        """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
+
+
+SETTINGS: dict[str, type[MethodSettings]] = {}
+
+
+def register_settings(cls: type[MethodSettings]) -> type[MethodSettings]:
+    """Make a method's settings known by its name (what model.sparsity.method may be)."""
+    SETTINGS[cls.method] = cls
+    return cls
+
+
+def method_settings(sparsity: Mapping[str, Any]) -> MethodSettings:
+    """The settings a `{"method": name, <knob>: value, ...}` mapping gives; a method or knob that
+    does not exist is an InvalidSetting naming it (the config's rules and a checkpoint's both go
+    through here). The values are not checked yet: `.check(latent_dim)` does that."""
+    if not isinstance(sparsity, Mapping) or sparsity.get("method") not in SETTINGS:
+        method = sparsity.get("method") if isinstance(sparsity, Mapping) else sparsity
+        raise InvalidSetting("method", method, f"one of {', '.join(SETTINGS)}")
+    cls = SETTINGS[sparsity["method"]]
+    knobs = {k: v for k, v in sparsity.items() if k != "method"}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in knobs if k not in fields]
+    if unknown:
+        said = ", ".join(fields) or "none"
+        raise InvalidSetting(unknown[0], knobs[unknown[0]], f"absent: {cls.method}'s settings are {said}")
+    return cls(**knobs)
+
+
+@register_settings
+@dataclass(frozen=True)
+class KLSettings(MethodSettings):
+    method = "kl"
+    latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
+
+    rho: float = 0.05  # the target mean activation of each covered unit
+    beta: float = 5e-3  # the penalty's weight
+
+    def check(self, latent_dim: int) -> None:
+        if not (_number(self.rho) and 0 < self.rho < 1):
+            raise InvalidSetting("rho", self.rho, "a number in (0, 1)")
+        check_weight("beta", self.beta)
+
+
+@register_settings
+@dataclass(frozen=True)
+class L1Settings(MethodSettings):
+    method = "l1"
+    latent_activations = ("relu",)
+    only_latent = True
+
+    beta: float = 5e-3  # the penalty's weight
+
+    def check(self, latent_dim: int) -> None:
+        check_weight("beta", self.beta)
+
+
+@register_settings
+@dataclass(frozen=True)
+class TopKSettings(MethodSettings):
+    method = "topk"
+    latent_activations = ("topk",)
+    only_latent = True
+
+    k: int = 8  # latent units kept per input
+    auxk: bool = False  # the auxiliary loss that revives dead latents (Gao et al. 2024)
+    auxk_alpha: float = 1 / 32  # its weight (as Gao et al.)
+    auxk_k: int | None = None  # dead latents each input may use (None: latent_dim // 2)
+    auxk_dead_after: int = 10_000  # training inputs without firing after which a latent is dead
+
+    def check(self, latent_dim: int) -> None:
+        if not (_int(self.k) and 1 <= self.k <= latent_dim):
+            raise InvalidSetting(
+                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input"
+            )
+        if not isinstance(self.auxk, bool):
+            raise InvalidSetting("auxk", self.auxk, "true or false")
+        check_weight("auxk_alpha", self.auxk_alpha)
+        if not (self.auxk_k is None or (_int(self.auxk_k) and 1 <= self.auxk_k <= latent_dim)):
+            raise InvalidSetting(
+                "auxk_k", self.auxk_k, f"an integer in [1, latent_dim={latent_dim}] (or null)"
+            )
+        if not (_int(self.auxk_dead_after) and self.auxk_dead_after >= 1):
+            raise InvalidSetting("auxk_dead_after", self.auxk_dead_after, "an integer >= 1")
