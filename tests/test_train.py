@@ -339,6 +339,18 @@ def test_help_lists_every_option_of_the_groups_a_user_picks():
     assert all(knob.strip() in cfg for knob in knobs.split(":", 1)[1].split(","))
 
 
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_help_alone_is_hydras_help_without_hydra_composing_it(script):
+    """`--help` alone is read from the config file (sae.run.commands._plain_help); with an override
+    Hydra prints it itself: the two are the same text."""
+    from tests.conftest import run_script
+
+    own = run_script(script, "--help", timeout=120)
+    hydras = run_script(script, "--help", "threads=1", timeout=120)
+    assert own.returncode == hydras.returncode == 0, own.stderr + hydras.stderr
+    assert own.stdout == hydras.stdout and own.stdout.startswith(f"{script}: ")
+
+
 def test_progress_bar_is_throttled_on_a_terminal_one_line_per_epoch_elsewhere_and_can_be_turned_off(
     mnist_root, tmp_path, monkeypatch, capsys
 ):
