@@ -12,9 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from sae.cli import start_process
+from sae.cli import choose_openmp_spin, start_process
 
-start_process()  # before torch loads: OpenMP reads its settings then
+start_process()  # the config resolvers, before Hydra composes
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> None:
 def summarise(cfg: DictConfig) -> None:
     validate_evaluate_config(cfg)
     sweep_jobs(cfg.sweep_dir)
+    choose_openmp_spin(sweep=False)  # before torch loads
     from sae.training.evaluate import summarise
 
     summarise(cfg.sweep_dir)
@@ -51,6 +52,7 @@ def summarise(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> None:
     validate_evaluate_config(cfg)
     check_checkpoint_file(cfg.ckpt_path)
+    choose_openmp_spin(sweep=False)  # before torch loads
     from sae.training.evaluate import evaluate
 
     evaluate(cfg)

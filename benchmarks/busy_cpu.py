@@ -30,11 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (train.py overrides, environment variables). "default" is train.py as shipped (sae.cli.start_process
-# sets GOMP_SPINCOUNT=1000 when the user set no OpenMP wait policy); the others override it.
+# name: (train.py overrides, environment variables). "default" is train.py as shipped
+# (sae.cli.choose_openmp_spin: libgomp's spin when the cores are idle as the run starts,
+# GOMP_SPINCOUNT=1000 when other processes keep one busy); the others set a policy, which stands.
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "default": ([], {}),
     "libgomp's default (GOMP_SPINCOUNT=300000)": ([], {"GOMP_SPINCOUNT": "300000"}),
+    "short spin (GOMP_SPINCOUNT=1000)": ([], {"GOMP_SPINCOUNT": "1000"}),
     "threads=1": (["threads=1"], {}),
     "OMP_WAIT_POLICY=passive": ([], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "threads=1, passive": (["threads=1"], {"OMP_WAIT_POLICY": "PASSIVE"}),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -394,32 +395,56 @@ def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, mon
     assert srun_hints("accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 
 
-def test_entry_scripts_shorten_openmp_spinning_before_torch_loads_it():
-    """OpenMP reads GOMP_SPINCOUNT when torch loads it: train.py and evaluate.py set it first
-    (sae.cli.start_process), before any torch import, unless the user set a policy."""
-    probe = (
-        "import os, sys, sae.cli; sae.cli.start_process(); "
-        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
-    )
+SPIN_PROBE = """
+import os, sys, sae.cli
+sae.cli.other_processes_busy_cores = lambda: {busy}
+print(sae.cli.choose_openmp_spin(sweep={sweep}), os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "busy, sweep, env, chosen",
+    [
+        (0.1, False, {}, "libgomp's None False"),  # an idle machine: libgomp's long spin, fast
+        (1.0, False, {}, "short 1000 False"),  # another process holds a core: a short spin
+        (None, False, {}, "short 1000 False"),  # the system does not say: the safe one
+        (0.1, True, {}, "short 1000 False"),  # a sweep shares the cores with its hand-off worker
+        (1.0, True, {"GOMP_SPINCOUNT": "5"}, "the user's 5 False"),
+        (1.0, False, {"OMP_WAIT_POLICY": "ACTIVE"}, "the user's None False"),
+    ],
+)
+def test_openmp_spin_is_chosen_from_whether_the_cores_are_shared(busy, sweep, env, chosen):
+    """OpenMP reads GOMP_SPINCOUNT when torch loads it: chosen before any torch import, from the
+    load as the run starts, unless the user set a policy (sae.cli.choose_openmp_spin)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = SPIN_PROBE.format(busy=busy, sweep=sweep)
+    command = [sys.executable, "-c", code]
+    proc = subprocess.run(command, cwd=ROOT, env=clean | env, capture_output=True, text=True)
+    assert proc.stdout.strip() == chosen, proc.stderr
 
-    def spin_count(**env: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=clean | env, capture_output=True)
-        return proc.stdout.decode().strip()
 
-    assert spin_count() == "1000 False"
-    assert spin_count(GOMP_SPINCOUNT="5") == "5 False"
-    assert spin_count(OMP_WAIT_POLICY="ACTIVE") == "None False"
-    for script in ("train.py", "evaluate.py"):  # each calls it before it imports any library
-        lines = (ROOT / script).read_text().splitlines()
-        first_library = next(
-            i
-            for i, line in enumerate(lines)
-            if line.startswith(("import ", "from "))
-            and line.split()[1].split(".")[0] not in (*sys.stdlib_module_names, "__future__")
-            and line != "from sae.cli import start_process"
-        )
-        assert "start_process()" in [line.split("#")[0].strip() for line in lines[:first_library]], script
+def test_the_load_sample_sees_a_busy_process():
+    from sae.cli import other_processes_busy_cores
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # past its start-up
+        assert other_processes_busy_cores(0.5) >= 0.5
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_entry_scripts_choose_the_spin_before_anything_imports_torch():
+    """train.py chooses after checking the config and before importing sae.training (Lightning,
+    torch); evaluate.py likewise in each of its two commands."""
+    for script, count in (("train.py", 1), ("evaluate.py", 2)):
+        lines = [line.strip() for line in (ROOT / script).read_text().splitlines()]
+        chosen = [i for i, line in enumerate(lines) if line.startswith("choose_openmp_spin(")]
+        training = [i for i, line in enumerate(lines) if line.startswith("from sae.training")]
+        assert len(chosen) == len(training) == count, script
+        assert all(c < t for c, t in zip(chosen, training, strict=True)), script
+        assert not any(line.startswith(("import torch", "import lightning")) for line in lines), script
 
 
 def test_seed_notebook_is_the_reference_notebook(mnist_root, tmp_path):

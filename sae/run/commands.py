@@ -41,7 +41,7 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
             raise
         kind = err.kind if isinstance(err, UserError) else "config error"
         line = one_line(err, limit=400)
-        if not _in_multirun():
+        if not in_multirun():
             _record_failure(f"{kind}: {line}")
             to_run_log(f"{kind}: {line}", logging.ERROR)  # the log keeps it too; sys.exit prints it
             sys.exit(f"{kind}: {line}")
@@ -99,7 +99,8 @@ def _append_traceback(log_file: Path, err: BaseException) -> None:
         pass  # the one line has been printed; the log is a convenience
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this process runs a job of a sweep (`-m`, or a preset that sets hydra.mode)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
