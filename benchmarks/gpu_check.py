@@ -7,11 +7,13 @@ Runs, each in a process of its own, and ends with one table (measured, target, m
 
   1. benchmarks/epoch_time.py     (a)/(c), train.py's epoch against the notebook loop's: >= 30x
                                   (4 epochs, timing only)
-  2. python train.py              the default 10-epoch run's fit/seconds (training time): < 3 s
+  2. python train.py              the default 10-epoch run's fit/seconds (training time): < 3 s,
+                                  each step one replayed CUDA graph; and with cuda_graph=false
   3. benchmarks/sweep_time.py     16 jobs: vectorized <= 2x one job, and >= 8x the basic launcher
-  4. pytest tests/test_cuda.py    the tests of the CUDA path: all pass
-  5. benchmarks/step_time.py      ms per optimizer step: eager, fused Adam, one CUDA graph (the
-                                  next lever, measured before it is built; no target)
+  4. pytest tests/test_cuda.py    the tests of the CUDA path (the recorded step against the eager
+                                  one, fresh and resumed): all pass
+  5. benchmarks/step_time.py      ms per optimizer step: eager, fused Adam, one CUDA graph (no
+                                  target; each variant's loss per round, to find where a NaN starts)
 
 The steps share one time budget (--budget seconds, for a device loan's single command): each gets
 at most what is left of it, and the table is printed whatever happened. With --log-dir, each
@@ -147,7 +149,7 @@ def main() -> None:
     epochs = (
         ["--epochs", "2", "--timing-only", "--overrides", *small]
         if args.tiny
-        else ["--epochs", "4", "--timing-only"]
+        else ["--epochs", "4", "--timing-only", "--real-rounds", "0"]  # step 2 is the real run
     )
     grid = (
         ["--betas", "1e-3,5e-3", "--rhos", "0.05", "--epochs", "1", "--overrides", *small]
@@ -169,16 +171,14 @@ def main() -> None:
     )
     results["(a)/(c) per epoch"] = number(r"\(a\)/\(c\) speed-up over the reference loop: ([\d.]+)x", out)
 
-    with tempfile.TemporaryDirectory() as folder:
-        fit = [python, "train.py", f"accelerator={accelerator}", f"data.root={data_root}"]
-        fit += [f"hydra.run.dir={folder}", "+trainer.enable_progress_bar=false"] + (
-            ["epochs=2", *small] if args.tiny else []
-        )
-        steps.run(fit, "default run", 120)
-        metrics = Path(folder) / "metrics.json"
-        results["default run fit/seconds"] = (
-            json.loads(metrics.read_text())["fit/seconds"] if metrics.is_file() else None
-        )
+    for graph, name in (("true", "default run fit/seconds"), ("false", "the same, cuda_graph=false")):
+        with tempfile.TemporaryDirectory() as folder:
+            fit = [python, "train.py", f"accelerator={accelerator}", f"data.root={data_root}"]
+            fit += [f"hydra.run.dir={folder}", "+trainer.enable_progress_bar=false", f"cuda_graph={graph}"]
+            fit += ["epochs=2", *small] if args.tiny else []
+            steps.run(fit, name, 120)
+            metrics = Path(folder) / "metrics.json"
+            results[name] = json.loads(metrics.read_text())["fit/seconds"] if metrics.is_file() else None
 
     step_args = ["--steps", "20"] if args.tiny else []
     out = steps.run([python, "benchmarks/step_time.py", "--device", args.device, *step_args], "step time", 90)

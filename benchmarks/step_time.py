@@ -149,6 +149,8 @@ def main() -> None:
             f"{name:<12} {1e3 * median:>8.3f} {STEPS_PER_EPOCH * median:>8.3f} {eager / median:>8.2f}x "
             f"{first:>14.7g} {last:>10.7g}"
         )
+    for name, values in losses.items():  # where a loss stops being finite, if one does
+        print(f"{name:<12} loss after each round: {', '.join(f'{v:.6g}' for v in values)}")
     spread = max(abs(v[-1] - losses["eager"][-1]) for v in losses.values())
     print(f"\nlargest difference from eager's final loss: {spread:.2e}")
     if not all(math.isfinite(v) for values in losses.values() for v in values):

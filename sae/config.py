@@ -201,6 +201,7 @@ DATA_RULES: dict[str, Rule] = {
 TOP_LEVEL_RULES: dict[str, Rule] = {
     "epochs": _int_at_least(1),
     "threads": _int_at_least(1, nullable=True),
+    "cuda_graph": _BOOL,
     "seed": _SEED,
     "optimized_metric": (
         selectable,
@@ -363,7 +364,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 # The top-level keys of a composed training config (tests/test_config.py checks every preset).
 TRAIN_TOP_LEVEL = (
-    *("rho", "beta", "latent_dim", "k", "lr", "epochs", "batch_size", "seed", "threads"),
+    *("rho", "beta", "latent_dim", "k", "lr", "epochs", "batch_size", "seed", "threads", "cuda_graph"),
     *("optimized_metric", "resume", "ckpt_path", "output_dir"),
     *("model", "data", "trainer", "logger", "callbacks", "hydra"),
 )

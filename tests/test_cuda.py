@@ -13,7 +13,7 @@ from sae.core.loss import objective
 from sae.training.evaluate import evaluate
 from sae.training.fit import train
 from sae.training.module import SparseAutoencoderModule
-from tests.conftest import LEAN, compose_config, compose_train
+from tests.conftest import LEAN, checkpoint_weights, compose_config, compose_train
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device (benchmarks/gpu_check.py runs these on a GPU)"
@@ -66,3 +66,55 @@ def test_a_training_step_never_waits_for_the_gpu(mnist_root, tmp_path, method):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+@pytest.fixture
+def recordings(monkeypatch):
+    """The CapturedStep objects training makes (sae.training.module records the step with one)."""
+    from sae.core.captured import CapturedStep
+    from sae.training import module as module_file
+
+    made = []
+
+    class Kept(CapturedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(module_file, "CapturedStep", Kept)
+    return made
+
+
+def weights(run) -> dict:
+    return checkpoint_weights(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_recorded_step_trains_as_the_eager_step(mnist_root, tmp_path, method, recordings):
+    """cuda_graph=true (the default): one CUDA graph per full batch, replayed, ends where
+    Lightning's eager step ends (cuda_graph=false), within the stacked path's tolerance."""
+    overrides = [*LEAN, "debug=limit", WHOLE_TEST, "accelerator=gpu", *METHODS[method]]
+    graph = train(compose_train(overrides, tmp_path / "graph", mnist_root))
+    assert len(recordings) == 1 and recordings[0].graph is not None and recordings[0].replays > 0
+    eager = train(compose_train([*overrides, "cuda_graph=false"], tmp_path / "eager", mnist_root))
+    assert len(recordings) == 1  # cuda_graph=false records nothing
+    for key in COMPARED:
+        assert graph[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "graph")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_resumed_run_with_the_recorded_step_ends_where_it_would_have(mnist_root, tmp_path, recordings):
+    def run(name: str, *overrides: str) -> dict:
+        settings = [*LEAN, "debug=limit", "accelerator=gpu", *overrides]
+        return train(compose_train(settings, tmp_path / name, mnist_root))
+
+    full = run("full", "epochs=4")
+    run("part", "epochs=2")
+    resumed = run("elsewhere", "epochs=4", f"resume={tmp_path / 'part'}")
+    assert resumed["fit/epochs"] == full["fit/epochs"] == 4
+    assert all(r.graph is not None and r.replays > 0 for r in recordings)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)

@@ -216,7 +216,10 @@ def build_data_and_module(cfg: DictConfig) -> tuple[MNISTDataModule, SparseAutoe
     Built from the checked settings (sae.config), not by Hydra: a config names no class here."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return MNISTDataModule(**data_settings(cfg)), SparseAutoencoderModule(**model_settings(cfg))
+    datamodule = MNISTDataModule(**data_settings(cfg))
+    module = SparseAutoencoderModule(**model_settings(cfg))
+    module.cuda_graph = cfg.get("cuda_graph", True)  # how it runs, not what it trains: no hyperparameter
+    return datamodule, module
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from sae.core.captured import CapturedStep
 from sae.core.loss import minimised, objective, split_objective, term_names
 from sae.core.metrics import (
     FractionOfVarianceUnexplained,
@@ -25,6 +26,7 @@ from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder
 from sae.core.settings import RECONSTRUCTION_LOSSES, layer_names
 from sae.core.sparsity import make_method
 from sae.errors import UserError
+from sae.internals import count_optimizer_steps
 
 DEFAULT_SPARSITY = {"method": "kl", "rho": 0.05, "beta": 5e-3}  # the reference notebook's
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
@@ -96,6 +98,10 @@ class SparseAutoencoderModule(L.LightningModule):
         self._window_start = 0  # the optimizer step of the window's first row
         self._last_finite = ""  # the last logged window means, for the divergence message
         self._off_values: Tensor | None = None  # per latent unit: set as each validation and test starts
+        # Whether to record the training step as one CUDA graph where that is valid (records_steps):
+        # how the run executes, not what it trains, so not a hyperparameter (the cuda_graph knob).
+        self.cuda_graph = True
+        self._recorded: CapturedStep | None = None  # made as training starts, when records_steps()
 
     def setting(self) -> str:
         """The knobs that tell runs apart, for figure titles: method and its knobs, width, lr."""
@@ -193,15 +199,42 @@ class SparseAutoencoderModule(L.LightningModule):
         hp = self.hparams
         written = None
         for x, _ in batches:
-            named = objective(hp.recon_loss, self.method, self.net(x), x)
-            loss = minimised(self.method, named)
-            terms = torch.stack(list(named.values()))
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            if (mean_loss := self._after_step(terms.detach())) is not None:
+            if self._recorded is not None:
+                terms = self._recorded(x)
+                count_optimizer_steps(self.trainer, 1)  # taken past Lightning's optimizer wrapper
+            else:
+                named = objective(hp.recon_loss, self.method, self.net(x), x)
+                loss = minimised(self.method, named)
+                terms = torch.stack(list(named.values())).detach()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            if (mean_loss := self._after_step(terms)) is not None:
                 written = mean_loss
         self._end_call(written)
+
+    def records_steps(self) -> bool:
+        """Whether the training steps are recorded once as a CUDA graph and replayed
+        (sae.core.captured): asked for (`cuda_graph`, on by default), on one CUDA device, in 32-bit
+        precision (Lightning's mixed-precision scaling happens in the wrapper the graph skips)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # a module on its own, not attached to a Trainer: no recording
+            return False
+        return (
+            bool(self.cuda_graph)
+            and self.device.type == "cuda"
+            and trainer.world_size == 1
+            and str(trainer.precision) == "32-true"
+        )
+
+    def _plain_step(self, x: Tensor) -> Tensor:
+        """One optimizer step on x as the graph records it: forward, objective, backward and Adam's
+        update, without Lightning's wrappers (Python that a replay would not run). Its terms."""
+        named = objective(self.hparams.recon_loss, self.method, self.net(x), x)
+        minimised(self.method, named).backward()
+        self.optimizers().optimizer.step()
+        return torch.stack(list(named.values())).detach()
 
     def _after_step(self, terms: Tensor) -> Tensor | None:
         """Keep the terms of the optimizer step just taken; every `log_every_n_steps` steps, write
@@ -285,9 +318,22 @@ class SparseAutoencoderModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Training continued from a checkpoint (ckpt_path=) restores Adam's state with the lr it
-        # had; the run trains at the lr it records (its hyperparameter), as a fresh run would.
-        for group in self.optimizers().optimizer.param_groups:
+        # had, and with whether it was capturable where it was saved; the run trains at the lr it
+        # records (its hyperparameter), as a fresh run would, and as this machine's step needs.
+        optimizer = self.optimizers().optimizer
+        recorded = self.records_steps()
+        capturable = recorded and self.device.type == "cuda"  # on a CPU (tests): recording disabled
+        for group in optimizer.param_groups:
             group["lr"] = self.hparams.lr
+            group["capturable"] = capturable
+        if capturable:  # a capturable Adam counts its steps on the device
+            for state in optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].to(self.device, torch.float32)
+        self._recorded = None
+        if recorded:
+            zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+            self._recorded = CapturedStep(self._plain_step, zero_grad, capture=capturable)
 
     def on_validation_start(self) -> None:  # inside fit: before this epoch's checkpoint is written
         self._stop_if_diverged()
@@ -383,7 +429,8 @@ class SparseAutoencoderModule(L.LightningModule):
         self._log_split("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        capturable = self.records_steps() and self.device.type == "cuda"
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, capturable=capturable)
 
 
 # Hooks that Lightning runs around each backward and optimizer step of manual optimization.

@@ -45,6 +45,7 @@ CHANGEABLE_ON_RESUME = (
     "output_dir",
     "trainer.default_root_dir",
     "threads",
+    "cuda_graph",
     "optimized_metric",
     *DATA_EXECUTION_SETTINGS,
     "logger",
