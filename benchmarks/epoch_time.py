@@ -201,18 +201,18 @@ def memory_child(args) -> None:
     print(f"PEAK_MIB {peak:.1f}")
 
 
+def train_command(args, out: str, *overrides: str) -> list[str]:
+    """`python train.py` on this data and device, writing into out."""
+    accelerator = f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"
+    run = [f"data.root={args.data_root}", f"hydra.run.dir={out}", accelerator, *overrides]
+    return [sys.executable, str(ROOT / "train.py"), *run]
+
+
 def real_run(args) -> dict:
     """(d): `python train.py` with the defaults in its own process (the environment as the user's,
     so the entry point's own thread settings apply): its s/epoch, wall time, peak RSS, test MSE."""
     with tempfile.TemporaryDirectory() as out:
-        command = [
-            sys.executable,
-            str(ROOT / "train.py"),
-            f"data.root={args.data_root}",
-            f"hydra.run.dir={out}",
-            f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-            *args.overrides,
-        ]
+        command = train_command(args, out, *args.overrides)
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, stderr = proc.communicate()
@@ -253,15 +253,8 @@ def real_rounds(args, device: torch.device, images: torch.Tensor) -> dict:
 def first_step_seconds(args) -> float:
     """From launching `python train.py` to its first training step."""
     with tempfile.TemporaryDirectory() as out:
-        command = [
-            sys.executable,
-            str(ROOT / "train.py"),
-            f"data.root={args.data_root}",
-            f"hydra.run.dir={out}",
-            f"accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-            "+callbacks.first_step._target_=benchmarks.first_step.FirstStepClock",
-            *args.overrides,
-        ]
+        clock = "+callbacks.first_step._target_=benchmarks.first_step.FirstStepClock"
+        command = train_command(args, out, clock, *args.overrides)
         start = time.time()
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         mark = re.search(r"FIRST_STEP (\d+\.\d+)", proc.stdout)  # the progress bar shares stdout

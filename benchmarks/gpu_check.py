@@ -147,7 +147,7 @@ def main() -> None:
     small = ["data.val_size=100", *lean] if args.tiny else []
     # Timing only: the peak-memory and start-up processes would cost a minute of the loan.
     epochs = (
-        ["--epochs", "2", "--timing-only", "--overrides", *small]
+        ["--epochs", "2", "--timing-only", "--real-rounds", "0", "--overrides", *small]
         if args.tiny
         else ["--epochs", "4", "--timing-only", "--real-rounds", "0"]  # step 2 is the real run
     )
@@ -171,12 +171,16 @@ def main() -> None:
     )
     results["(a)/(c) per epoch"] = number(r"\(a\)/\(c\) speed-up over the reference loop: ([\d.]+)x", out)
 
-    for graph, name in (("true", "default run fit/seconds"), ("false", "the same, cuda_graph=false")):
+    eager = "default run fit/seconds, cuda_graph=false"
+    for graph, label, name in (
+        ("true", "default run", "default run fit/seconds"),
+        ("false", "default run, eager", eager),
+    ):
         with tempfile.TemporaryDirectory() as folder:
             fit = [python, "train.py", f"accelerator={accelerator}", f"data.root={data_root}"]
             fit += [f"hydra.run.dir={folder}", "+trainer.enable_progress_bar=false", f"cuda_graph={graph}"]
             fit += ["epochs=2", *small] if args.tiny else []
-            steps.run(fit, name, 120)
+            steps.run(fit, label, 120)
             metrics = Path(folder) / "metrics.json"
             results[name] = json.loads(metrics.read_text())["fit/seconds"] if metrics.is_file() else None
 
@@ -195,6 +199,7 @@ def main() -> None:
     targets = {
         "(a)/(c) per epoch": (">=", 30.0),
         "default run fit/seconds": ("<", 3.0),
+        "default run fit/seconds, cuda_graph=false": None,  # what the graph buys: no target
         "vectorized / single": ("<=", 2.0),
         "basic / vectorized": (">=", 8.0),
         "test/mse, launchers apart": ("<=", 1e-3),
