@@ -45,11 +45,12 @@ def choose_openmp_spin(sweep: bool) -> str:
         return "the user's"
     if "torch" in sys.modules:
         return "as loaded"
-    busy = other_processes_busy_cores()
-    if sweep or busy is None or busy >= BUSY_CORES:
-        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN
-        return "short"
-    return "libgomp's"
+    if not sweep:  # a sweep shares the cores whatever the load: no sample needed
+        busy = other_processes_busy_cores()
+        if busy is not None and busy < BUSY_CORES:
+            return "libgomp's"
+    os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN
+    return "short"
 
 
 def other_processes_busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:

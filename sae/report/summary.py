@@ -76,10 +76,10 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def sweep_jobs(sweep_dir: str | Path) -> list[Path]:
     """A sweep folder's job folders; a UserError naming the folder if it has none."""
-    path = Path(sweep_dir)
-    if not path.is_dir() or not job_dirs(path):
+    jobs = job_dirs(Path(sweep_dir)) if Path(sweep_dir).is_dir() else []
+    if not jobs:
         raise UserError(f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml)")
-    return job_dirs(path)
+    return jobs
 
 
 def _parse_value(text: str) -> Any:

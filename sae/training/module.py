@@ -196,16 +196,13 @@ class SparseAutoencoderModule(L.LightningModule):
                 "data.batches_per_call must be 1 with several processes (DDP): see accelerator=ddp"
             )
         optimizer = self.optimizers()
-        hp = self.hparams
         written = None
         for x, _ in batches:
             if self._recorded is not None:
                 terms = self._recorded(x)
                 count_optimizer_steps(self.trainer, 1)  # taken past Lightning's optimizer wrapper
             else:
-                named = objective(hp.recon_loss, self.method, self.net(x), x)
-                loss = minimised(self.method, named)
-                terms = torch.stack(list(named.values())).detach()
+                loss, terms = self._loss_and_terms(x)
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
@@ -231,10 +228,15 @@ class SparseAutoencoderModule(L.LightningModule):
     def _plain_step(self, x: Tensor) -> Tensor:
         """One optimizer step on x as the graph records it: forward, objective, backward and Adam's
         update, without Lightning's wrappers (Python that a replay would not run). Its terms."""
-        named = objective(self.hparams.recon_loss, self.method, self.net(x), x)
-        minimised(self.method, named).backward()
+        loss, terms = self._loss_and_terms(x)
+        loss.backward()
         self.optimizers().optimizer.step()
-        return torch.stack(list(named.values())).detach()
+        return terms
+
+    def _loss_and_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What a training step minimises on x, and its named terms (term_names) stacked, detached."""
+        named = objective(self.hparams.recon_loss, self.method, self.net(x), x)
+        return minimised(self.method, named), torch.stack(list(named.values())).detach()
 
     def _after_step(self, terms: Tensor) -> Tensor | None:
         """Keep the terms of the optimizer step just taken; every `log_every_n_steps` steps, write
