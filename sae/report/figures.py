@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import matplotlib.patches
 import numpy as np
 import seaborn as sns
@@ -295,14 +296,27 @@ def write_run_figures(dirpath: Path, inputs: dict[str, Any], events_dir: str | N
         writer = FileWriter(events_dir, filename_suffix=".figures")
     try:
         for name, fig in figures.items():
-            png = io.BytesIO()
-            fig.savefig(png, format="png")
-            write_atomic(dirpath / f"{name}.png", lambda f, png=png: f.write(png.getbuffer()))
+            png = png_bytes(fig)
+            write_atomic(dirpath / f"{name}.png", lambda f, png=png: f.write(png))
             if writer is not None:  # the same PNG: TensorBoard keeps images PNG-encoded
-                writer.add_summary(png_image_summary(f"visuals/{name}", png.getvalue()), step)
+                writer.add_summary(png_image_summary(f"visuals/{name}", png), step)
     finally:
         if writer is not None:
             writer.close()
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as a PNG file's bytes, its constrained layout computed once: savefig alone
+    lays the figure out twice (a layout pass, then the drawing, which lays it out again). The
+    pixels are those savefig gives (a test compares them)."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+        with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+            fig.set_layout_engine(None)  # no engine: the positions just computed stay
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return png.getvalue()
 
 
 def png_image_summary(tag: str, png: bytes):

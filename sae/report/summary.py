@@ -475,7 +475,7 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
     """pareto.png and sweep_metrics.png (one point per setting, error bars over seeds), and
     sweep_heatmaps.png when the sweep is a grid over two knobs; returns their names."""
     # matplotlib only when there is something to draw
-    from sae.report.figures import pareto_figure, sweep_heatmaps, sweep_metrics
+    from sae.report.figures import pareto_figure, png_bytes, sweep_heatmaps, sweep_metrics
 
     numeric = [k for k in knobs if all(is_number(s.get(k)) for s in settings)]
     figures = {
@@ -485,5 +485,6 @@ def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[
     if len(numeric) == 2 and len(settings) > 2:
         figures["sweep_heatmaps"] = sweep_heatmaps(settings, *numeric)
     for name, fig in figures.items():
-        write_atomic(sweep_dir / f"{name}.png", lambda f, fig=fig: fig.savefig(f, format="png"))
+        png = png_bytes(fig)
+        write_atomic(sweep_dir / f"{name}.png", lambda f, png=png: f.write(png))
     return [f"{name}.png" for name in figures]
