@@ -374,7 +374,7 @@ def test_progress_bar_is_throttled_on_a_terminal_one_line_per_epoch_elsewhere_an
     assert all("train/loss" in line and "val/loss" in line and line.endswith(" s)") for line in lines)
 
 
-def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, monkeypatch):
+def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, monkeypatch, caplog):
     """On a machine with SLURM installed, Lightning tells every run started without srun to use it:
     a hint for runs of several processes (which hang otherwise), noise for one."""
     fake = tmp_path / "bin"
@@ -385,13 +385,16 @@ def test_srun_hint_is_kept_for_multi_process_runs_only(mnist_root, tmp_path, mon
     for name in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(name)
 
-    def srun_hints(*overrides: str) -> list[str]:
+    def srun_hints(*overrides: str, whole_run: bool = False) -> list[str]:
+        cfg = compose_train(list(overrides), tmp_path / "run", mnist_root)
+        caplog.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            build_trainer(compose_train(list(overrides), tmp_path, mnist_root))
-        return [str(w.message) for w in caught if "The `srun` command is available" in str(w.message)]
+            train(cfg) if whole_run else build_trainer(cfg)
+        said = [str(w.message) for w in caught] + caplog.messages  # a run with a log file logs warnings
+        return [line for line in said if "The `srun` command is available" in line]
 
-    assert not srun_hints()
+    assert not srun_hints(whole_run=True)  # Lightning gives it as the Trainer is built and as fit starts
     assert srun_hints("accelerator=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 
 

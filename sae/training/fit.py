@@ -10,6 +10,8 @@ import copy
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,7 +108,8 @@ def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> t
     # No validation split (e.g. experiment=seed_notebook): nothing to validate or monitor.
     trainer = build_trainer(cfg, **({"limit_val_batches": 0} if cfg.data.val_size == 0 else {}))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    with srun_hint_silenced(cfg.trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     # Time in the training loop (with its validation), summed over the run's resumes: the Timer's
     # state travels in the checkpoints. Read now: testing a checkpoint restores its callbacks' state.
     fit_seconds = fit_timer(trainer).time_elapsed("train")
@@ -233,14 +236,21 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     # The module writes train/* every log_every_n_steps optimizer steps, however many batches each
     # training call holds; Lightning's warning compares that number with the calls per epoch.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than")
-    with warnings.catch_warnings():
-        if runs_in_one_process(cfg.trainer):
-            # Lightning's hint, on every run on a machine with SLURM installed, to start it with
-            # srun: processes of a multi-device run started otherwise hang; one process cannot.
-            warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    with srun_hint_silenced(cfg.trainer):
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     guard_checkpoint_restore(trainer, refuse_restore)
     return trainer
+
+
+@contextmanager
+def srun_hint_silenced(trainer_cfg: DictConfig) -> Iterator[None]:
+    """Without Lightning's hint, given on a machine with SLURM installed as the Trainer is built
+    and again as fit starts, to start the run with srun: processes of a multi-device run started
+    otherwise hang, but a run of one process cannot. Kept for those of several."""
+    with warnings.catch_warnings():
+        if runs_in_one_process(trainer_cfg):
+            warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+        yield
 
 
 def runs_in_one_process(trainer_cfg: DictConfig) -> bool:
