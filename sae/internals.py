@@ -1,4 +1,5 @@
-"""Every use of a Lightning (or torch) attribute that is not public API, behind named functions.
+"""Every use of a Lightning (or torch, Hydra, CPython) attribute that is not public API, behind
+named functions.
 
 Exact resume, the stacked sweep, TensorBoard's HParams entry, a sweep that outlives its jobs and
 checkpoints read as input need things the public APIs do not offer; a release that moves one
@@ -15,6 +16,7 @@ pyproject.toml pins lightning and torch to the releases that suite was run with.
 | failed_job_error             | hydra.core.utils.JobReturn._return_value (a failed job's exception)  |
 | submitit_cluster             | hydra-submitit's launcher class attribute _EXECUTOR ("local", "slurm") |
 | is_rank_zero                 | lightning.fabric.utilities.rank_zero._get_rank's environment keys     |
+| end_process                  | CPython's threading._shutdown and atexit._run_exitfuncs               |
 
 Why each is needed:
 - The vectorized launcher replays a job's recorded steps without taking them (sae.sweep.stacked);
@@ -30,6 +32,10 @@ Why each is needed:
 - A run folder is locked by rank 0 of a DDP run only, as Hydra starts and before Lightning is
   imported (a config error is answered without it): the rank is read from the environment
   variables Lightning's own `_get_rank` reads, in its order.
+- An entry script that has done its work ends without the interpreter's teardown of every loaded
+  module, slow once torch and Lightning are loaded (docs/performance.md): it does what the
+  interpreter does first at exit (joins the threads, runs the exit handlers, which close the
+  logs) through CPython's own functions for it, flushes the streams, and leaves.
 - A checkpoint is input: what Lightning restores from it (callbacks' and loops' state) is checked
   beforehand where the project can (sae.training.checkpoints.check_training_state); an error Lightning
   still meets while restoring it is reported as the file's, in one line, not as a traceback.
@@ -37,10 +43,12 @@ Why each is needed:
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # annotations only: the launchers import this module when Hydra starts
     import lightning as L
@@ -148,3 +156,29 @@ def is_rank_zero() -> bool:
         return getattr(loaded.rank_zero_only, "rank", 0) == 0
     rank = next((os.environ[key] for key in RANK_VARIABLES if key in os.environ), "0")
     return int(rank) == 0
+
+
+def end_process(code: int | str | None) -> NoReturn:
+    """Exit as sys.exit(code) does (a str is printed to stderr, status 1), but without tearing
+    down every loaded module when torch is loaded: the threads are joined and the exit handlers
+    run as at any exit (logs and event files closed, child processes waited for), the streams
+    are flushed, and the process ends."""
+    if "torch" not in sys.modules:  # little to tear down: the ordinary exit
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("a message")
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        shutdown, run_exit_handlers = threading._shutdown, atexit._run_exitfuncs
+    except AttributeError as err:
+        raise _moved("threading._shutdown / atexit._run_exitfuncs", err) from err
+    shutdown()  # waits for the threads that are not daemons, as the interpreter does first
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say
+            pass
+    os._exit(code)

@@ -19,6 +19,7 @@ from sae.internals import (
     LightningInternalsMoved,
     batches_trained_this_epoch,
     count_optimizer_steps,
+    end_process,
     failed_job_error,
     guard_checkpoint_restore,
     is_rank_zero,
@@ -189,3 +190,49 @@ def test_the_rank_before_lightning_loads_is_the_one_lightning_reads(monkeypatch,
     monkeypatch.setitem(sys.modules, "lightning.fabric.utilities.rank_zero", rank_zero)
     monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
     assert not is_rank_zero()
+
+
+ENDING_SCRIPT = """
+import atexit, sys, threading, time
+import torch  # loaded: end_process skips the interpreter's teardown
+from sae.internals import end_process
+
+out, code = sys.argv[1], sys.argv[2]
+
+class TornDown:
+    def __del__(self):  # runs in the interpreter's teardown of this module, not before
+        open(out + ".teardown", "w").write("ran")
+
+kept = TornDown()
+threading.Thread(target=lambda: (time.sleep(0.3), open(out + ".thread", "w").write("done"))).start()
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+sys.stdout.write("not yet flushed")
+end_process(None if code == "none" else int(code) if code.isdigit() else code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"), [("none", 0, ""), ("3", 3, ""), ("a message", 1, "a message\n")]
+)
+def test_a_process_ends_as_sys_exit_ends_it_without_the_teardown(tmp_path, code, status, stderr):
+    """end_process waits for the threads, runs the exit handlers and flushes the streams, as any
+    exit does, exits with sys.exit's status and message, and skips the teardown of modules."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING_SCRIPT)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), str(out), code], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "not yet flushed", stderr)
+    assert (tmp_path / "out.thread").read_text() == "done"
+    assert (tmp_path / "out.atexit").read_text() == "ran"
+    assert not (tmp_path / "out.teardown").exists()
+
+
+def test_a_python_without_the_exit_functions_fails_loudly(monkeypatch):
+    import threading
+
+    monkeypatch.delattr(threading, "_shutdown")
+    with pytest.raises(LightningInternalsMoved, match=r"threading\._shutdown"):
+        end_process(0)

@@ -12,9 +12,10 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sae.errors import JobFailed, UserError, did_you_mean, one_line
+from sae.internals import end_process
 from sae.run.atomic import cannot_write_message
 from sae.run.console import report, to_run_log
 from sae.run.folder import locked_folders
@@ -107,7 +108,17 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_app(main: Callable[[], Any], config_name: str) -> None:
+def run_app(main: Callable[[], Any], config_name: str) -> NoReturn:
+    """Run a Hydra entry point (see _run_app), then end the process (sae.internals.end_process:
+    without the interpreter's teardown of torch and Lightning, once their work is done)."""
+    try:
+        _run_app(main, config_name)
+    except SystemExit as done:
+        end_process(done.code)
+    end_process(0)
+
+
+def _run_app(main: Callable[[], Any], config_name: str) -> None:
     """Run a Hydra entry point (train.py, evaluate.py) so that a command Hydra cannot compose (a
     key no config has, `bta=0.1`; an option no group has, `sparsity=l2`; a malformed override)
     ends in one line naming it and the nearest known name, instead of Hydra's several lines.
