@@ -1,6 +1,6 @@
 """Milliseconds per optimizer step of the default model and loss, by how the step is launched.
 
-    python benchmarks/step_time.py [--device cpu|cuda] [--steps N] [--batch 128]
+    python benchmarks/step_time.py [--device cpu|cuda] [--steps N] [--batch 128] [--compile]
 
 On a GPU the default model (784-128-32-128-784, batch 128) is far too small to fill the chip: a
 step costs what the host spends launching its few dozen kernels, not arithmetic. This measures
@@ -11,6 +11,13 @@ model, objective (MSE + beta * KL) and Adam at its defaults:
   fused Adam   the same with Adam(fused=True): the update as one kernel
   CUDA graph   forward, objective, backward and a capturable fused Adam recorded once and
                replayed: one launch per step (CUDA only)
+  compiled     (--compile) torch.compile of the forward and objective (backward through
+               AOTAutograd) and of Adam's step: fused kernels, on the CPU C++ from Inductor
+
+The first steps of each variant are timed apart ("warm-up s": capture, or compilation, which
+Inductor caches on disk: a second invocation compiles from its cache). Last, the arithmetic: the
+floating-point operations of one step (torch's FlopCounterMode) against what this device's
+matrix multiply reaches in the same invocation, i.e. the fastest a step could be.
 
 Each variant trains its own copy of the same initial weights on the same batches; the table
 gives ms per step (median of rounds), the epoch this is for 430 steps (55k images), and how far
@@ -52,6 +59,46 @@ def eager_step(module: SparseAutoencoderModule, fused: bool) -> Callable[[torch.
         return loss.detach()
 
     return step
+
+
+def compiled_step(module: SparseAutoencoderModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    optimizer = torch.optim.Adam(module.parameters(), lr=module.hparams.lr)
+    loss_of = torch.compile(lambda x: objective("mse", module.method, module.net(x), x)["loss"])
+    update = torch.compile(optimizer.step)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loss = loss_of(x)
+        optimizer.zero_grad(set_to_none=False)  # the compiled update keeps its gradient buffers
+        loss.backward()
+        update()
+        return loss.detach()
+
+    return step
+
+
+def step_flops(module: SparseAutoencoderModule, x: torch.Tensor) -> int:
+    """Floating-point operations of one training step's forward and backward (the matrix
+    products; Adam's and the objective's elementwise work are a few per parameter or value)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = copy.deepcopy(module)
+    with FlopCounterMode(display=False) as counter:
+        objective("mse", module.method, module.net(x), x)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a float32 square matrix product on this device: the arithmetic it can reach."""
+    a, b = torch.rand(size, size, device=device), torch.rand(size, size, device=device)
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best
 
 
 def graphed_step(
@@ -99,6 +146,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=400, help="steps per round (5 rounds)")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -115,7 +163,17 @@ def main() -> None:
     }
     if device.type == "cuda":
         variants["CUDA graph"] = lambda m: graphed_step(m, batches[0])
+    if args.compile:
+        variants["compiled"] = compiled_step
     steps = {name: make(copy.deepcopy(initial)) for name, make in variants.items()}
+    warm_up: dict[str, float] = {}
+    for name, step in steps.items():  # the first steps: capture, compilation (every variant takes them)
+        sync(device)
+        start = time.perf_counter()
+        for x in batches[:3]:
+            step(x)
+        sync(device)
+        warm_up[name] = time.perf_counter() - start
 
     rounds: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}  # the loss after each round
@@ -137,7 +195,8 @@ def main() -> None:
         f"5 rounds of {len(batches)} steps\n"
     )
     header = (
-        f"{'variant':<12} {'ms/step':>8} {'s/epoch':>8} {'vs eager':>9} {'loss, round 1':>14} {'round 5':>10}"
+        f"{'variant':<12} {'warm-up s':>9} {'ms/step':>8} {'s/epoch':>8} {'vs eager':>9} "
+        f"{'loss, round 1':>14} {'round 5':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -146,7 +205,8 @@ def main() -> None:
         median = statistics.median(times)
         first, last = losses[name][0], losses[name][-1]
         print(
-            f"{name:<12} {1e3 * median:>8.3f} {STEPS_PER_EPOCH * median:>8.3f} {eager / median:>8.2f}x "
+            f"{name:<12} {warm_up[name]:>9.2f} {1e3 * median:>8.3f} {STEPS_PER_EPOCH * median:>8.3f} "
+            f"{eager / median:>8.2f}x "
             f"{first:>14.7g} {last:>10.7g}"
         )
     for name, values in losses.items():  # where a loss stops being finite, if one does
@@ -155,6 +215,13 @@ def main() -> None:
     print(f"\nlargest difference from eager's final loss: {spread:.2e}")
     if not all(math.isfinite(v) for values in losses.values() for v in values):
         print("warning: a loss is not finite (see the rounds above)")
+    flops, rate = step_flops(initial, batches[0]), matmul_rate(device)
+    fastest = min(statistics.median(times) for times in rounds.values())
+    print(
+        f"\narithmetic: {flops / 1e6:.0f} MFLOP a step; a {1024}x{1024} matrix product here reaches "
+        f"{rate / 1e9:.1f} GFLOP/s, so a step could take {1e3 * flops / rate:.3f} ms; the fastest "
+        f"variant reaches {flops / fastest / 1e9:.1f} GFLOP/s ({flops / fastest / rate:.0%} of it)"
+    )
 
 
 if __name__ == "__main__":
