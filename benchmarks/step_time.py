@@ -7,8 +7,8 @@ step costs what the host spends launching its few dozen kernels, not arithmetic.
 what each lever on that cost buys, on the same images resident on the device, with the project's
 model, objective (MSE + beta * KL) and Adam at its defaults:
 
-  eager        the step train.py takes (forward, objective, backward, Adam's foreach update)
-  fused Adam   the same with Adam(fused=True): the update as one kernel
+  eager        forward, objective, backward, Adam's default (multi-tensor) update: the floor's step
+  fused Adam   the same with Adam(fused=True), the update as one kernel: the step train.py takes
   CUDA graph   forward, objective, backward and a capturable fused Adam recorded once and
                replayed: one launch per step (CUDA only)
   compiled     (--compile) torch.compile of the forward and objective (backward through
