@@ -118,3 +118,29 @@ def test_a_resumed_run_with_the_recorded_step_ends_where_it_would_have(mnist_roo
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_the_stacked_step_recorded_as_one_graph_trains_as_the_eager_one(mnist_root, tmp_path):
+    """The vectorized launcher's stacked step of several jobs, recorded once and replayed, ends
+    where the same stacked training run eagerly ends."""
+    from sae.sweep.stacked import StackedTraining
+    from sae.training.fit import build_data_and_module
+
+    jobs = [{"rho": 0.05, "beta": 5e-3, "seed": 0}, {"rho": 0.1, "beta": 0.05, "seed": 1}]
+
+    def stacked(capture: bool) -> StackedTraining:
+        built = [
+            build_data_and_module(compose_train([f"{k}={v}" for k, v in job.items()], tmp_path, mnist_root))
+            for job in jobs
+        ]
+        built[0][0].setup("fit")
+        training = StackedTraining([m for _, m in built], "cuda", capture=capture)
+        for _ in training.fit(built[0][0].split("train")[0], 50, [j["seed"] for j in jobs], 2):
+            pass
+        return training
+
+    graph, eager = stacked(capture=True), stacked(capture=False)
+    assert graph.recorded.graph is not None and graph.recorded.replays > 0
+    assert eager.recorded.graph is None and graph.steps == eager.steps
+    for name, value in eager.params.items():
+        torch.testing.assert_close(graph.params[name], value, rtol=0, atol=1e-4, msg=name)

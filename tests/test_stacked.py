@@ -46,6 +46,10 @@ def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path
     cfg = job_config(JOBS[0], tmp_path, mnist_root, "s", overrides)
     epochs = list(stacked.fit(datamodule.split("train")[0], cfg.batch_size, [j["seed"] for j in JOBS], 2))
     assert [e for e, _ in epochs] == [0, 1] and epochs[0][1].shape == (10, 3, num_terms)  # steps, jobs, terms
+    # Through the recorded step's control flow (capture off on a CPU): warm-up steps, then replays.
+    recorded = stacked.recorded
+    assert recorded.eager_steps >= 3 and recorded.replays > 0 and recorded.graph is None
+    assert recorded.eager_steps + recorded.replays == stacked.steps == 20
     stacked.unstack()
 
     for job, module, ckpt in zip(JOBS, modules, separate, strict=True):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
+from sae.core.captured import CapturedStep
 from sae.core.loss import minimised, objective
 from sae.data.mnist import BatchIndexSampler
 from sae.internals import count_optimizer_steps
@@ -50,9 +50,20 @@ def shared_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class StackedTraining:
-    """J SparseAutoencoderModules trained together: one vmapped step, one Adam per job."""
+    """J SparseAutoencoderModules trained together: one vmapped step, one Adam per job.
 
-    def __init__(self, modules: Sequence[SparseAutoencoderModule], device: torch.device | str = "cpu"):
+    With `capture` (a CUDA device; the sweep's cuda_graph knob) the step of all J jobs is recorded
+    once as a CUDA graph and replayed for every full batch (sae.core.captured); without, the same
+    steps run eagerly through the same control flow. Adam's step count lives on the device, so
+    that a replayed update reads the current one.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[SparseAutoencoderModule],
+        device: torch.device | str = "cpu",
+        capture: bool = False,
+    ):
         first = shared_settings(modules[0].hparams)
         for m in modules[1:]:
             differ = [k for k, v in shared_settings(m.hparams).items() if v != first[k]]
@@ -80,7 +91,10 @@ class StackedTraining:
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.steps = 0
+        # Adam's t, read by the (recorded) update; its bias corrections in float64, as in Python.
+        self.step_count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._terms = vmap(self._job_terms)
+        self.recorded = CapturedStep(self._take_step, zero_grad=lambda: None, capture=capture)
 
     def _job_terms(self, params: dict, buffers: dict, x: Tensor, *values: Tensor) -> tuple[Tensor, Tensor]:
         """One job's minimised loss on its batch, and its terms (the module's term_names, stacked);
@@ -93,20 +107,25 @@ class StackedTraining:
 
     def step(self, x: Tensor) -> Tensor:
         """One optimizer step of every job on its own batch x[j]; returns (J, 3) detached terms."""
-        losses, terms = self._terms(self.params, self.buffers, x, *self.columns)
-        grads = torch.autograd.grad(losses.sum(), list(self.params.values()))  # jobs are independent
         self.steps += 1
+        return self.recorded(x).clone()  # a replay's output is overwritten by the next one
+
+    def _take_step(self, x: Tensor) -> Tensor:
+        losses, terms = self._terms(self.params, self.buffers, x, *self.columns)
+        # Gradients returned, not accumulated in .grad: nothing to zero between steps.
+        grads = torch.autograd.grad(losses.sum(), list(self.params.values()))  # jobs are independent
         self._adam(dict(zip(self.params, grads, strict=True)))
         return terms.detach()
 
     @torch.no_grad()
     def _adam(self, grads: dict[str, Tensor]) -> None:
-        """torch.optim.Adam's update (single-tensor form, defaults), with one learning rate per job."""
+        """torch.optim.Adam's update (single-tensor form, defaults, its step count on the device as
+        when capturable), with one learning rate per job."""
         beta1, beta2 = ADAM_BETAS
-        t = self.steps
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-        step_size = self.lr / bias_correction1  # (J,)
+        self.step_count += 1
+        bias_correction1 = 1 - beta1**self.step_count
+        bias_correction2_sqrt = (1 - beta2**self.step_count).sqrt().float()
+        step_size = (self.lr / bias_correction1).float()  # (J,)
         for name, p in self.params.items():
             g = grads[name]
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
@@ -209,7 +228,9 @@ def train_group(cfgs: list[DictConfig]) -> list[JobRecord]:
     start = time.perf_counter()
     built = [build_data_and_module(cfg) for cfg in cfgs]  # as train(cfg) builds them
     datamodule = built[0][0]
-    stacked = StackedTraining([m for _, m in built], stacked_device(cfgs[0]))
+    device = stacked_device(cfgs[0])
+    capture = device.type == "cuda" and bool(cfgs[0].get("cuda_graph", True))
+    stacked = StackedTraining([m for _, m in built], device, capture=capture)
     records = [JobRecord(stacked_jobs=len(cfgs)) for _ in cfgs]
     seeds = [cfg.seed for cfg in cfgs]
     images = datamodule.split("train")[0]
