@@ -219,6 +219,21 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert train_cli_error(tmp_path, "rho=1.5") == "config error: rho=1.5 must be a number in (0, 1)"
 
 
+def test_a_refused_command_leaves_nothing_behind(tmp_path):
+    """A config error removes the run folder Hydra made for the command (and the parents made
+    with it), and writes nothing into a folder that was there before."""
+    proc = run_script("train.py", "rho=1.5", f"hydra.run.dir={tmp_path}/outputs/day/time", timeout=120)
+    assert (proc.returncode, proc.stderr.strip()) == (1, "config error: rho=1.5 must be a number in (0, 1)")
+    assert list(tmp_path.iterdir()) == []
+
+    earlier = tmp_path / "earlier"  # another run's folder
+    earlier.mkdir()
+    (earlier / "status.json").write_text('{"status": "ok", "error": ""}')
+    proc = run_script("train.py", "rho=1.5", f"hydra.run.dir={earlier}", timeout=120)
+    assert proc.returncode == 1 and earlier.is_dir()
+    assert (earlier / "status.json").read_text() == '{"status": "ok", "error": ""}'
+
+
 def test_trainer_arguments_are_the_installed_lightnings():
     """sae.config lists the Trainer's arguments so that a config is checked without importing
     Lightning: a Lightning release that adds or drops one fails here, not in a user's run."""

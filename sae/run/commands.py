@@ -18,7 +18,7 @@ from sae.errors import JobFailed, UserError, did_you_mean, one_line
 from sae.internals import end_process
 from sae.run.atomic import cannot_write_message
 from sae.run.console import report, to_run_log
-from sae.run.folder import locked_folders
+from sae.run.folder import locked_folders, made_here, remove_if_only_begun
 from sae.run.record import RunRecord
 
 T = TypeVar("T")
@@ -43,8 +43,12 @@ def run_command(command: Callable[[], T]) -> T | JobFailed:
         kind = err.kind if isinstance(err, UserError) else "config error"
         line = one_line(err, limit=400)
         if not in_multirun():
-            _record_failure(f"{kind}: {line}")
-            to_run_log(f"{kind}: {line}", logging.ERROR)  # the log keeps it too; sys.exit prints it
+            # A command refused on its config leaves no run folder behind, and writes nothing
+            # into a folder that was there before (another run's); a run that failed later says
+            # so in its folder, and its log keeps the line (sys.exit prints it).
+            if not (kind == "config error" and _leave_nothing_behind()):
+                _record_failure(f"{kind}: {line}")
+                to_run_log(f"{kind}: {line}", logging.ERROR)
             sys.exit(f"{kind}: {line}")
         job = _job()
         _append_traceback(Path(job.runtime.output_dir) / f"{job.job.name}.log", err)
@@ -71,6 +75,17 @@ def _said_in_one_line(err: BaseException) -> bool:
     return isinstance(err, UserError | InstantiationException) or _lightning_error(
         err, "lightning.fabric.utilities.exceptions", "MisconfigurationException"
     )
+
+
+def _leave_nothing_behind() -> bool:
+    """For a refused command: remove the run folder Hydra made for it if it holds nothing but
+    Hydra's start; whether that, or the folder was there before it (left as it was)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    return folder.is_dir() and (not made_here(folder) or remove_if_only_begun(folder))
 
 
 def _record_failure(line: str) -> None:

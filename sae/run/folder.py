@@ -28,6 +28,7 @@ from sae.run.atomic import CannotWrite, cannot_write_message
 
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, in this process
+_made: dict[Path, list[Path]] = {}  # folder -> the folders its locking created, itself first
 
 
 class FolderInUse(UserError, RuntimeError):
@@ -44,6 +45,7 @@ def lock_run_folder(folder: str | Path) -> bool:
     folder = Path(folder).resolve()
     if folder in _held:
         return False
+    made = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -58,7 +60,36 @@ def lock_run_folder(folder: str | Path) -> bool:
             "to finish, or write elsewhere (another hydra.run.dir / hydra.sweep.dir)"
         ) from None
     _held[folder] = fd
+    if made:
+        _made[folder] = made
     return True
+
+
+def made_here(folder: str | Path) -> bool:
+    """Whether this process created the folder as it locked it (it did not exist before)."""
+    return Path(folder).resolve() in _made
+
+
+def remove_if_only_begun(folder: str | Path) -> bool:
+    """Remove a run folder this process created that holds nothing but what Hydra writes as a
+    job starts (.hydra/, the job's log, the lock), and the parent folders created with it that are
+    left empty: what a command refused before it ran leaves behind. Whether it was removed."""
+    folder = Path(folder).resolve()
+    made = _made.get(folder)
+    begun_only = all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in folder.iterdir())
+    if made is None or not begun_only:
+        return False
+    import shutil
+
+    unlock_run_folder(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()  # only if empty: another run may have started beside this one
+        except OSError:
+            break
+    del _made[folder]
+    return not folder.exists()
 
 
 def locked_folders() -> list[Path]:
