@@ -686,3 +686,51 @@ def test_real_mnist_pareto_sweep_winner_beats_the_reference(real_mnist_root, tmp
     assert metrics["fit/epochs"] == 10
     assert metrics["test/mse"] < REFERENCE_MSE
     assert 0.04 <= metrics["test/rho_hat_min"] and metrics["test/rho_hat_max"] <= 0.06
+
+
+def printed_examples() -> list[str]:
+    """Every `python train.py ...` / `python evaluate.py ...` command the help (train.py's and
+    evaluate.py's) and the README print: their code blocks and the Quickstart's inline ones."""
+    import re
+
+    texts = [
+        compose_config(s, [], return_hydra_config=True).hydra.help.template for s in ("train", "evaluate")
+    ]
+    readme = (ROOT / "README.md").read_text()
+    texts += re.findall(r"```bash\n(.*?)```", readme, re.S)
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    inline = [
+        " ".join(span.split()) for span in re.findall(r"`(python (?:train|evaluate)\.py[^`]*)`", quickstart)
+    ]
+    lines = [line.split("#")[0].strip() for text in texts for line in text.splitlines()] + inline
+    commands = [
+        re.split(r"\s{2,}", line)[0] for line in lines if re.match(r"python (train|evaluate)\.py", line)
+    ]
+    return sorted(set(commands))
+
+
+def test_every_printed_example_parses_and_composes():
+    """Each example is a command Hydra's parser takes whole (`-m` before or after all the
+    overrides), whose overrides compose (a sweep's first value) and whose config is valid."""
+    import re
+    import shlex
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    examples = printed_examples()
+    assert any("hydra/launcher=vectorized" in e for e in examples) and len(examples) >= 8, examples
+    for example in examples:
+        script, *args = shlex.split(re.sub(r"<[^>]*>", "PLACEHOLDER", example))[1:]  # <run folder>
+        parsed, left = get_args_parser().parse_known_args(args)
+        assert not left, f"{example}: Hydra's parser leaves {left}"
+        overrides = []
+        written = [o for o in parsed.overrides if "PLACEHOLDER" not in o]  # ckpt_path=<run>/... as it is
+        for override in OverridesParser.create().parse_overrides(written):
+            value = next(override.sweep_string_iterator()) if override.is_sweep_override() else None
+            text = override.input_line if value is None else f"{override.get_key_element()}={value}"
+            if not override.key_or_group.startswith("hydra"):  # Hydra's own: its launcher, its folders
+                overrides.append(text)
+        cfg = compose_config(script.removesuffix(".py"), overrides)
+        if script == "train.py":
+            validate_train_config(cfg)
