@@ -227,3 +227,23 @@ def test_sigterm_while_a_sweep_job_tests_ends_the_sweep_with_143(mnist_root, tmp
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert RunRecord(sweep / "0").status()["status"] == "interrupted"
     assert not (sweep / "1").exists()  # the sweep stopped
+
+
+@pytest.mark.parametrize(
+    ("value", "recorded"),
+    [
+        (0.10000000149011612, 0.1),  # float32(0.1), as a setting logged through Lightning reads
+        (0.0010000000474974513, 0.001),
+        (0.3333333432674408, 0.33333334),  # float32(1/3): all the digits float32 has
+        (0.1, 0.1),  # a float64 value keeps its digits
+        (1 / 3, 1 / 3),
+        (7, 7),
+        (1e300, 1e300),  # beyond float32
+    ],
+)
+def test_a_float32_value_is_recorded_as_its_shortest_decimal(tmp_path, value, recorded):
+    from sae.run.record import RunRecord
+
+    RunRecord(tmp_path).evaluated({"test/x": value})
+    written = json.loads((tmp_path / "metrics.json").read_text())["test/x"]
+    assert written == recorded and type(written) is type(recorded)

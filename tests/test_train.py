@@ -102,6 +102,8 @@ def tensorboard_content(folder: Path) -> EventAccumulator:
 def assert_run_folder(folder: Path) -> dict:
     metrics = read_metrics(folder)
     assert set(REQUIRED) <= set(metrics)
+    # Settings logged through float32 read as set: 0.1, not 0.10000000149011612.
+    assert (metrics["test/l0_threshold"], metrics["test/rare_density"]) == (0.1, 0.001)
     tensorboard_run(folder)  # event files, in one folder
     assert (folder / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["ckpt_path"]).is_file()

@@ -10,6 +10,8 @@ that completes it. Both files are written atomically (sae.run.atomic).
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,32 @@ METRICS_FILE = "metrics.json"
 # names them), "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
 STATUS_FILE = "status.json"
 COMPLETE_WITH = "python evaluate.py sweep_dir=<the sweep folder>"
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def without_float32_noise(value: Any) -> Any:
+    """A float that is exactly a float32 (a metric computed in float32, a setting logged through
+    one) as the shortest decimal that reads back as that float32: 0.1, not 0.10000000149011612.
+    Nothing is lost (float32 held no more); any other value is returned as it is."""
+    if not isinstance(value, float) or not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        return value
+
+    def single(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    if single(value) != value:
+        return value  # not a float32: a float64 metric keeps its digits
+    for digits in range(1, 10):  # 9 significant digits always identify a float32
+        shortest = float(f"{value:.{digits}g}")
+        if single(shortest) == value:
+            return shortest
+    return value
+
+
+def plain_numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: without_float32_noise(v) for k, v in metrics.items()}
 
 
 class RunRecord:
@@ -61,16 +89,16 @@ class RunRecord:
         """The run ended: its metrics, then "ok" when nothing it promises is `pending`; else
         "incomplete", naming the results still being computed (a sweep job's probes and figures,
         beside the next job) and the command that completes them if the sweep stops first."""
-        write_json_atomic(self.metrics_file, dict(metrics))
+        write_json_atomic(self.metrics_file, plain_numbers(metrics))
         self._incomplete_or_ok(list(pending), complete_with or COMPLETE_WITH)
 
     def evaluated(self, metrics: Mapping[str, Any]) -> None:
         """evaluate.py's test of a checkpoint: its metrics (it promises nothing further)."""
-        write_json_atomic(self.metrics_file, dict(metrics))
+        write_json_atomic(self.metrics_file, plain_numbers(metrics))
 
     def add_metrics(self, values: Mapping[str, Any]) -> None:
         """Metrics computed after the run wrote its metrics.json (a sweep job's probes) join it."""
-        write_json_atomic(self.metrics_file, self.metrics() | dict(values))
+        write_json_atomic(self.metrics_file, self.metrics() | plain_numbers(values))
 
     def result_done(self, name: str, error: str | None = None) -> None:
         """A result an incomplete run was waiting for is on disk (error None), or could not be made.

@@ -23,7 +23,7 @@ from sae.errors import UserError
 from sae.report.probe import ProbeData, probe_accuracies, probe_settings
 from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.run.folder import writing_run_folder
-from sae.run.record import RunRecord
+from sae.run.record import RunRecord, plain_numbers
 from sae.training.callbacks import RunFigures, record_metrics
 from sae.training.checkpoints import load_checkpoint, module_from_checkpoint, read_checkpoint
 from sae.training.fit import build_trainer, run_test, use_thread_count
@@ -51,6 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics: dict[str, Any] = run_test(build_trainer(cfg), module, datamodule)
         metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
         metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
+        metrics = plain_numbers(metrics)  # as metrics.json records them
         RunRecord(output_dir).evaluated(metrics)
     report(format_metrics(metrics))
     report(closing_lines(output_dir))

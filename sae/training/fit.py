@@ -28,7 +28,7 @@ from sae.internals import guard_checkpoint_restore
 from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
 from sae.run.folder import check_free_space, remove_leftover_temporary_files, writing_run_folder
 from sae.run.handoff import pending_results
-from sae.run.record import RunRecord
+from sae.run.record import RunRecord, plain_numbers
 from sae.training.checkpoints import checkpoint_to_resume, last_checkpoint_path, refuse_restore
 from sae.training.loggers import tensorboard_run_name
 from sae.training.module import SparseAutoencoderModule
@@ -122,7 +122,7 @@ def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> t
     if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
         metrics["fit/seconds"] += replay.stacked_seconds
         metrics["fit/stacked_jobs"] = replay.stacked_jobs
-    return metrics, trainer.global_rank
+    return plain_numbers(metrics), trainer.global_rank  # as metrics.json records them
 
 
 def _test(
