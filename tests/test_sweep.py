@@ -217,6 +217,13 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
             assert float(row[f"{metric}_std"]) == pytest.approx(column.std(ddof=1), rel=1e-12)
     md = (sweep / "summary.md").read_text()
     assert "## By setting: mean ± sample std over seeds" in md and "## Every job" in md
+    # The sweep's closing lines rank settings, not jobs: three seeds of one take one place.
+    said = write_summary(sweep, figures=False).closing_lines().splitlines()
+    start = said.index("best 3 settings (mean ± std over their seeds):")
+    header, _, *best = said[start + 1 :]
+    assert [c.strip() for c in header.strip("|").split("|")][:3] == ["beta", "rho", "n"]
+    places = [tuple(c.strip() for c in row.strip("|").split("|")[:3]) for row in best]
+    assert len(places) == len(set(places)) == 3 and all(p[2] == "3" for p in places)
     first = values[(0.001, 0.05)]
     mean, std = np.mean([r["test/mse"] for r in first]), np.std([r["test/mse"] for r in first], ddof=1)
     assert f"{mean:.5g} ± {std:.2g}" in md

@@ -12,7 +12,7 @@ import csv
 import io
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +346,14 @@ class SweepSummary:
     columns: list[str]  # those summary.md shows
     files: list[str]
     metric: str  # the sweep's optimized_metric
+    # When jobs repeat settings with other seeds: the settings (mean ± std), best first, and the
+    # columns summary.md shows of them.
+    settings: list[dict[str, Any]] = field(default_factory=list)
+    setting_columns: list[str] = field(default_factory=list)
 
     def closing_lines(self, best: int = 3) -> str:
-        """What a sweep command ends with: where its results are, and its best jobs."""
+        """What a sweep command ends with: where its results are, and its best settings (over
+        their seeds, when jobs repeat them), else its best jobs."""
         ok = sum(r["status"] == "ok" for r in self.rows)
         figures = ", ".join(f for f in self.files if f.endswith(".png"))
         lines = [
@@ -357,6 +362,13 @@ class SweepSummary:
             f"  figures: {figures}",
             f"  tensorboard --logdir {self.sweep_dir.resolve()}",
         ]
+        if self.settings:  # a setting's seeds do not take several of the places
+            top = self.settings[:best]
+            lines += [
+                f"best {len(top)} settings (mean ± std over their seeds):",
+                markdown_table(top, self.setting_columns).rstrip(),
+            ]
+            return "\n".join(lines)
         top = [r for r in self.ranked if r["status"] == "ok"][:best]
         if top:  # the settings, how they rank, and the metrics compared first; summary.md has all
             settings = [c for c in self.columns if "/" not in c and c != "error"]
@@ -401,15 +413,17 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
 
     files = ["summary.csv", "summary.md"]
     settings = aggregate_seeds(rows, job_settings)
+    by_setting: tuple[list[dict[str, Any]], list[str]] = ([], [])
     if any(s["n"] > 1 for s in settings):
-        body = _settings_section(sweep_dir, settings, metric, differ) + "\n## Every job\n\n" + body
+        section, *by_setting = _settings_section(sweep_dir, settings, metric, differ)
+        body = section + "\n## Every job\n\n" + body
         files.append("summary_by_setting.csv")
     write_text_atomic(sweep_dir / "summary.md", header + body)
     if figures:
         files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
     else:  # the ones drawn before, on disk
         files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
-    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric)
+    return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric, *by_setting)
 
 
 def _summary_header(
@@ -443,8 +457,11 @@ def _summary_header(
     return header
 
 
-def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]) -> str:
-    """summary_by_setting.csv, and the Markdown table of settings (mean ± std over their seeds)."""
+def _settings_section(
+    sweep_dir: Path, settings: list[dict[str, Any]], metric: str, differ: list[str]
+) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """summary_by_setting.csv, and the Markdown table of settings (mean ± std over their seeds);
+    returns that section, and the table's rows (best first) and columns."""
     sort_key, _ = ranking(settings, metric, differ)
     knobs = [k for k in override_keys(settings) if k not in ("n", "seeds", "jobs")]
     metrics = [
@@ -460,12 +477,16 @@ def _settings_section(sweep_dir: Path, settings: list[dict[str, Any]], metric: s
     )
     varying = [k for k in knobs if len({_fmt(s.get(k)) for s in settings}) > 1] or knobs
     shown = [m for m in metrics if m in COMPARED_FIRST and not (extra and within_setting(m))]
+    if metric in metrics and metric not in shown and not extra:  # the metric ranked on, shown
+        shown.insert(0, metric)
     table = [{**s, **{m: _mean_std(s, m) for m in shown}} for s in sorted(settings, key=sort_key)]
-    return (
+    table_columns = [*varying, "n", *extra, *shown]
+    section = (
         "## By setting: mean ± sample std over seeds (n jobs each)\n\n"
         "Ranked as the jobs below, on the settings' means. Every metric's mean and std: "
-        "summary_by_setting.csv.\n\n" + markdown_table(table, [*varying, "n", *extra, *shown])
+        "summary_by_setting.csv.\n\n" + markdown_table(table, table_columns)
     )
+    return section, table, table_columns
 
 
 SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps")
