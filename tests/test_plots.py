@@ -261,3 +261,30 @@ def test_reconstruction_grid_puts_each_original_above_its_reconstruction():
         assert (mosaic[30:, 30 * i : 30 * i + 28] == recon[i].reshape(28, 28).numpy()).all()
     assert [t.get_text() for t in ax.get_yticklabels()] == ["original", "reconstruction"]
     plt.close(fig)
+
+
+def test_the_pareto_figures_bars_are_what_it_says_they_are():
+    """Over seeds, a setting's error bars span one sample std of its seeds (as the title says);
+    the KL panel's horizontal bars are its units' rho_hat min..max (as its legend says)."""
+    from matplotlib.container import ErrorbarContainer
+
+    from sae.report.figures import pareto_figure
+
+    settings = [
+        {"beta": b, "rho": 0.05, "n": 3, "test/mse": m, "test/mse_std": 0.002, "test/l0": l0}
+        | {"test/l0_std": 0.5, "test/rho_hat_mean": 0.06, "test/rho_hat_min": 0.04, "test/rho_hat_max": 0.09}
+        for b, m, l0 in ((1e-3, 0.02, 8.0), (5e-3, 0.025, 5.0))
+    ]
+    fig = pareto_figure(settings, ["beta"], baselines=[])
+    assert "error bars: one sample std over seeds" in fig.get_suptitle()
+    target, l0_panel = fig.axes[:2]
+    for ax, x_extent in ((l0_panel, 2 * 0.5), (target, (0.09 - 0.04) / 0.05)):
+        (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        _, caps, (horizontal, vertical) = bars
+        for segment in vertical.get_segments():
+            assert segment[1][1] - segment[0][1] == pytest.approx(2 * 0.002)  # +- one std of test/mse
+        for segment in horizontal.get_segments():
+            assert segment[1][0] - segment[0][0] == pytest.approx(x_extent)
+    labels = target.get_legend_handles_labels()[1]
+    assert any("horizontal bar: its units' min..max, not a std" in label for label in labels)
+    plt.close(fig)

@@ -507,7 +507,8 @@ def pareto_figure(settings: list[dict], knobs: list[str], baselines) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.legend(fontsize=7, loc="best")
-    repeats = " (mean over seeds; bars: std)" if any(s.get("n", 1) > 1 for s in points) else ""
+    seeds = any(s.get("n", 1) > 1 for s in points)
+    repeats = " (mean over seeds; error bars: one sample std over seeds)" if seeds else ""
     fig.suptitle(f"Sweep: {len(points)} settings{repeats}")
     return fig
 
@@ -531,7 +532,7 @@ def _target_panel(ax, kl_points: list[dict], knobs: list[str], baselines, severa
         ecolor="lightsteelblue",
         capsize=3,
         zorder=3,
-        label="setting: rho_hat mean, bar = its units' min..max",
+        label="setting: rho_hat mean; horizontal bar: its units' min..max, not a std",
     )
     # Closest to the target on either side and best MSE, circled where the points are drawn.
     front = pareto_front([abs(x) for x in xs], ys)
@@ -632,7 +633,7 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
     seeds = any(s.get("n", 1) > 1 for s in settings)
     fig.suptitle(
         "Sweep: key metrics against each swept knob"
-        + (" (mean over seeds, bars: std)" if seeds else "")
+        + (" (mean over seeds; error bars: one sample std over seeds)" if seeds else "")
         + "; dashed red: target rho"
     )
     return fig
