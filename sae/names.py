@@ -49,7 +49,7 @@ COMPARED_FIRST = (
     "fit/auxk_revived",
     "val/loss",
 )
-RUN_COST = ("fit/seconds", "fit/stacked_jobs")  # shown in summary.md beside COMPARED_FIRST
+RUN_COST = ("fit/seconds", "fit/stacked_jobs", "fit/stacked_seconds")  # in summary.md beside COMPARED_FIRST
 # What a sweep command's closing lines show for its best jobs.
 CLOSING = (ERROR_AXIS, "test/mse", SPARSITY_AXIS, "test/dead_fraction", "test/probe_accuracy")
 # What TensorBoard's HParams tab shows beside each run's settings (it ticks the first few).

@@ -91,3 +91,19 @@ def test_the_vectorized_launcher_groups_jobs_by_their_composed_configs(mnist_roo
     # AuxK keeps a counter per run: such jobs run one at a time.
     assert stackable(config("sparsity=topk", "k=4"))
     assert not stackable(config("sparsity=topk", "k=4", "model.sparsity.auxk=true"))
+
+
+def test_a_stacked_job_reports_its_share_of_the_group_fit(mnist_root, tmp_path):
+    """fit/seconds of a job replayed from a stacked fit: its share of the group's time (the time
+    over the jobs) plus its own; the group's whole time under its own name."""
+
+    class GroupOfFour:  # a replay that leaves training to the module: only its record is read
+        stacked_seconds, stacked_jobs = 1000.0, 4
+
+        def attach(self, module, datamodule):
+            return module
+
+    cfg = job_config(JOBS[0], tmp_path, mnist_root, "job")
+    metrics = train(cfg, replay=GroupOfFour())
+    assert metrics["fit/stacked_seconds"] == 1000.0 and metrics["fit/stacked_jobs"] == 4
+    assert 250.0 < metrics["fit/seconds"] < 250.0 + 120  # its quarter, plus its own seconds of training

@@ -119,8 +119,9 @@ def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> t
     metrics["fit/threads"] = torch.get_num_threads()
     # The tested checkpoint's method state: e.g. how many latents AuxK revived on the way to it.
     metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
-    if replay is not None:  # the stacked fit, shared by its jobs, then this job's replay
-        metrics["fit/seconds"] += replay.stacked_seconds
+    if replay is not None:  # this job's share of the stacked fit its jobs shared, then its replay
+        metrics["fit/seconds"] += replay.stacked_seconds / replay.stacked_jobs
+        metrics["fit/stacked_seconds"] = replay.stacked_seconds  # the whole group's
         metrics["fit/stacked_jobs"] = replay.stacked_jobs
     return plain_numbers(metrics), trainer.global_rank  # as metrics.json records them
 
