@@ -456,3 +456,32 @@ def test_a_slurm_job_that_saved_itself_on_sigterm_keeps_its_interrupted_status(s
     outcome = launcher._outcome(_Job(UncompletedJobError("has not produced any output")), ["epochs=9"], 1)
     assert outcome.return_value.error == said
     assert job_row(job_folder)["status"] == "interrupted" and job_row(job_folder)["error"] == said
+
+
+def test_summary_opens_with_the_answer_and_ends_with_its_figures(tmp_path):
+    """summary.md says first which setting ranks first, with its spread over seeds, then the
+    tables, then the figures (relative links, so GitHub and editors show them beside it)."""
+    sweep = tmp_path / "sweep"
+    mses = {"0.001": (0.010, 0.012), "0.005": (0.020, 0.024)}  # beta 0.001: better at lower L0
+    for i, (beta, seed) in enumerate((b, s) for b in mses for s in (0, 1)):
+        m = metrics(mses[beta][seed], 0.03, 0.06, 4.0 + seed if beta == "0.001" else 8.0 + seed)
+        fake_job(sweep, str(i), [f"beta={beta}", f"seed={seed}"], m, {"status": "ok"})
+    fake_job(sweep, "4", ["beta=-1", "seed=0"], None, {"status": "failed", "error": "config error: beta=-1"})
+    write_summary(sweep)
+    md = (sweep / "summary.md").read_text()
+    answer = md.split("## Answer\n\n")[1].split("\n")[0]
+    mse = np.array([0.010, 0.012]) * 1.5  # the truncated code's error ranks
+    expected = f"`test/truncated_mse` {mse.mean():.5g} ± {mse.std(ddof=1):.2g}"
+    assert answer.startswith("**beta=0.001** ranks first: ") and expected in answer
+    assert "over 2 seeds" in answer
+    sections = ("## Answer", "## By setting", "## Every job", "## Figures")
+    assert [md.index(s) for s in sections] == sorted(md.index(s) for s in sections)
+    figures = md.split("## Figures\n\n")[1]
+    assert figures.split() == ["![pareto](pareto.png)", "![sweep_metrics](sweep_metrics.png)"]
+    assert all((sweep / f"{name}.png").is_file() for name in ("pareto", "sweep_metrics"))
+    assert "| 4 | -1 | 0 | failed |" in md and "config error: beta=-1" in md  # its row says why
+
+    none = tmp_path / "none"
+    fake_job(none, "0", ["beta=-1"], None, {"status": "failed", "error": "config error: beta=-1"})
+    write_summary(none, figures=False)
+    assert "## Answer\n\nNo job finished: the table below says why." in (none / "summary.md").read_text()

@@ -409,21 +409,52 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
     ]
     shown = [c for c in shown if c not in hidden]
     header = _summary_header(sweep_dir, rows, ranked_by, same, hidden, across)
-    body = markdown_table(ranked, shown)
+    body = "## Every job\n\n" + markdown_table(ranked, shown)
 
     files = ["summary.csv", "summary.md"]
     settings = aggregate_seeds(rows, job_settings)
+    knobs = [k for k in swept_knobs(rows) if k not in SEED_KNOBS]
     by_setting: tuple[list[dict[str, Any]], list[str]] = ([], [])
     if any(s["n"] > 1 for s in settings):
         section, *by_setting = _settings_section(sweep_dir, settings, metric, differ)
-        body = section + "\n## Every job\n\n" + body
+        body = section + "\n" + body
         files.append("summary_by_setting.csv")
-    write_text_atomic(sweep_dir / "summary.md", header + body)
     if figures:
-        files += _write_figures(sweep_dir, settings, [k for k in swept_knobs(rows) if k not in SEED_KNOBS])
+        drawn = _write_figures(sweep_dir, settings, knobs)
     else:  # the ones drawn before, on disk
-        files += [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
+        drawn = [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
+    files += drawn
+    if by_setting[0]:  # the settings, best first, their means and stds as numbers
+        best = sorted(settings, key=ranking(settings, metric, differ)[0])
+    else:
+        best = [r for r in ranked if r["status"] == "ok"]
+    ranked_on = list(frontier_axes(rows)) if "frontier" in columns else [metric]
+    answer = _answer(best, knobs, ranked_on)
+    pictures = "".join(f"![{name[:-4]}]({name})\n\n" for name in drawn)  # relative: next to summary.md
+    write_text_atomic(
+        sweep_dir / "summary.md", header + answer + body + ("\n## Figures\n\n" + pictures if drawn else "")
+    )
     return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric, *by_setting)
+
+
+def _answer(ranked: list[dict[str, Any]], knobs: list[str], metrics: list[str]) -> str:
+    """summary.md's answer, before the tables: the setting ranked first, its values of the
+    metrics it was ranked on (mean ± sample std over its seeds, when it has several), and the
+    other settings on the Pareto frontier with it, if any."""
+    if not ranked:
+        return "## Answer\n\nNo job finished: the table below says why.\n\n"
+
+    def name(row: dict[str, Any]) -> str:
+        return " ".join(f"{k}={_fmt(row[k])}" for k in knobs if k in row) or f"job {row.get('job', '')}"
+
+    best = ranked[0]
+    values = ", ".join(f"`{m}` {_mean_std(best, m)}" for m in metrics if is_number(best.get(m)))
+    seeds = f" over {best['n']} seeds" if best.get("n", 1) > 1 else ""
+    line = f"## Answer\n\n**{name(best)}** ranks first: {values}{seeds}."
+    also = [name(r) for r in ranked[1:] if best.get("frontier") == r.get("frontier") == 1]
+    if also:
+        line += f" Also on the frontier (sparser but worse, or better but denser): {', '.join(also)}."
+    return line + "\n\n"
 
 
 def _summary_header(
