@@ -288,3 +288,32 @@ def test_the_pareto_figures_bars_are_what_it_says_they_are():
     labels = target.get_legend_handles_labels()[1]
     assert any("horizontal bar: its units' min..max, not a std" in label for label in labels)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("knobs", [["beta"], ["beta", "rho"]])
+def test_sweep_metrics_is_a_grid_of_labelled_panels_about_3_by_2(knobs):
+    """One panel per key metric for each swept knob, three to a row, each with its title, its y
+    axis saying what the number counts and its x axis the knob; one colour per value of the
+    other knob; the whole at most about 3:2 for one knob."""
+    settings = [
+        {"beta": beta, "rho": rho, "n": 2, "test/mse": 0.02 + beta, "test/mse_std": 0.001, "test/l0": 8.0}
+        | {"test/rho_hat_mean": rho + 0.01, "test/dead_fraction": 0.0, "test/probe_accuracy": 0.9}
+        for beta in (1e-3, 5e-3, 2e-2)
+        for rho in ((0.05, 0.1) if len(knobs) == 2 else (0.05,))
+    ]
+    fig = sweep_metrics(settings, knobs)
+    try:
+        width, height = fig.get_size_inches()
+        if len(knobs) == 1:
+            assert width / height <= 1.55
+        panels = fig.axes
+        assert len(panels) == 5 * len(knobs)
+        assert all(ax.get_title() and ax.get_ylabel() for ax in panels)
+        assert [ax.get_xlabel() for ax in panels] == [k for k in knobs for _ in range(5)]
+        rows = {round(ax.get_position().y0, 3) for ax in panels}
+        assert len(rows) == 2 * len(knobs)  # three panels to a row, two rows a knob
+        if len(knobs) == 2:  # against beta, one line (and colour) per rho
+            colours = {line.get_color() for line in panels[0].get_lines() if line.get_marker() == "o"}
+            assert len(colours) == 2
+    finally:
+        plt.close(fig)

@@ -578,14 +578,28 @@ def _error_panel(ax, points: list[dict], knobs: list[str], baselines) -> None:
     ax.set_title("Reconstruction at the L0 it is plotted at" if truncated else "Reconstruction vs L0")
 
 
-# The panels of sweep_metrics: title, then (metric, label) lines drawn in it.
+# The panels of sweep_metrics: title, y label (with what the number counts), then the
+# (metric, label) lines drawn in it.
 SWEEP_PANELS = (
-    ("test MSE", (("test/mse", "test/mse"), (ERROR_AXIS, "code truncated at the L0 threshold"))),
-    ("rho_hat: units' min..mean..max", (("test/rho_hat_mean", "mean"),)),
-    ("L0: active latent units per digit", ((SPARSITY_AXIS, SPARSITY_AXIS),)),
-    ("dead units (never active on test)", (("test/dead_fraction", "latent"),)),
+    (
+        "test MSE",
+        "mean squared error per pixel (lower = better)",
+        (("test/mse", "test/mse"), (ERROR_AXIS, "code truncated at the L0 threshold")),
+    ),
+    (
+        "rho_hat: units' min..mean..max",
+        "mean latent activation (dashed: target rho)",
+        (("test/rho_hat_mean", "mean"),),
+    ),
+    ("L0", "active latent units per digit", ((SPARSITY_AXIS, SPARSITY_AXIS),)),
+    (
+        "dead units (never active on test)",
+        "fraction of the layer's units",
+        (("test/dead_fraction", "latent"),),
+    ),
     (
         "probe accuracy",
+        "fraction of test digits classified right",
         (
             ("test/probe_accuracy", "codes"),
             *(
@@ -595,29 +609,38 @@ SWEEP_PANELS = (
         ),
     ),
 )
-MAX_SWEEP_ROWS = 3
+MAX_SWEEP_ROWS = 3  # swept knobs drawn at most, each its own block of panels
+SWEEP_COLUMNS = 3  # panels side by side: the figure stays about 3:2 for one knob
+PANEL_SIZE = (4.0, 3.5)  # inches
 
 
 def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str] | None = None) -> Figure:
-    """Each key metric against each numeric swept knob (a row per knob, at most MAX_SWEEP_ROWS),
-    one line per value of the other knobs, error bars the std over seeds; dead units per layer; the
-    rho_hat band from the units' min to max with the target rho. Without a numeric knob, one point
-    per setting, named by `label_knobs` (e.g. model.activation=gelu)."""
-    rows = knobs[:MAX_SWEEP_ROWS] or [None]
-    fig = _figure(22, 3.8 * len(rows) + 0.8)
-    axes = np.atleast_2d(fig.subplots(len(rows), len(SWEEP_PANELS), squeeze=False))
+    """Each key metric against each numeric swept knob (a block of panels per knob, at most
+    MAX_SWEEP_ROWS, in rows of SWEEP_COLUMNS panels), one line and colour per value of the other
+    knobs, error bars the std over seeds; dead units per layer; the rho_hat band from the units'
+    min to max with the target rho. Without a numeric knob, one point per setting, named by
+    `label_knobs` (e.g. model.activation=gelu)."""
+    blocks = knobs[:MAX_SWEEP_ROWS] or [None]
+    per_block = -(-len(SWEEP_PANELS) // SWEEP_COLUMNS)  # rows of panels per knob
+    rows = per_block * len(blocks)
+    fig = _figure(PANEL_SIZE[0] * SWEEP_COLUMNS, PANEL_SIZE[1] * rows + 0.9)
+    grid = np.atleast_2d(fig.subplots(rows, SWEEP_COLUMNS, squeeze=False))
     layers = sorted(
         {k.split("/")[1] for s in settings for k in s if k.endswith("/dead_fraction") and k.count("/") == 2}
     )
-    for r, knob in enumerate(rows):
+    for b, knob in enumerate(blocks):
         # One line per value of every other swept knob, numeric or not (e.g. +point=..., a method).
         swept = knobs if label_knobs is None else label_knobs
         others = [k for k in swept if k != knob] if knob else []
         groups: dict[str, list[dict]] = {}
         for s in settings:
             groups.setdefault(_setting_label(s, others) if others else "", []).append(s)
-        for c, (title, lines) in enumerate(SWEEP_PANELS):
-            ax = axes[r, c]
+        cells = grid[b * per_block : (b + 1) * per_block].flatten()
+        for c, ax in enumerate(cells):
+            if c >= len(SWEEP_PANELS):
+                fig.delaxes(ax)  # the block's empty cells
+                continue
+            title, ylabel, lines = SWEEP_PANELS[c]
             if c == 3:
                 lines = lines + tuple((f"test/{layer}/dead_fraction", layer) for layer in layers)
             lines = [line for line in lines if any(_value(s, line[0]) is not None for s in settings)]
@@ -626,6 +649,7 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
                     ax, sorted(members, key=lambda s: s.get(knob) if knob else 0), knob, lines, group, g
                 )
             ax.set_title(title, fontsize=10)
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(True, alpha=0.3)
             _knob_axis(ax, settings, knob, label_knobs)
             if ax.get_legend_handles_labels()[0] and (c in (3, 4) or (c == 0 and others)):
@@ -634,7 +658,6 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
     fig.suptitle(
         "Sweep: key metrics against each swept knob"
         + (" (mean over seeds; error bars: one sample std over seeds)" if seeds else "")
-        + "; dashed red: target rho"
     )
     return fig
 
