@@ -9,6 +9,14 @@ sweeper selects on the validation split only; the test split is reported, never 
 from __future__ import annotations
 
 SELECTION_SPLIT = "val/"
+SIGNIFICANT_DIGITS = 5  # of every metric shown: the console, summary.md, the closing lines
+
+
+def metric_text(value: float) -> str:
+    """A metric as the console and the sweep's tables show it (summary.csv keeps every digit)."""
+    return f"{value:.{SIGNIFICANT_DIGITS}g}"
+
+
 HIGHER_IS_BETTER = ("accuracy",)  # metric names containing these are maximised; every other is an error
 # The frontier the summary ranks by and the figures draw: the error of the code the decoder would
 # see with only the units L0 counts active (sae.core.metrics.truncate_codes), against that L0.

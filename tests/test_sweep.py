@@ -8,8 +8,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from sae.report.figures import sweep_metrics
 from sae.report.frontier import frontier_ranks
-from sae.report.summary import write_summary
+from sae.report.summary import aggregate_seeds, write_summary
 from tests.conftest import run_script
 
 
@@ -485,3 +486,22 @@ def test_summary_opens_with_the_answer_and_ends_with_its_figures(tmp_path):
     fake_job(none, "0", ["beta=-1"], None, {"status": "failed", "error": "config error: beta=-1"})
     write_summary(none, figures=False)
     assert "## Answer\n\nNo job finished: the table below says why." in (none / "summary.md").read_text()
+
+
+def test_knobs_read_as_typed_and_count_as_numbers(tmp_path):
+    """beta=1e-3 on the command line: `1e-3` in summary.md and summary.csv (not 0.001, nor float
+    noise), and a number for ranking and figures (Hydra reads it as 0.001)."""
+    sweep = tmp_path / "sweep"
+    for i, beta in enumerate(("1e-3", "5e-3", "2e-2")):
+        fake_job(sweep, str(i), [f"beta={beta}", "lr=0.0003"], metrics(0.01 * (i + 1), 0.03, 0.06, 8.0 - i))
+        (sweep / str(i) / "status.json").write_text('{"status": "ok"}')
+    summary = write_summary(sweep)
+    md = (sweep / "summary.md").read_text()
+    assert {"| 1e-3 |", "| 5e-3 |", "| 2e-2 |"} <= {f"| {c} |" for c in md.replace(" | ", "|").split("|")}
+    assert "`lr` 0.0003" in md  # a constant knob, in the header line, as typed
+    with open(sweep / "summary.csv") as f:
+        assert sorted(row["beta"] for row in csv.DictReader(f)) == ["1e-3", "2e-2", "5e-3"]
+    betas = [r["beta"] for r in summary.rows]
+    assert betas == [0.001, 0.005, 0.02] and all(isinstance(b, float) for b in betas)
+    fig = sweep_metrics(aggregate_seeds(summary.rows), ["beta"])
+    assert fig.axes[0].get_xscale() == "log"  # beta drawn as a number over its decades

@@ -28,6 +28,7 @@ from sae.names import (
     RUN_COST,
     SEED_KNOBS,
     higher_is_better,
+    metric_text,
     within_setting,
 )
 from sae.report.frontier import frontier_axes, frontier_ranks, is_number
@@ -82,11 +83,42 @@ def sweep_jobs(sweep_dir: str | Path) -> list[Path]:
     return jobs
 
 
+class Typed(float):
+    """A knob's number as the command typed it: it ranks, averages and is drawn as the float
+    Hydra read (beta=1e-3 is 0.001), and is shown as typed (`1e-3`) in the tables."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> Typed:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__  # the csv module writes a float's repr
+
+    def __reduce__(self):
+        return Typed, (float(self), self.text)
+
+
+_override_parser = None
+
+
 def _parse_value(text: str) -> Any:
+    """An override's value as Hydra reads it from the command line (1e-3 a float, 0 an int, kl a
+    string); a float keeps the text it was typed as (Typed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    global _override_parser
+    _override_parser = _override_parser or OverridesParser.create()
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = _override_parser.parse_override(f"knob={text}").value()
+    except HydraException:
         return text
+    return Typed(value, text) if type(value) is float else value
 
 
 def job_row(job: Path, files: JobFiles | None = None) -> dict[str, Any]:
@@ -133,8 +165,10 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, Typed):  # a knob: as typed
+        return str(value)
     if isinstance(value, float):
-        return f"{value:.5g}"
+        return metric_text(value)
     return str(value)
 
 
@@ -324,7 +358,7 @@ def _mean_std(row: dict[str, Any], metric: str) -> str:
     mean, std = row.get(metric), row.get(f"{metric}_std")
     if not is_number(mean):
         return ""
-    return f"{mean:.5g} ± {std:.2g}" if is_number(std) else f"{mean:.5g}"
+    return f"{metric_text(mean)} ± {std:.2g}" if is_number(std) else metric_text(mean)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

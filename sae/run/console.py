@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sae.names import metric_text
 from sae.run.record import RunRecord
 
 T = TypeVar("T")
@@ -83,8 +84,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     width = max(map(len, metrics), default=0)
     rows = []
     for name, value in metrics.items():
-        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-        rows.append(f"{name:<{width}}  {shown}")
+        text = metric_text(value) if isinstance(value, float) else str(value)
+        rows.append(f"{name:<{width}}  {text}")
     return "\n".join(rows)
 
 

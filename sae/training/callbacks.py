@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sae.config import command_override_keys
 from sae.internals import tensorboard_file_writer
-from sae.names import HPARAMS
+from sae.names import HPARAMS, metric_text
 from sae.report.probe import ProbeData, probe_accuracies, probe_settings
 from sae.run import handoff
 from sae.run.console import report
@@ -63,7 +63,7 @@ class EpochLines(ProgressBar):
         if not self._enabled or trainer.global_rank != 0:
             return
         shown = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.endswith("/loss")}
-        values = ", ".join(f"{k} {float(v):.6g}" for k, v in shown.items())
+        values = ", ".join(f"{k} {metric_text(float(v))}" for k, v in shown.items())
         seconds = time.perf_counter() - self._started
         report(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {values} ({seconds:.1f} s)")
 

@@ -27,6 +27,7 @@ from sae.core.settings import RECONSTRUCTION_LOSSES, layer_names
 from sae.core.sparsity import make_method
 from sae.errors import UserError
 from sae.internals import count_optimizer_steps
+from sae.names import metric_text
 
 DEFAULT_SPARSITY = {"method": "kl", "rho": 0.05, "beta": 5e-3}  # the reference notebook's
 # With log_every_n_steps=0 nothing is logged, but the loss is still checked this often.
@@ -277,7 +278,7 @@ class SparseAutoencoderModule(L.LightningModule):
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
         values = dict(zip(self.term_names, means.tolist(), strict=True))
-        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        terms = ", ".join(f"{k}={metric_text(v)}" for k, v in values.items())
         self._last_finite = f"{terms} (mean of {self._window_len} steps)"
         self._window_len = 0
         metrics = {f"train/{k}": v for k, v in values.items()} | {"epoch": self.current_epoch}
