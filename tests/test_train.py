@@ -736,3 +736,37 @@ def test_every_printed_example_parses_and_composes():
         cfg = compose_config(script.removesuffix(".py"), overrides)
         if script == "train.py":
             validate_train_config(cfg)
+
+
+@pytest.mark.slow
+def test_every_printed_example_runs(mnist_root, tmp_path):
+    """Each example the help and the README print runs as printed (`-m` where it stands), with
+    debug=limit on the test data; its folders and placeholders (<run>, a date's run folder, a
+    sweep folder) are this test's. A preset of many jobs (experiment=methods_frontier, 28) is
+    composed only, by test_every_printed_example_parses_and_composes."""
+    import re
+    import shlex
+
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    quick = [*QUICK_RUN, "debug=limit", f"data.root={mnist_root}"]
+    examples = [e for e in printed_examples() if "experiment=" not in e]
+    first = ["python train.py", "python train.py beta=1e-3,5e-3 -m"]  # what the others point at
+    examples = first + sorted(set(examples) - set(first), key=lambda e: e.startswith("python evaluate.py"))
+    for i, example in enumerate(examples):
+        example = re.sub(r"<[^>]*>", "PLACEHOLDER", example)  # <multirun folder>: one word
+        example = re.sub(r"ckpt_path=\S+", f"ckpt_path={run}/checkpoints/last.ckpt", example)
+        example = re.sub(r"sweep_dir=\S+", f"sweep_dir={sweep}", example)
+        example = re.sub(r"resume=\S+", f"resume={run}", example)
+        script, *args = shlex.split(example)[1:]
+        multirun = "-m" in args
+        named = {"python train.py": run, first[1]: sweep}
+        folder = named.get(" ".join(shlex.split(example)), tmp_path / str(i))
+        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={folder}"] if script == "train.py" else []
+        if script == "evaluate.py":
+            where = [f"hydra.run.dir={tmp_path / str(i)}", f"data.root={mnist_root}"]
+        extra = [*(quick if script == "train.py" else []), *where]
+        # Beside the example's overrides, on the side away from its -m.
+        args = [*args, *extra] if args[:1] == ["-m"] else [*extra, *args]
+        proc = run_script(script, *args, timeout=900)
+        assert proc.returncode == 0, f"{example}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr, example
