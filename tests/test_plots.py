@@ -317,3 +317,27 @@ def test_sweep_metrics_is_a_grid_of_labelled_panels_about_3_by_2(knobs):
             assert len(colours) == 2
     finally:
         plt.close(fig)
+
+
+def test_sweep_metrics_draws_each_seed_as_a_point_and_their_mean_as_a_line():
+    jobs = {
+        str(i): {"job": str(i), "beta": beta, "seed": seed, "test/mse": 0.02 + beta + 0.001 * seed}
+        for i, (beta, seed) in enumerate((b, s) for b in (1e-3, 1e-2) for s in (0, 1, 2))
+    }
+    settings = [
+        {"beta": beta, "n": 3, "jobs": " ".join(j for j, r in jobs.items() if r["beta"] == beta)}
+        | {"test/mse": 0.02 + beta + 0.001, "test/mse_std": 0.001}
+        for beta in (1e-3, 1e-2)
+    ]
+    fig = sweep_metrics(settings, ["beta"], jobs=jobs)
+    try:
+        mse = fig.axes[0]
+        (points,) = mse.collections[-1:]
+        assert sorted(map(tuple, points.get_offsets().tolist())) == sorted(
+            (r["beta"], r["test/mse"]) for r in jobs.values()
+        )
+        (mean,) = [line for line in mse.get_lines() if line.get_marker() == "_"]
+        assert list(mean.get_ydata()) == [0.02 + 1e-3 + 0.001, 0.02 + 1e-2 + 0.001]
+        assert "points: each seed; lines: their mean" in fig.get_suptitle()
+    finally:
+        plt.close(fig)

@@ -279,9 +279,9 @@ def test_methods_get_their_own_colour_and_frontier(tmp_path):
     figures = {}
     real = summary._write_figures
 
-    def keep(sweep_dir, settings, knobs):
+    def keep(sweep_dir, settings, knobs, rows):
         figures["settings"] = settings
-        return real(sweep_dir, settings, knobs)
+        return real(sweep_dir, settings, knobs, rows)
 
     summary._write_figures = keep
     try:

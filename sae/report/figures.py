@@ -614,12 +614,18 @@ SWEEP_COLUMNS = 3  # panels side by side: the figure stays about 3:2 for one kno
 PANEL_SIZE = (4.0, 3.5)  # inches
 
 
-def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str] | None = None) -> Figure:
+def sweep_metrics(
+    settings: list[dict],
+    knobs: list[str],
+    label_knobs: list[str] | None = None,
+    jobs: dict[str, dict] | None = None,
+) -> Figure:
     """Each key metric against each numeric swept knob (a block of panels per knob, at most
     MAX_SWEEP_ROWS, in rows of SWEEP_COLUMNS panels), one line and colour per value of the other
-    knobs, error bars the std over seeds; dead units per layer; the rho_hat band from the units'
-    min to max with the target rho. Without a numeric knob, one point per setting, named by
-    `label_knobs` (e.g. model.activation=gelu)."""
+    knobs through the settings' means over seeds; with `jobs` (job rows by job name, as a
+    setting's `jobs` lists them) each seed's value as a point, else error bars of one std; dead
+    units per layer; the rho_hat band from the units' min to max with the target rho. Without a
+    numeric knob, one point per setting, named by `label_knobs` (e.g. model.activation=gelu)."""
     blocks = knobs[:MAX_SWEEP_ROWS] or [None]
     per_block = -(-len(SWEEP_PANELS) // SWEEP_COLUMNS)  # rows of panels per knob
     rows = per_block * len(blocks)
@@ -645,26 +651,36 @@ def sweep_metrics(settings: list[dict], knobs: list[str], label_knobs: list[str]
                 lines = lines + tuple((f"test/{layer}/dead_fraction", layer) for layer in layers)
             lines = [line for line in lines if any(_value(s, line[0]) is not None for s in settings)]
             for g, (group, members) in enumerate(groups.items()):
-                _metric_lines(
-                    ax, sorted(members, key=lambda s: s.get(knob) if knob else 0), knob, lines, group, g
-                )
+                ordered = sorted(members, key=lambda s: s.get(knob) if knob else 0)
+                _metric_lines(ax, ordered, knob, lines, group, g, jobs)
             ax.set_title(title, fontsize=10)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(True, alpha=0.3)
             _knob_axis(ax, settings, knob, label_knobs)
-            if ax.get_legend_handles_labels()[0] and (c in (3, 4) or (c == 0 and others)):
+            if ax.get_legend_handles_labels()[0] and (c in (3, 4) or (c == 0 and (others or len(lines) > 1))):
                 ax.legend(fontsize=6, loc="best")
     seeds = any(s.get("n", 1) > 1 for s in settings)
-    fig.suptitle(
-        "Sweep: key metrics against each swept knob"
-        + (" (mean over seeds; error bars: one sample std over seeds)" if seeds else "")
+    said = (
+        " (points: each seed; lines: their mean)"
+        if jobs
+        else " (mean over seeds; error bars: one sample std)"
     )
+    fig.suptitle("Sweep: key metrics against each swept knob" + (said if seeds else ""))
     return fig
 
 
-def _metric_lines(ax, members: list[dict], knob: str | None, lines: list, group: str, index: int) -> None:
-    """One group's settings (the same values of the other knobs) in one panel: a line per metric,
-    in the group's colour; for rho_hat its units' min..max band and the target rho."""
+def _metric_lines(
+    ax,
+    members: list[dict],
+    knob: str | None,
+    lines: list,
+    group: str,
+    index: int,
+    jobs: dict[str, dict] | None = None,
+) -> None:
+    """One group's settings (the same values of the other knobs) in one panel: a line per metric
+    through the settings' means, in the group's colour, and each seed's value as a point (with
+    `jobs`; else error bars of one std); for rho_hat its units' min..max band and the target rho."""
     xs = [s.get(knob) for s in members] if knob else list(range(len(members)))
     colour = f"C{index % 10}"
     for li, (metric, label) in enumerate(lines):
@@ -675,13 +691,22 @@ def _metric_lines(ax, members: list[dict], knob: str | None, lines: list, group:
         ax.errorbar(
             [x for x, _ in have],
             [s[metric] for _, s in have],
-            yerr=[_std(s, metric) for _, s in have],
-            marker="o",
+            yerr=None if jobs else [_std(s, metric) for _, s in have],
+            marker="_" if jobs else "o",  # with the seeds' points: a tick at their mean
+            markersize=12 if jobs else 6,
             linestyle=("-", "--", ":", "-.")[li % 4],
             color=colour,
             capsize=3,
             label=name or None,
         )
+        seeds = [
+            (x, jobs[job][metric])
+            for x, s in have
+            for job in str(s.get("jobs", "")).split()
+            if jobs and job in jobs and _value(jobs[job], metric) is not None
+        ]
+        if seeds:
+            ax.scatter(*zip(*seeds, strict=True), s=14, color=colour, alpha=0.7, zorder=3)
         if metric != "test/rho_hat_mean":
             continue
         low = [_value(s, "test/rho_hat_min") for _, s in have]

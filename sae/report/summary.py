@@ -454,7 +454,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
         body = section + "\n" + body
         files.append("summary_by_setting.csv")
     if figures:
-        drawn = _write_figures(sweep_dir, settings, knobs)
+        drawn = _write_figures(sweep_dir, settings, knobs, rows)
     else:  # the ones drawn before, on disk
         drawn = [f"{name}.png" for name in SWEEP_FIGURES if (sweep_dir / f"{name}.png").is_file()]
     files += drawn
@@ -557,16 +557,19 @@ def _settings_section(
 SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps")
 
 
-def _write_figures(sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str]) -> list[str]:
-    """pareto.png and sweep_metrics.png (one point per setting, error bars over seeds), and
-    sweep_heatmaps.png when the sweep is a grid over two knobs; returns their names."""
+def _write_figures(
+    sweep_dir: Path, settings: list[dict[str, Any]], knobs: list[str], rows: list[dict[str, Any]]
+) -> list[str]:
+    """pareto.png (one point per setting, error bars over seeds), sweep_metrics.png (the settings'
+    means as lines, each job of `rows` as a point), and sweep_heatmaps.png when the sweep is a
+    grid over two knobs; returns their names."""
     # matplotlib only when there is something to draw
     from sae.report.figures import pareto_figure, png_bytes, sweep_heatmaps, sweep_metrics
 
     numeric = [k for k in knobs if all(is_number(s.get(k)) for s in settings)]
     figures = {
         "pareto": pareto_figure(settings, knobs, BASELINES),
-        "sweep_metrics": sweep_metrics(settings, numeric, knobs),
+        "sweep_metrics": sweep_metrics(settings, numeric, knobs, {r["job"]: r for r in rows}),
     }
     if len(numeric) == 2 and len(settings) > 2:
         figures["sweep_heatmaps"] = sweep_heatmaps(settings, *numeric)
