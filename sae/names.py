@@ -60,17 +60,9 @@ COMPARED_FIRST = (
 RUN_COST = ("fit/seconds", "fit/stacked_jobs", "fit/stacked_seconds")  # in summary.md beside COMPARED_FIRST
 # What a sweep command's closing lines show for its best jobs.
 CLOSING = (ERROR_AXIS, "test/mse", SPARSITY_AXIS, "test/dead_fraction", "test/probe_accuracy")
-# What TensorBoard's HParams tab shows beside each run's settings (it ticks the first few).
-HPARAMS = (
-    *CLOSING,
-    "test/rho_hat_mean",
-    "test/loss",
-    "test/fvu",
-    "test/kl",
-    "test/rho_hat_min",
-    "test/rho_hat_max",
-    "test/probe_accuracy_reconstructions",
-)
+# What TensorBoard's HParams tab shows beside each run's settings, in the order the summary ranks
+# and shows them (it ticks the first five), then the test loss.
+HPARAMS = (*(m for m in COMPARED_FIRST if m.startswith("test/")), "test/loss")
 
 # The swept knobs. Those that change the training objective itself: across them val/loss (which
 # contains beta * the penalty) ranks jobs by their objective, not by how well they reconstruct.

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sae.training.loggers import MAX_RUN_NAME, TensorBoardLogger, tensorboard_run_name
+from sae.training.loggers import (
+    MAX_RUN_NAME,
+    TensorBoardLogger,
+    results_table,
+    tensorboard_run_name,
+    tensorboard_tag,
+)
 from tests.conftest import compose_config
 
 
@@ -54,3 +61,35 @@ def test_tensorboard_gets_curves_not_the_epoch_counter_or_constants(tmp_path):
     events.Reload()
     assert events.Tags()["scalars"] == ["train/loss"]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.5)]
+
+
+def test_test_metrics_are_written_after_the_curves_and_as_a_table(tmp_path):
+    """Test metrics go under zz_test/ (a tag group TensorBoard sorts after train/, val/ and
+    visuals/, and so keeps closed), constants only in the table, which names them as metrics.json does."""
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    logger.log_metrics({"test/mse": 0.0123456789, "test/l0": 7.0, "test/l0_threshold": 0.1}, step=9)
+    logger.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["zz_test/l0", "zz_test/mse"]
+    assert [(e.step, e.value) for e in events.Scalars("zz_test/mse")] == [(9, pytest.approx(0.0123456789))]
+    (text,) = events.Tensors("test/summary/text_summary")
+    assert text.step == 9
+    assert text.tensor_proto.string_val[0].decode().splitlines() == [
+        "| metric | value | what it is |",
+        "|---|---|---|",
+        "| test/mse | 0.012346 | test MSE |",
+        "| test/l0 | 7 | L0 |",
+        "| test/l0_threshold | 0.1 |  |",
+    ]
+
+
+def test_tags_of_other_splits_are_their_names():
+    assert tensorboard_tag("test/encoder_1/dead_fraction") == "zz_test/encoder_1/dead_fraction"
+    assert [tensorboard_tag(n) for n in ("train/loss", "val/mse", "fit/seconds", "testing/x")] == [
+        "train/loss",
+        "val/mse",
+        "fit/seconds",
+        "testing/x",
+    ]
+    assert results_table({}).count("\n") == 1  # the header alone

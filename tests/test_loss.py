@@ -109,7 +109,10 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
         {"latent": torch.tensor([0.2, 0.3], dtype=torch.float64)},
         torch.eye(2),
     )
-    assert list(whole) == ["loss", "kl"] and whole["loss"].item() == pytest.approx(mse + 0.5 * kl_value)
+    assert list(whole) == ["loss", "penalty", "kl"] and whole["loss"].item() == pytest.approx(
+        mse + 0.5 * kl_value
+    )
+    assert whole["penalty"].item() == pytest.approx(0.5 * kl_value)  # what the penalty adds: beta * kl
     with pytest.raises(ValueError, match="method='nope' must be one of kl, l1"):
         make_method({"method": "nope"}, [], 32)
     with pytest.raises(ValueError, match="k=3 must be absent: kl's settings are rho, beta"):

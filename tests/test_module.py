@@ -77,6 +77,7 @@ def test_validation_metrics_are_whole_split_figures(mnist_root, recon_loss):
         "val/rare_fraction": (firing["latent"].mean(0) < 1e-3).double().mean(),
         "val/dense_fraction": (firing["latent"].mean(0) > 0.5).double().mean(),
         "val/loss": recon + 0.5 * kl,
+        "val/penalty": 0.5 * kl,  # what the penalty adds to the loss: beta * kl
         "val/mse": mse,
         "val/kl": kl,
         "val/rho_hat_mean": latent.mean(),
@@ -232,8 +233,12 @@ def test_train_metrics_are_means_over_each_logging_window(mnist_root, tmp_path):
 
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"train/loss", "train/mse", "train/kl_batch", "epoch"} <= set(rows[0])
+    assert {"train/loss", "train/mse", "train/kl_batch", "train/penalty", "epoch"} <= set(rows[0])
     logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    for r in (r for r in rows if r["train/loss"]):  # the penalty: beta (5e-3) * kl_batch, averaged alike
+        assert float(r["train/penalty"]) == pytest.approx(5e-3 * float(r["train/kl_batch"]), rel=1e-4)
+        difference = float(r["train/loss"]) - float(r["train/mse"])
+        assert float(r["train/penalty"]) == pytest.approx(difference, abs=1e-7)
     # Every 6 optimizer steps, whatever the calls (of 4 batches) and epochs (of 25 steps): the
     # x-axis is the number of steps taken; 24 -> 30 spans the epoch end, 48 is the last.
     assert sorted(logged) == list(range(6, 51, 6))

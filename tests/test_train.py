@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
 from tensorboard.plugins.hparams.backend_context import (
     _sort_and_reduce_to_hparams_limit as tensorboard_hparams_order,  # what its server does
 )
@@ -25,9 +27,11 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from sae.config import ConfigError, validate_train_config
 from sae.names import HPARAMS as HPARAMS_METRICS
+from sae.names import metric_text
 from sae.training.callbacks import EpochLines
 from sae.training.evaluate import evaluate
 from sae.training.fit import build_data_and_module, build_trainer, train
+from sae.training.loggers import tensorboard_tag
 from tests.conftest import (
     CONF,
     LEAN,
@@ -115,8 +119,9 @@ def assert_hparams(
     folder: Path, expected: dict, first: str = "sparsity", knobs: tuple[str, ...] = ()
 ) -> None:
     """The run's HParams entry: its settings (`first` leading; the `knobs` the command set flagged
-    as differing, which TensorBoard's server lists first, then by name, and ticks), and the metric
-    tags that TensorBoard fills in, the key ones leading."""
+    as differing, which TensorBoard's server lists first, then by name, and ticks; integers as
+    text, so the tab shows 32, not 32.000), its trial id (the knobs first), and the metrics by
+    name in the summary's ranking order, read from the tags TensorBoard joins them by."""
     events = tensorboard_content(folder)
     content = events.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
@@ -126,12 +131,10 @@ def assert_hparams(
     served = type(experiment).FromString(experiment.SerializeToString())
     tensorboard_hparams_order(served)
     assert [i.name for i in served.hparam_infos[: len(knobs)]] == sorted(knobs)
-    assert [m.name.tag for m in experiment.metric_infos[:4]] == [
-        "test/truncated_mse",
-        "test/mse",
-        "test/l0",
-        "test/dead_fraction",
-    ]
+    shown = [m.display_name for m in experiment.metric_infos]
+    assert shown[:5] == ["test/truncated_mse", "test/mse", "test/l0", "test/fvu", "test/dead_fraction"]
+    assert shown == list(HPARAMS_METRICS)
+    assert [m.name.tag for m in experiment.metric_infos] == [tensorboard_tag(m) for m in shown]
     params = {
         k: start.hparams[k].WhichOneof("kind")
         and getattr(start.hparams[k], start.hparams[k].WhichOneof("kind"))
@@ -139,6 +142,7 @@ def assert_hparams(
     }
     for key, value in expected.items():
         assert params[key] == pytest.approx(value) if isinstance(value, float) else params[key] == value, key
+    assert (params["seed"], params["epochs"], params["lr"]) == ("0", "2", 0.001)  # integers as integers
     assert {
         "rho",
         "beta",
@@ -154,20 +158,54 @@ def assert_hparams(
         "rare_density",
         "dense_density",
     } <= set(params)
-    metric_tags = {m.name.tag for m in experiment.metric_infos}
-    assert set(HPARAMS_METRICS) <= metric_tags
+    run_name = tensorboard_run(folder).relative_to(folder / "tensorboard").as_posix()
+    where = "/".join(folder.resolve().parts[1:][-3:])
+    assert start.group_name == (f"{run_name} ({where})" if run_name != "." else where)
     scalars = set(events.Tags()["scalars"])
-    assert set(HPARAMS_METRICS) <= scalars  # every HParams metric has a value in this run
+    # every HParams metric has a value in this run (probe ones: once the sweep's worker wrote them)
+    assert {tensorboard_tag(m) for m in HPARAMS_METRICS} <= scalars
     assert "hp_metric" not in scalars
     assert hparams_end_status(folder) == "STATUS_SUCCESS"  # written at the end, not at the start
+
+
+def assert_tensorboard_views(folder: Path, metrics: dict) -> None:
+    """What a researcher sees in TensorBoard: Time Series opens the first two tag groups, which are
+    the curves (train/, val/); the figures, the target and the test metrics follow, closed. The
+    test metrics are also a table in the Text tab, and the Custom Scalars layout draws curves of
+    this run on each of its charts."""
+    events = tensorboard_content(folder)
     tags = events.Tags()
+    scalars = set(tags["scalars"])
     assert {"val/latent_activation", "val/rho_hat"} <= set(tags["histograms"])
     assert {"val/reconstructions", "visuals/unit_means"} <= set(tags["images"])
-    # TensorBoard opens on cards ordered by tag, grouped by the part before the first "/": the
-    # losses and sparsity metrics lead, the figures follow; no epoch staircase, no constants.
     cards = sorted(tags["scalars"] + tags["images"] + tags["histograms"])
-    assert list(dict.fromkeys(t.split("/")[0] for t in cards)) == ["test", "train", "val", "visuals"]
-    assert not {"epoch", "test/l0_threshold", "test/rare_density", "test/dense_density"} & set(scalars)
+    groups = list(dict.fromkeys(t.split("/")[0] for t in cards))
+    assert groups == ["train", "val", "visuals", "zz_target", "zz_test"]
+    assert {"train/loss", "val/loss", "val/rho_hat_mean", "val/l0"} <= scalars
+    assert not {t for t in scalars if t.startswith("test/")}  # no single-point test cards up front
+    assert not {"epoch", "zz_test/l0_threshold", "zz_test/rare_density", "zz_test/dense_density"} & scalars
+    assert [e.value for e in events.Scalars("zz_target/rho")] == pytest.approx([0.1, 0.1])  # per epoch
+    assert events.Scalars("zz_test/mse")[0].value == pytest.approx(metrics["test/mse"], rel=1e-6)
+    # The Text tab's table: every test metric of metrics.json, by name, with the console's digits.
+    (text,) = events.Tensors("test/summary/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    written = {r[0].strip("| "): r[1] for r in rows}
+    tested = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    handed_off = {k for k in tested if "probe" in k} - set(written)  # a sweep job's probes come later
+    assert set(written) == set(tested) - handed_off
+    assert all(written[k] == metric_text(v) for k, v in tested.items() if k in written)
+    assert list(written)[:3] == ["test/truncated_mse", "test/mse", "test/l0"]
+    # Custom Scalars: each chart's expressions match curves of this run (the target: KL's rho).
+    (layout,) = events.Tensors("custom_scalars__config__")
+    parsed = Layout.FromString(layout.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in parsed.category for c in cat.chart}
+    assert len(charts) == 5
+    for title, expressions in charts.items():
+        for expression in expressions:
+            assert any(re.search(expression, t) for t in scalars), (title, expression)
+    loss_chart = charts["val: loss = reconstruction + penalty"]
+    assert {t for t in scalars if re.search(loss_chart[0], t)} == {"val/loss", "val/mse", "val/penalty"}
     # Each epoch's rho_hat histogram is that epoch's: its mean is the val/rho_hat_mean scalar
     # logged at the same step (not the previous pass's, nor the sanity check's).
     means = {e.step: e.value for e in events.Scalars("val/rho_hat_mean")}
@@ -224,7 +262,9 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
     )
     hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
     assert (hp["latent_dim"], hp["sparsity"]) == (64, {"method": "kl", "rho": 0.1, "beta": 5e-3})
-    assert_hparams(tmp_path, {"rho": 0.1, "latent_dim": 64, "sparsity_layers": "['latent']", "val_size": 100})
+    expected = {"rho": 0.1, "latent_dim": "64", "sparsity_layers": "['latent']", "val_size": "100"}
+    assert_hparams(tmp_path, expected)
+    assert_tensorboard_views(tmp_path, metrics)
     assert_probe_reads_reconstructions(metrics, mnist_root)
 
     ecfg = evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "eval", "threads=1")  # the run's
@@ -578,9 +618,12 @@ def test_cli_sweep_and_evaluate(mnist_root, tmp_path):
     # And the code probe fitted there: in metrics.json (assert_run_folder) and TensorBoard by the end.
     assert proc.stdout.count("metrics.json (test/probe_accuracy*: computed beside the next job") == 2
     for job in jobs:
-        tags = tensorboard_content(job).Tags()
+        events = tensorboard_content(job)
+        tags = events.Tags()
         assert {f"visuals/{name}" for name in FIGURES} <= set(tags["images"]), tags["images"]
-        assert "test/probe_accuracy" in tags["scalars"]
+        assert "zz_test/probe_accuracy" in tags["scalars"]
+        (probes,) = events.Tensors("test/probes/text_summary")  # their own table in the Text tab
+        assert "| test/probe_accuracy | " in probes.tensor_proto.string_val[0].decode()
     betas = []
     for job in jobs:
         metrics = assert_run_folder(job)

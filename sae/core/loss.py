@@ -44,10 +44,18 @@ def minimised(method: SparsityMethod, named: Mapping[str, Tensor]) -> Tensor:
     return named["loss"] + method.auxiliary(named)
 
 
+def with_penalty(named: Mapping[str, float], kind: str) -> dict[str, float]:
+    """Logged terms (means over steps) with `penalty`, what the sparsity method adds to the loss:
+    loss minus the reconstruction `kind` (means are linear, so it is the mean penalty). On the
+    loss's own scale, unlike the raw term (e.g. kl_batch), so one chart reads all three."""
+    return {**named, "penalty": named["loss"] - named[kind]}
+
+
 def split_objective(
     method: SparsityMethod, recon: Tensor, unit_means: Mapping[str, Tensor], decoder_weight: Tensor
 ) -> dict[str, Tensor]:
     """The loss over a whole split from its statistics: reconstruction error and per-unit means
     (and the decoder's first layer, for methods that weigh units by their decoder columns)."""
     terms = method.split_terms(unit_means, decoder_weight)
-    return {"loss": recon + method.penalty(terms), **terms}
+    penalty = method.penalty(terms)  # what the method adds to the loss, on the loss's scale
+    return {"loss": recon + penalty, "penalty": penalty, **terms}

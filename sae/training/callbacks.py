@@ -34,6 +34,7 @@ from sae.report.probe import ProbeData, probe_accuracies, probe_settings
 from sae.run import handoff
 from sae.run.console import report
 from sae.run.record import RunRecord
+from sae.training.loggers import LAYOUT, TARGET_TAG, tensorboard_tag, write_results
 
 
 def progress_bar(refresh_rate: int = 5) -> ProgressBar:
@@ -84,8 +85,7 @@ def record_metrics(run: Path, events_dir: str | None, step: int, values: dict[st
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(events_dir, filename_suffix=".probe") as writer:
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
+            write_results(writer, values, step, title="test/probes")
 
 
 class LinearProbe(L.Callback):
@@ -212,11 +212,18 @@ def figure_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
 
 class EpochVisuals(L.Callback):
     """Each validation epoch, to TensorBoard: histograms of latent activations and of per-unit
-    rho_hat, and originals above reconstructions of a fixed validation batch."""
+    rho_hat, originals above reconstructions of a fixed validation batch, and the method's target
+    rho (if it has one); at the start, the Custom Scalars layout that draws related curves on one
+    chart (sae.training.loggers.LAYOUT)."""
 
     def __init__(self, num_images: int = 16) -> None:
         self.num_images = num_images
         self._codes: list[Tensor] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tb = tensorboard(trainer)
+        if tb is not None:
+            tb.experiment.add_custom_scalars(LAYOUT)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._codes = []
@@ -238,6 +245,8 @@ class EpochVisuals(L.Callback):
         grid = torch.cat([images, recon]).reshape(-1, 1, 28, 28).cpu()  # originals, then reconstructions
         rows = torch.cat([torch.cat(list(half), dim=2) for half in grid.split(len(images))], dim=1)
         tb.experiment.add_image("val/reconstructions", rows, step)
+        if (target := pl_module.method.target()) is not None:
+            tb.experiment.add_scalar(TARGET_TAG, target, step)
         self._codes = []
 
 
@@ -245,32 +254,35 @@ class HParamsSummary(L.Callback):
     """Registers the run in TensorBoard's HParams tab with the knobs researchers compare, and
     records how the run ended.
 
-    The metric values are the run's own scalars with these tags (test/* of the tested
-    checkpoint), which TensorBoard joins by tag; nothing is written as a placeholder metric, and
-    there is no `hp_metric`. The session's status is written when the run ends: success after the
-    test, failure when training raises (a NaN loss, a crash), unknown when Ctrl+C or SIGTERM
-    stopped it (resumable; the HParams plugin has no "aborted"); a run killed outright records
-    none, which TensorBoard shows as unknown too.
+    The tab lists the knobs the command set first (flagged as differing; its server then sorts by
+    name), shows integers as integers (recorded as text: the tab prints every number with five
+    significant digits, seed 0 as 0.0000), and the metrics in the order the sweep's summary ranks
+    by (sae.names.HPARAMS), by name (`test/mse`). Their values are the run's own scalars (written
+    under sae.training.loggers.tensorboard_tag), which TensorBoard joins by tag; nothing is written
+    as a placeholder metric, and there is no `hp_metric`. A row's trial id leads with the knobs the
+    run set, then where its folder is (the tab shows ten characters' width of it).
+
+    The session's status is written when the run ends: success after the test, failure when
+    training raises (a NaN loss, a crash), unknown when Ctrl+C or SIGTERM stopped it (resumable;
+    the HParams plugin has no "aborted"); a run killed outright records none, which TensorBoard
+    shows as unknown too.
     """
 
     def __init__(self, params: dict, metrics: list[str] | tuple[str, ...] = HPARAMS) -> None:
-        # Lists (hidden sizes, covered layers) become strings: HParams takes scalars only.
-        self.params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+        # Lists (hidden sizes, covered layers) and integers become text: see above.
+        self.params = {k: v if isinstance(v, float | str | bool) else str(v) for k, v in params.items()}
         self.metrics = list(metrics)
         self._open = False  # a session started in this process and not yet ended
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
         tb = tensorboard(trainer)
         if tb is None:
             return
         knobs = command_knobs(self.params)
         params = {k: self.params[k] for k in knobs} | self.params
-        experiment, start, _ = hparams(params, dict.fromkeys(self.metrics, 0.0))
-        mark_as_differing(experiment, knobs)
+        trial = trial_id(Path(tb.log_dir), Path(trainer.default_root_dir))
         writer = tensorboard_file_writer(tb.experiment)
-        for summary in (experiment, start):
+        for summary in hparams_summaries(params, knobs, self.metrics, trial):
             writer.add_summary(summary)
         tb.experiment.flush()
         self._open = True
@@ -288,10 +300,14 @@ class HParamsSummary(L.Callback):
             warnings.warn(f"could not record the run's end in TensorBoard's HParams tab: {err}", stacklevel=1)
 
     def _end(self, trainer: L.Trainer, status: str) -> None:
+        from tensorboard.plugins.hparams.api_pb2 import Status
+        from tensorboard.plugins.hparams.plugin_data_pb2 import SessionEndInfo
+
         tb = tensorboard(trainer)
         if not self._open or tb is None:
             return
-        tensorboard_file_writer(tb.experiment).add_summary(session_end_summary(status))
+        end = SessionEndInfo(status=Status.Value(status), end_time_secs=time.time())
+        tensorboard_file_writer(tb.experiment).add_summary(hparams_record(session_end_info=end))
         tb.experiment.flush()
         self._open = False
 
@@ -303,34 +319,59 @@ def command_knobs(params: dict) -> list[str]:
     return [k for k in params if k in named]
 
 
-def mark_as_differing(experiment, knobs: list[str]) -> None:
-    """Flag `knobs` in the HParams experiment summary as the knobs that differ between runs.
+def trial_id(events: Path, run: Path) -> str:
+    """A run's row name in the HParams tab: the knobs its events folder is named by, then the last
+    three parts of its run folder (a sweep's day, time and job), which keep it apart from the same
+    setting run elsewhere (TensorBoard merges rows of one name)."""
+    where = "/".join(run.resolve().parts[1:][-3:])  # not the root "/"
+    knobs = events.resolve().relative_to((run / "tensorboard").resolve()).as_posix()
+    return where if knobs == "." else f"{knobs} ({where})"
 
-    TensorBoard's HParams view lists hyperparameters that differ first, then by name, and shows
-    the first few: flagged, the knobs a sweep varies lead its columns and are ticked.
-    """
+
+def hparams_summaries(params: dict, knobs: list[str], metrics: list[str], trial: str) -> tuple:
+    """The HParams plugin's experiment and session-start records: `params` in their order, `knobs`
+    flagged as differing (the tab lists those first and ticks the first five), the `metrics` by
+    name in their order (the first five ticked), read from their tensorboard_tag."""
+    from google.protobuf.struct_pb2 import Value
+    from tensorboard.plugins.hparams.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName
+    from tensorboard.plugins.hparams.plugin_data_pb2 import SessionStartInfo
+
+    def kind(value: object) -> int:
+        if isinstance(value, bool):
+            return DataType.DATA_TYPE_BOOL
+        return DataType.DATA_TYPE_FLOAT64 if isinstance(value, float) else DataType.DATA_TYPE_STRING
+
+    def proto_value(value: float | str | bool) -> Value:
+        if isinstance(value, bool):
+            return Value(bool_value=value)
+        return Value(number_value=value) if isinstance(value, float) else Value(string_value=value)
+
+    experiment = Experiment(
+        hparam_infos=[HParamInfo(name=k, type=kind(v), differs=k in knobs) for k, v in params.items()],
+        metric_infos=[MetricInfo(name=MetricName(tag=tensorboard_tag(m)), display_name=m) for m in metrics],
+    )
+    start = SessionStartInfo(group_name=trial, start_time_secs=time.time())
+    for k, v in params.items():
+        start.hparams[k].CopyFrom(proto_value(v))
+    return hparams_record(experiment=experiment), hparams_record(session_start_info=start)
+
+
+def hparams_record(**content):
+    """One record of TensorBoard's HParams plugin (an experiment, a session's start or end), as a
+    Summary under the plugin's tag for it (tensorboard.plugins.hparams.metadata)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    (value,) = experiment.value
-    content = HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    for info in content.experiment.hparam_infos:
-        info.differs = info.name in knobs
-    value.metadata.plugin_data.content = content.SerializeToString()
-
-
-def session_end_summary(status: str):
-    """The HParams plugin's session-end record with `status` (e.g. STATUS_FAILURE), as a Summary."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams.api_pb2 import Status
-    from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
-
-    info = SessionEndInfo(status=Status.Value(status), end_time_secs=time.time())
-    content = HParamsPluginData(session_end_info=info, version=PLUGIN_DATA_VERSION)
-    metadata = SummaryMetadata(
-        plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString())
-    )
-    return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
+    (field,) = content
+    tag = {
+        "experiment": metadata.EXPERIMENT_TAG,
+        "session_start_info": metadata.SESSION_START_INFO_TAG,
+        "session_end_info": metadata.SESSION_END_INFO_TAG,
+    }[field]
+    data = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **content)
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
 
 
 def resumes_mid_epoch(loader) -> bool:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from sae.core.captured import CapturedStep
-from sae.core.loss import minimised, objective, split_objective, term_names
+from sae.core.loss import minimised, objective, split_objective, term_names, with_penalty
 from sae.core.metrics import (
     FractionOfVarianceUnexplained,
     UnitActivity,
@@ -277,7 +277,8 @@ class SparseAutoencoderModule(L.LightningModule):
         """
         self._stop_if_diverged()
         means = self._window[: self._window_len].mean(dim=0)
-        values = dict(zip(self.term_names, means.tolist(), strict=True))
+        named = dict(zip(self.term_names, means.tolist(), strict=True))
+        values = with_penalty(named, self.hparams.recon_loss)
         terms = ", ".join(f"{k}={metric_text(v)}" for k, v in values.items())
         self._last_finite = f"{terms} (mean of {self._window_len} steps)"
         self._window_len = 0
