@@ -218,6 +218,11 @@ def test_seeds_are_aggregated_and_a_grid_gets_heatmaps(tmp_path):
             assert float(row[f"{metric}_std"]) == pytest.approx(column.std(ddof=1), rel=1e-12)
     md = (sweep / "summary.md").read_text()
     assert "## By setting: mean ± sample std over seeds" in md and "## Every job" in md
+    by_setting = md.split("## By setting")[1].split("## Every job")[0]
+    table_header = next(line for line in by_setting.splitlines() if line.startswith("| beta"))
+    assert "test/mse" in table_header and "test/encoder_1/dead_fraction" in table_header
+    # the same in every job: said once in the header line, not a column of "0 ± 0"
+    assert "test/dead_fraction |" not in table_header and "`test/dead_fraction` 0" in md
     # The sweep's closing lines rank settings, not jobs: three seeds of one take one place.
     said = write_summary(sweep, figures=False).closing_lines().splitlines()
     start = said.index("best 3 settings (mean ± std over their seeds):")
@@ -489,12 +494,14 @@ def test_summary_opens_with_the_answer_and_ends_with_its_figures(tmp_path):
 
 
 def test_knobs_read_as_typed_and_count_as_numbers(tmp_path):
-    """beta=1e-3 on the command line: `1e-3` in summary.md and summary.csv (not 0.001, nor float
-    noise), and a number for ranking and figures (Hydra reads it as 0.001)."""
+    """beta=1e-3 on the command line: `1e-3` in summary.md and summary.csv (not 0.001, as Hydra
+    writes each job's override, nor float noise), and a number for ranking and figures."""
     sweep = tmp_path / "sweep"
-    for i, beta in enumerate(("1e-3", "5e-3", "2e-2")):
+    for i, beta in enumerate(("0.001", "0.005", "0.02")):  # each job's value, as Hydra writes it
         fake_job(sweep, str(i), [f"beta={beta}", "lr=0.0003"], metrics(0.01 * (i + 1), 0.03, 0.06, 8.0 - i))
         (sweep / str(i) / "status.json").write_text('{"status": "ok"}')
+    command = {"hydra": {"overrides": {"task": ["beta=1e-3,5e-3, 2e-2", "lr=0.0003", "epochs=range(1,3)"]}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(command))  # what the user typed
     summary = write_summary(sweep)
     md = (sweep / "summary.md").read_text()
     assert {"| 1e-3 |", "| 5e-3 |", "| 2e-2 |"} <= {f"| {c} |" for c in md.replace(" | ", "|").split("|")}

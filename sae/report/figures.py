@@ -386,9 +386,17 @@ def _std(setting: dict, key: str) -> float:
     return _value(setting, f"{key}_std") or 0.0
 
 
+def knob_text(value: object) -> str:
+    """A knob's value as a label: as the command typed it where the value carries that (a float
+    subclass whose str is its text: sae.report.summary.Typed), a plain float in %g."""
+    if isinstance(value, float) and type(value) is float:
+        return f"{value:g}"
+    return str(value)
+
+
 def _setting_label(setting: dict, knobs: list[str]) -> str:
     shown = [k for k in knobs if setting.get(k) is not None]  # not a knob of another method only
-    parts = [f"{k}={setting[k]:g}" if isinstance(setting[k], float) else f"{k}={setting[k]}" for k in shown]
+    parts = [f"{k}={knob_text(setting[k])}" for k in shown]
     return ", ".join(parts) or f"jobs {setting.get('jobs', '')}"
 
 
@@ -768,8 +776,8 @@ def sweep_heatmaps(settings: list[dict], knob_x: str, knob_y: str) -> Figure:
             **colours,
             ax=ax,
             cbar=True,
-            xticklabels=[f"{v:g}" for v in xs],
-            yticklabels=[f"{v:g}" for v in ys],
+            xticklabels=[knob_text(v) for v in xs],
+            yticklabels=[knob_text(v) for v in ys],
             annot_kws={"fontsize": 7},
         )
         ax.set(xlabel=knob_x, ylabel=knob_y, title=title)

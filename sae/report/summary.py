@@ -121,6 +121,24 @@ def _parse_value(text: str) -> Any:
     return Typed(value, text) if type(value) is float else value
 
 
+def typed_in_command(sweep_dir: Path, files: JobFiles) -> dict[str, dict[float, str]]:
+    """For each knob the sweep's command gave numbers for (beta=1e-3,5e-3), the text each was typed
+    as, by value, from the sweep's multirun.yaml: Hydra writes each job's override anew
+    (beta=0.001). Values given any other way (range(), a list) are left as the jobs have them."""
+    try:
+        task = files.read(sweep_dir / "multirun.yaml")["hydra"]["overrides"]["task"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}  # no such file (an Optuna study, a summary of copied job folders): as the jobs say
+    typed: dict[str, dict[float, str]] = {}
+    for item in task if isinstance(task, list) else []:
+        key, _, value = str(item).lstrip("+").partition("=")
+        texts = [t.strip() for t in value.split(",")]
+        numbers = {float(v): t for t in texts if isinstance(v := _parse_value(t), Typed)}
+        if numbers:
+            typed[key] = numbers
+    return typed
+
+
 def job_row(job: Path, files: JobFiles | None = None) -> dict[str, Any]:
     """job, each override as a column, status (ok / failed / interrupted / incomplete), error, every
     metric."""
@@ -419,6 +437,10 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
     jobs = job_dirs(sweep_dir)
     files = files or JobFiles()
     rows = [job_row(job, files) for job in jobs]
+    for key, texts in typed_in_command(sweep_dir, files).items():
+        for row in rows:
+            if isinstance(value := row.get(key), Typed) and float(value) in texts:
+                row[key] = Typed(float(value), texts[float(value)])
     configs = {job.name: _job_config(job, files) for job in jobs}
     job_settings = {name: _figure_settings(cfg) for name, cfg in configs.items()}
     objectives = [_objective_settings(cfg) for cfg in configs.values()]
@@ -542,6 +564,12 @@ def _settings_section(
     )
     varying = [k for k in knobs if len({_fmt(s.get(k)) for s in settings}) > 1] or knobs
     shown = [m for m in metrics if m in COMPARED_FIRST and not (extra and within_setting(m))]
+    # A metric the same in every job is in the header line above (dead_fraction 0 ± 0 reads as news).
+    shown = [
+        m
+        for m in shown
+        if len({_fmt(s.get(m)) for s in settings}) > 1 or any(s.get(f"{m}_std") for s in settings)
+    ]
     if metric in metrics and metric not in shown and not extra:  # the metric ranked on, shown
         shown.insert(0, metric)
     table = [{**s, **{m: _mean_std(s, m) for m in shown}} for s in sorted(settings, key=sort_key)]
