@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sae.core.settings import (
     ACTIVATION_NAMES,
     FLOAT32_MAX,
+    LATENT_ONLY_ACTIVATIONS,
     RECONSTRUCTION_LOSSES,
     SETTINGS,
     InvalidSetting,
@@ -29,7 +30,7 @@ from sae.core.settings import (
 from sae.errors import CheckpointError, UserError, did_you_mean, one_line
 from sae.names import selectable
 
-HIDDEN_ACTIVATIONS = [a for a in ACTIVATION_NAMES if a != "topk"]  # topk is the latent's, with k
+HIDDEN_ACTIVATIONS = [a for a in ACTIVATION_NAMES if a not in LATENT_ONLY_ACTIVATIONS]
 
 MNIST_TRAIN_IMAGES = 60000
 MNIST_PIXELS = 28 * 28

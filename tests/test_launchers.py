@@ -42,11 +42,11 @@ def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_threads(mnist_root, tm
     )
     assert proc.returncode != 0  # one job's config is invalid: the command says so
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
-    assert sorted((r["beta"], r["rho"], r["status"]) for r in rows) == [
-        ("0.001", "0.05", "ok"),
-        ("0.001", "1.5", "failed"),
-        ("0.005", "0.05", "ok"),
-        ("0.005", "1.5", "failed"),
+    assert sorted((r["beta"], r["rho"], r["status"]) for r in rows) == [  # knobs as typed
+        ("1e-3", "0.05", "ok"),
+        ("1e-3", "1.5", "failed"),
+        ("5e-3", "0.05", "ok"),
+        ("5e-3", "1.5", "failed"),
     ]
     share = max(1, (os.cpu_count() or 1) // 2)
     for row in rows:
@@ -60,8 +60,8 @@ def test_submitit_local_runs_each_job_in_its_own_process(mnist_root, tmp_path):
     proc, sweep, rows = multirun(tmp_path, mnist_root, "launcher=submitit_local", "beta=1e-3,5e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(r["beta"], r["status"]) for r in sorted(rows, key=lambda r: r["job"])] == [
-        ("0.001", "ok"),
-        ("0.005", "ok"),
+        ("1e-3", "ok"),
+        ("5e-3", "ok"),
     ]
     assert all(int(r["fit/threads"]) == 1 for r in rows)  # the preset's threads=1
     assert list((sweep / ".submitit").iterdir())  # submitit's job logs

@@ -86,6 +86,7 @@ def test_kl_method_uses_batch_mean_per_unit_and_sums_layers():
             "encoder_1": torch.tensor([0.4], dtype=torch.float64),
         },
         torch.eye(2),
+        {},
     )
     assert split["kl"].item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -108,6 +109,7 @@ def test_objective_is_reconstruction_plus_beta_times_the_named_terms():
         torch.tensor(mse, dtype=torch.float64),
         {"latent": torch.tensor([0.2, 0.3], dtype=torch.float64)},
         torch.eye(2),
+        {"latent": torch.tensor([0.5, 0.5], dtype=torch.float64)},
     )
     assert list(whole) == ["loss", "penalty", "kl"] and whole["loss"].item() == pytest.approx(
         mse + 0.5 * kl_value
@@ -140,7 +142,7 @@ def test_l1_hand_case_weighs_units_by_their_decoder_columns():
     assert got.item() == pytest.approx(((1 * 5 + 2 * 1) + (0 * 5 + 4 * 1)) / 2)  # 5.5
     assert l1.penalty({"l1": got}).item() == pytest.approx(0.55)
     # Over a split: the unit means (0.5, 3) weighted the same way give the same number.
-    split = l1.split_terms({"latent": z.mean(0)}, decoder)["l1"]
+    split = l1.split_terms({"latent": z.mean(0)}, decoder, {})["l1"]
     assert split.item() == pytest.approx(5.5)
 
 

@@ -56,7 +56,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_failing_job_leaves_the_others_to_finis
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # it says a job failed
     assert "1 of 3 jobs failed or did not finish (jobs 2)" in proc.stderr, proc.stderr[-3000:]
     rows = summary_rows(sweep)
-    assert [(r["beta"], r["status"]) for r in rows] == [("0.001", "ok"), ("0.005", "ok"), ("-1", "failed")]
+    assert [(r["beta"], r["status"]) for r in rows] == [("1e-3", "ok"), ("5e-3", "ok"), ("-1", "failed")]
     assert "beta=-1 must be a number" in rows[2]["error"]
     assert all(float(r["test/mse"]) > 0 and 0 < float(r["test/probe_accuracy"]) <= 1 for r in rows[:2])
     assert int(rows[0]["fit/threads"]) == 1  # the job's allocation: cpus_per_task cores

@@ -41,7 +41,7 @@ def code_sum_method():
         def batch_terms(self, out, x):
             return {"code_sum": sum(out.activations[n].sum(dim=1).mean() for n in self.layers)}
 
-        def split_terms(self, unit_means, decoder_weight):
+        def split_terms(self, unit_means, decoder_weight, densities):
             return {"code_sum": sum(unit_means[n].sum() for n in self.layers)}
 
         def penalty(self, terms):

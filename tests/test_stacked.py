@@ -22,12 +22,23 @@ def job_config(job, tmp_path, mnist_root, name, method=()):
 
 
 # Each sparsity method, and how many training terms it logs (loss, mse, its own).
-METHODS = {"kl": ([], 3), "l1": (["sparsity=l1"], 3), "topk": (["sparsity=topk", "k=5"], 2)}
+# JumpReLU's output jumps by its threshold (0.1) where an input crosses it: a last-bit difference
+# between the stacked and the separate matrix products there moves a weight by up to about 3e-4 in
+# these 20 steps (measured 2026-12-04), so its weights are compared to 2e-3.
+TOLERANCE = {"jumprelu": 2e-3}
+METHODS = {
+    "kl": ([], 3),
+    "l1": (["sparsity=l1"], 3),
+    "topk": (["sparsity=topk", "k=5"], 2),
+    "batchtopk": (["sparsity=batchtopk", "k=5"], 2),
+    "jumprelu": (["sparsity=jumprelu"], 3),  # each job its own beta
+}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path, method):
     overrides, num_terms = METHODS[method]
+    atol = TOLERANCE.get(method, 1e-4)
     separate = []
     for i, job in enumerate(JOBS):
         cfg = job_config(job, tmp_path, mnist_root, f"run{i}", overrides)
@@ -54,8 +65,8 @@ def test_stacked_jobs_end_with_the_weights_of_separate_runs(mnist_root, tmp_path
 
     for job, module, ckpt in zip(JOBS, modules, separate, strict=True):
         for name, value in module.state_dict().items():
-            if name.startswith("net."):
-                torch.testing.assert_close(value, ckpt["state_dict"][name], rtol=0, atol=1e-4, msg=name)
+            if name.startswith("net.") and not name.endswith(".threshold"):  # BatchTopK's: set by evaluation
+                torch.testing.assert_close(value, ckpt["state_dict"][name], rtol=0, atol=atol, msg=name)
         adam = module.stacked_optimizer_state
         saved = ckpt["optimizer_states"][0]
         assert adam["param_groups"][0]["lr"] == pytest.approx(job["lr"])

@@ -99,14 +99,14 @@ def test_failing_and_diverging_jobs_do_not_spoil_the_others(mnist_root, tmp_path
     proc, sweep, rows = vectorized_sweep(tmp_path, mnist_root, *sweep_values)
     assert proc.returncode != 0  # the command says that jobs failed
     by_setting = {(r["lr"], r["rho"]): r for r in rows.values()}
-    assert by_setting[("0.001", "0.05")]["status"] == "ok"
-    diverged = by_setting[("1e+30", "0.05")]
+    assert by_setting[("1e-3", "0.05")]["status"] == "ok"  # knobs as typed
+    diverged = by_setting[("1e30", "0.05")]
     assert diverged["status"] == "failed"
     assert diverged["error"].startswith("the training loss became NaN or inf at step 1 (epoch 0)")
     assert not (sweep / diverged["job"] / "checkpoints" / "last.ckpt").exists()  # no NaN weights kept
-    for lr in ("0.001", "1e+30"):
+    for lr in ("1e-3", "1e30"):
         assert by_setting[(lr, "1.5")]["error"] == "rho=1.5 must be a number in (0, 1)"
-    assert float(by_setting[("0.001", "0.05")]["test/mse"]) > 0
+    assert float(by_setting[("1e-3", "0.05")]["test/mse"]) > 0
 
 
 class TermAtStep(L.Callback):

@@ -52,10 +52,14 @@ def with_penalty(named: Mapping[str, float], kind: str) -> dict[str, float]:
 
 
 def split_objective(
-    method: SparsityMethod, recon: Tensor, unit_means: Mapping[str, Tensor], decoder_weight: Tensor
+    method: SparsityMethod,
+    recon: Tensor,
+    unit_means: Mapping[str, Tensor],
+    decoder_weight: Tensor,
+    densities: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
     """The loss over a whole split from its statistics: reconstruction error and per-unit means
     (and the decoder's first layer, for methods that weigh units by their decoder columns)."""
-    terms = method.split_terms(unit_means, decoder_weight)
+    terms = method.split_terms(unit_means, decoder_weight, densities)
     penalty = method.penalty(terms)  # what the method adds to the loss, on the loss's scale
     return {"loss": recon + penalty, "penalty": penalty, **terms}

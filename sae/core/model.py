@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,85 @@ class TopK(nn.Module):
         return f"k={self.k}"
 
 
+class BatchTopK(nn.Module):
+    """BatchTopK (Bussmann et al. 2024). In training: ReLU of the k * B largest entries of the whole
+    batch of B rows, every other entry 0: k active units per row on average, more on rows that
+    need them. At inference (eval mode): each entry kept above `threshold`, one number estimated
+    from training batches (`estimate_threshold`), so a row's code does not depend on the others."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def select(self, x: Tensor) -> Tensor:
+        """The training selection: the k * len(x) largest entries of x over the batch, ReLU'd."""
+        values, indices = x.flatten().topk(self.k * x.shape[0])
+        return torch.zeros_like(x.flatten()).scatter(0, indices, torch.relu(values)).view_as(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self.select(x)
+        return x * (x > self.threshold)
+
+    @torch.no_grad()
+    def estimate_threshold(self, batches: Iterable[Tensor]) -> None:
+        """The threshold: over training batches of pre-activations, the mean of each batch's
+        smallest entry the training selection keeps (above 0), as Bussmann et al. estimate it."""
+        smallest = []
+        for pre in batches:
+            kept = self.select(pre)
+            if (kept > 0).any():
+                smallest.append(kept[kept > 0].min())
+        self.threshold.copy_(torch.stack(smallest).mean() if smallest else torch.zeros(()))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel: 1 where |u| < 1/2, else 0."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLU(nn.Module):
+    """JumpReLU (Rajamanoharan et al. 2024): x where x > theta_j, else 0, with a learned
+    threshold theta_j > 0 per unit (stored as its log). The step has no gradient with respect to
+    theta; training uses the paper's pseudo-derivative, a rectangle kernel of width `bandwidth`
+    around the threshold: d/dtheta of the output is -(theta / bandwidth) * K((x - theta) / bandwidth)
+    (and of the L0 count, `step`, -(1 / bandwidth) * K(...)). Written as straight-through terms
+    whose value is 0 (`(theta - theta.detach())` times a constant), so vmap and CUDA graphs see
+    plain tensor arithmetic."""
+
+    def __init__(self, width: int, bandwidth: float = 1e-3, initial_threshold: float = 0.1) -> None:
+        super().__init__()
+        self.bandwidth = bandwidth
+        self.log_threshold = nn.Parameter(torch.full((width,), math.log(initial_threshold)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        theta = self.threshold
+        gate = (x > theta).to(x.dtype)
+        kernel = rectangle((x.detach() - theta.detach()) / self.bandwidth)
+        pseudo = -(theta.detach() / self.bandwidth) * kernel  # d output / d theta
+        return x * gate + pseudo * (theta - theta.detach())
+
+    @staticmethod
+    def step_of(x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        """Whether each entry of x is above its unit's threshold (their count is the L0), with the
+        pseudo-derivative -(1 / bandwidth) * K((x - theta) / bandwidth) with respect to theta
+        (none to x)."""
+        gate = (x.detach() > theta.detach()).to(x.dtype)
+        kernel = rectangle((x.detach() - theta.detach()) / bandwidth)
+        return gate - (kernel / bandwidth) * (theta - theta.detach())
+
+    def extra_repr(self) -> str:
+        return f"width={len(self.log_threshold)}, bandwidth={self.bandwidth:g}"
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,  # slope 0.01 below 0: a unit that stops firing still gets gradients
@@ -35,13 +115,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "identity": nn.Identity,
     "topk": TopK,  # latent only, with the model's k
+    "batchtopk": BatchTopK,  # latent only, with the model's k
+    "jumprelu": JumpReLU,  # latent only, one threshold per unit
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "sae.core.settings names the activations a config may choose"
 
 
 # Activations that are positive exactly when their input is: a unit of such a layer is active
 # when its output is above 0. Other layers' units count as active above a threshold.
-ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "topk")
+ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "topk", "batchtopk", "jumprelu")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -56,15 +138,20 @@ class AutoencoderOutput(NamedTuple):
     decode: Callable[[Tensor], Tensor]
     latent_input: Tensor  # what the latent layer reads: the last encoder hidden layer, or x
     latent_layer: Callable[[Tensor], Tensor]  # latent_input -> latent_preactivation
+    # JumpReLU's per-unit thresholds as this forward read them (under functional_call, the job's
+    # own, with their gradient); None for other latents.
+    latent_threshold: Tensor | None = None
 
 
-def _activation(name: str, k: int | None = None) -> nn.Module:
+def _activation(name: str, width: int, k: int | None = None, jumprelu: dict | None = None) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    if name == "topk":
+    if name in ("topk", "batchtopk"):
         if k is None:
-            raise ValueError("the topk activation needs k (the units kept per input)")
-        return TopK(k)
+            raise ValueError(f"the {name} activation needs k (the units kept per input)")
+        return ACTIVATIONS[name](k)
+    if name == "jumprelu":
+        return JumpReLU(width, **(jumprelu or {}))
     return ACTIVATIONS[name]()
 
 
@@ -86,6 +173,7 @@ class SparseAutoencoder(nn.Module):
         output_activation: str = "sigmoid",
         sparsity_layers: Sequence[str] = ("latent",),
         k: int | None = None,
+        jumprelu: dict | None = None,
     ) -> None:
         super().__init__()
         names = layer_names(len(hidden_dims))
@@ -102,7 +190,7 @@ class SparseAutoencoder(nn.Module):
             + [output_activation]
         )
         blocks = [
-            nn.Sequential(nn.Linear(w_in, w_out), _activation(act, k))
+            nn.Sequential(nn.Linear(w_in, w_out), _activation(act, w_out, k, jumprelu))
             for w_in, w_out, act in zip(widths[:-1], widths[1:], acts, strict=True)
         ]
         depth = len(hidden_dims) + 1
@@ -132,6 +220,7 @@ class SparseAutoencoder(nn.Module):
                 latent_input, latent_layer = h, block[0]
                 pre = block[0](h)
                 h = code = block[1](pre)
+                threshold = block[1].threshold if isinstance(block[1], JumpReLU) else None
             else:
                 h = block(h)
             if name in wanted:
@@ -146,7 +235,13 @@ class SparseAutoencoder(nn.Module):
             decode=self.decoder,
             latent_input=latent_input,
             latent_layer=latent_layer,
+            latent_threshold=threshold,
         )
+
+    @property
+    def latent_activation(self) -> nn.Module:
+        """The latent layer's activation module (BatchTopK's threshold, JumpReLU's thresholds)."""
+        return self.encoder[-1][1]
 
     @property
     def decoder_weight(self) -> Tensor:

@@ -18,7 +18,18 @@ from typing import Any, ClassVar
 FLOAT32_MAX = 3.4028234663852886e38  # what the training precision (32-true) can hold
 
 # The model's activations by name (sae.core.model builds them); topk is the latent's, with k.
-ACTIVATION_NAMES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity", "topk")
+ACTIVATION_NAMES = (
+    "relu",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "identity",
+    "topk",
+    "batchtopk",
+    "jumprelu",
+)
+LATENT_ONLY_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")  # a method's latent, with its settings
 RECONSTRUCTION_LOSSES = ("mse", "bce")
 
 
@@ -149,3 +160,38 @@ class TopKSettings(MethodSettings):
             )
         if not (_int(self.auxk_dead_after) and self.auxk_dead_after >= 1):
             raise InvalidSetting("auxk_dead_after", self.auxk_dead_after, "an integer >= 1")
+
+
+@register_settings
+@dataclass(frozen=True)
+class BatchTopKSettings(MethodSettings):
+    method = "batchtopk"
+    latent_activations = ("batchtopk",)
+    only_latent = True
+
+    k: int = 8  # latent units kept per input, on average over a training batch
+
+    def check(self, latent_dim: int) -> None:
+        if not (_int(self.k) and 1 <= self.k <= latent_dim):
+            raise InvalidSetting(
+                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input on average"
+            )
+
+
+@register_settings
+@dataclass(frozen=True)
+class JumpReLUSettings(MethodSettings):
+    method = "jumprelu"
+    latent_activations = ("jumprelu",)
+    only_latent = True
+
+    beta: float = 5e-3  # the weight of the L0 penalty (the paper's lambda)
+    bandwidth: float = 1e-3  # the pseudo-derivative's kernel width (the paper's epsilon)
+    initial_threshold: float = 0.1  # every unit's threshold at initialization
+
+    def check(self, latent_dim: int) -> None:
+        check_weight("beta", self.beta)
+        if not (_number(self.bandwidth) and 0 < self.bandwidth <= 1):
+            raise InvalidSetting("bandwidth", self.bandwidth, "a number in (0, 1]")
+        if not (_number(self.initial_threshold) and 0 < self.initial_threshold <= 100):
+            raise InvalidSetting("initial_threshold", self.initial_threshold, "a number in (0, 100]")

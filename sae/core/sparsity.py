@@ -21,9 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from sae.core.metrics import pixel_variance
-from sae.core.model import AutoencoderOutput
+from sae.core.model import AutoencoderOutput, JumpReLU
 from sae.core.settings import (
     SETTINGS,
+    BatchTopKSettings,
+    JumpReLUSettings,
     KLSettings,
     L1Settings,
     MethodSettings,
@@ -32,6 +34,7 @@ from sae.core.settings import (
 )
 
 RHO_HAT_CLAMP = 1e-6
+Units = Mapping[str, Tensor]  # a per-unit statistic of each covered layer, by layer name
 
 METHODS: dict[str, type[SparsityMethod]] = {}
 
@@ -77,6 +80,14 @@ class SparsityMethod(nn.Module):
         """The method and its knobs in a few words, for the console and figure titles."""
         return self.name
 
+    def latent_options(self) -> dict[str, Any] | None:
+        """What the method's own latent activation is built with, beside k (JumpReLU's)."""
+        return None
+
+    def calibrate(self, net: nn.Module, training_images: Tensor, batch_size: int) -> None:
+        """Before each evaluation: estimate from training data what the model's inference needs
+        (BatchTopK's threshold), with the current weights. Most methods need nothing."""
+
     def target(self) -> float | None:
         """The mean activation the method pulls each unit to (KL's rho), if it has one."""
         return None
@@ -87,8 +98,9 @@ class SparsityMethod(nn.Module):
         out_features x latent_dim: column j is what latent unit j writes) are what most need."""
         raise NotImplementedError
 
-    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
-        """The same terms over a whole split, from each covered layer's per-unit mean activation."""
+    def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
+        """The same terms over a whole split, from each covered layer's per-unit mean activation
+        and firing frequency (the fraction of the split's inputs it is active on)."""
         raise NotImplementedError
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -147,7 +159,9 @@ class KLSparsity(SparsityMethod):
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers])}
 
-    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+    def split_terms(
+        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
+    ) -> dict[str, Tensor]:
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -178,7 +192,9 @@ class L1Sparsity(SparsityMethod):
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
 
-    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+    def split_terms(
+        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
+    ) -> dict[str, Tensor]:
         return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -273,7 +289,9 @@ class TopKSparsity(SparsityMethod):
             "auxk_revived": self.revived.sum().to(auxk.dtype),
         }
 
-    def split_terms(self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor) -> dict[str, Tensor]:
+    def split_terms(
+        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
+    ) -> dict[str, Tensor]:
         return {}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> float:
@@ -294,3 +312,71 @@ class TopKSparsity(SparsityMethod):
     def _dead(self) -> Tensor:
         """The latents dead by AuxK's window: auxk_dead_after training inputs without firing."""
         return self.inputs_since_fired >= float(self.settings.auxk_dead_after)
+
+
+@register
+class BatchTopKSparsity(SparsityMethod):
+    """BatchTopK (Bussmann et al. 2024): in training, the k * B largest latent pre-activations of a
+    batch of B inputs stay (through a ReLU), so k units per input on average; at inference each
+    unit is active above one threshold, estimated from training batches before every evaluation
+    (`calibrate`: the mean over training batches of the smallest value the selection keeps,
+    with the current weights). Sparsity by construction (the `batchtopk` latent), no penalty.
+    The threshold is a buffer of the model: checkpoints keep the one it was tested with."""
+
+    Settings = BatchTopKSettings
+    settings: BatchTopKSettings
+    batch_term_names = ()
+
+    def describe(self) -> str:
+        return f"batchtopk (k {self.settings.k})"
+
+    def calibrate(self, net: nn.Module, training_images: Tensor, batch_size: int) -> None:
+        device = next(net.parameters()).device
+        whole = len(training_images) // batch_size * batch_size or len(training_images)  # whole batches
+        batches = training_images[:whole].split(batch_size)
+        net.latent_activation.estimate_threshold(net(b.to(device)).latent_preactivation for b in batches)
+
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def split_terms(
+        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
+    ) -> dict[str, Tensor]:
+        return {}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> float:
+        return 0.0
+
+
+@register
+class JumpReLUSparsity(SparsityMethod):
+    """JumpReLU (Rajamanoharan et al. 2024): the latent is x * H(x - theta_j), each unit's threshold
+    theta_j learned, and the penalty beta * L0, the mean over inputs of the count of active units,
+    trained through the paper's pseudo-derivative with respect to the thresholds (a rectangle
+    kernel of width `bandwidth`; sae.core.model.JumpReLU). `l0_batch` is the batch's L0 (as
+    trained); over a whole split, `l0_penalized` is the sum of the units' firing frequencies, the
+    same count as `test/l0`."""
+
+    Settings = JumpReLUSettings
+    settings: JumpReLUSettings
+    batch_term_names = ("l0_batch",)
+
+    def describe(self) -> str:
+        return f"jumprelu (beta {self.settings.beta:g})"
+
+    def latent_options(self) -> dict[str, Any]:
+        return {"bandwidth": self.settings.bandwidth, "initial_threshold": self.settings.initial_threshold}
+
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        if out.latent_threshold is None:
+            raise RuntimeError("jumprelu needs the jumprelu latent activation")
+        step = JumpReLU.step_of(out.latent_preactivation, out.latent_threshold, self.settings.bandwidth)
+        return {"l0_batch": step.sum(dim=-1).mean()}
+
+    def split_terms(
+        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
+    ) -> dict[str, Tensor]:
+        return {"l0_penalized": densities["latent"].sum()}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return self.settings.beta * sum(terms.values())

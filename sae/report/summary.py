@@ -139,6 +139,15 @@ def typed_in_command(sweep_dir: Path, files: JobFiles) -> dict[str, dict[float, 
     return typed
 
 
+def as_typed(rows: list[dict[str, Any]], typed: dict[str, dict[float, str]]) -> list[dict[str, Any]]:
+    """The rows with each knob's number shown as the command typed it (typed_in_command)."""
+    for key, texts in typed.items():
+        for row in rows:
+            if isinstance(value := row.get(key), Typed) and float(value) in texts:
+                row[key] = Typed(float(value), texts[float(value)])
+    return rows
+
+
 def job_row(job: Path, files: JobFiles | None = None) -> dict[str, Any]:
     """job, each override as a column, status (ok / failed / interrupted / incomplete), error, every
     metric."""
@@ -436,11 +445,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     files = files or JobFiles()
-    rows = [job_row(job, files) for job in jobs]
-    for key, texts in typed_in_command(sweep_dir, files).items():
-        for row in rows:
-            if isinstance(value := row.get(key), Typed) and float(value) in texts:
-                row[key] = Typed(float(value), texts[float(value)])
+    rows = as_typed([job_row(job, files) for job in jobs], typed_in_command(sweep_dir, files))
     configs = {job.name: _job_config(job, files) for job in jobs}
     job_settings = {name: _figure_settings(cfg) for name, cfg in configs.items()}
     objectives = [_objective_settings(cfg) for cfg in configs.values()]

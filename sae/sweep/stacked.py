@@ -152,6 +152,7 @@ class StackedTraining:
         a torch.optim.Adam over its module's parameters, as a separate run's checkpoint holds them;
         copies on the CPU."""
         weights = {name: p[j].detach().cpu().clone() for name, p in self.params.items()}
+        weights |= {name: b[j].detach().cpu().clone() for name, b in self.buffers.items()}
         names = list(self.params)
         state = {
             i: {

@@ -86,6 +86,7 @@ class SparseAutoencoderModule(L.LightningModule):
             output_activation,
             sparsity_layers,
             getattr(self.method.settings, "k", None),  # the topk latent's units kept per input
+            self.method.latent_options(),  # e.g. the jumprelu latent's kernel width
         )
         widths = dict(
             zip(layer_names(len(hidden_dims)), [*hidden_dims, latent_dim, *hidden_dims[::-1]], strict=True)
@@ -386,7 +387,8 @@ class SparseAutoencoderModule(L.LightningModule):
         recon = metrics[hp.recon_loss].compute()
         rho_hat, density = activity["latent"]
         unit_means = {name: means for name, (means, _) in activity.items()}
-        values = split_objective(self.method, recon, unit_means, self.net.decoder_weight.detach())
+        densities = {name: frequency[0] for name, (_, frequency) in activity.items()}
+        values = split_objective(self.method, recon, unit_means, self.net.decoder_weight.detach(), densities)
         values.update(mse=metrics["mse"].compute(), fvu=metrics["fvu"].compute(), l0=density[0].sum())
         values["truncated_mse"] = metrics["truncated_mse"].compute()
         values.update({f"l0@{t:g}": d.sum() for t, d in zip(hp.l0_also_at, density[1:], strict=True)})
@@ -415,11 +417,20 @@ class SparseAutoencoderModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_split("val")
+        self._calibrate()
         self._off_values = self.latent_off_values()
 
     def on_test_epoch_start(self) -> None:
         self._reset_split("test")
+        self._calibrate()
         self._off_values = self.latent_off_values()
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """What the method estimates from training data before an evaluation (BatchTopK's
+        threshold), with the weights evaluated, in batches of the training batch size."""
+        hparams = getattr(self.trainer.datamodule, "hparams", {})
+        self.method.calibrate(self.net, self._training_images(), int(hparams.get("batch_size", 128)))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step("val", batch[0])  # the codes, for callbacks' histograms
