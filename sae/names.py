@@ -38,7 +38,11 @@ LABELS = {
     "test/probe_accuracy": "probe accuracy",
     "test/probe_accuracy_reconstructions": "pixel classifier on reconstructions",
     "test/probe_accuracy_pixels": "pixel classifier on originals",
+    "seeds/matched_cosine": "seeds' units matched: mean cosine",
+    "seeds/matched_above_0.9": "seeds' units matched above cosine 0.9",
 }
+# Per setting of two or more seeds: whether they found the same dictionary (sae.report.consistency).
+MATCHED_COSINE, MATCHED_FRACTION = "seeds/matched_cosine", "seeds/matched_above_0.9"
 # The metrics a reader compares first, in this order (those that compare across settings, then
 # val/loss, which holds beta * the penalty): the summary's columns, then the rest alphabetically.
 COMPARED_FIRST = (
@@ -53,6 +57,8 @@ COMPARED_FIRST = (
     "test/rho_hat_max",
     "test/probe_accuracy",
     "test/probe_accuracy_reconstructions",
+    MATCHED_COSINE,
+    MATCHED_FRACTION,
     "fit/auxk_dead",
     "fit/auxk_revived",
     "val/loss",

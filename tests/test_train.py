@@ -266,6 +266,16 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
     assert_hparams(tmp_path, expected)
     assert_tensorboard_views(tmp_path, metrics)
     assert_probe_reads_reconstructions(metrics, mnist_root)
+    # The tested model's dictionary (sae.report.consistency): what each unit writes in pixel space.
+    w = checkpoint_weights(metrics["ckpt_path"])
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(z @ w["decoder.0.0.weight"].T + w["decoder.0.0.bias"])
+        return torch.sigmoid(h @ w["decoder.1.0.weight"].T + w["decoder.1.0.bias"])
+
+    units = decode(torch.eye(64, dtype=torch.float64)) - decode(torch.zeros(1, 64, dtype=torch.float64))
+    saved = torch.from_numpy(np.load(tmp_path / "dictionary.npy")).double()
+    torch.testing.assert_close(saved, units, rtol=0, atol=1e-6)
 
     ecfg = evaluate_config(metrics["ckpt_path"], mnist_root, tmp_path / "eval", "threads=1")  # the run's
     try:

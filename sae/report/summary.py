@@ -31,6 +31,7 @@ from sae.names import (
     metric_text,
     within_setting,
 )
+from sae.report.consistency import seed_consistency
 from sae.report.frontier import frontier_axes, frontier_ranks, is_number
 from sae.run.atomic import write_atomic, write_text_atomic
 from sae.run.record import RunRecord
@@ -381,6 +382,18 @@ def aggregate_seeds(
     return settings
 
 
+def with_seed_consistency(settings: list[dict[str, Any]], sweep_dir: Path) -> list[dict[str, Any]]:
+    """Each setting of two or more seeds with whether they found the same dictionary
+    (sae.report.consistency), where every one of its jobs left its dictionary.npy."""
+    for setting in settings:
+        if setting["n"] < 2:
+            continue
+        dictionaries = [RunRecord(sweep_dir / job).dictionary() for job in setting["jobs"].split()]
+        if all(d is not None for d in dictionaries) and len({d.shape for d in dictionaries}) == 1:
+            setting.update(seed_consistency(dictionaries))
+    return settings
+
+
 def _mean_std(row: dict[str, Any], metric: str) -> str:
     mean, std = row.get(metric), row.get(f"{metric}_std")
     if not is_number(mean):
@@ -473,7 +486,7 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
     body = "## Every job\n\n" + markdown_table(ranked, shown)
 
     files = ["summary.csv", "summary.md"]
-    settings = aggregate_seeds(rows, job_settings)
+    settings = with_seed_consistency(aggregate_seeds(rows, job_settings), sweep_dir)
     knobs = [k for k in swept_knobs(rows) if k not in SEED_KNOBS]
     by_setting: tuple[list[dict[str, Any]], list[str]] = ([], [])
     if any(s["n"] > 1 for s in settings):

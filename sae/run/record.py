@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from sae.errors import UserError, one_line
-from sae.run.atomic import write_json_atomic
+from sae.run.atomic import write_atomic, write_json_atomic
 
 METRICS_FILE = "metrics.json"
+DICTIONARY_FILE = "dictionary.npy"  # what each latent unit writes in pixel space (sae.report.consistency)
 # How a run ended, written by the run (or, for a SLURM job that died, by its sweep): "ok" (every
 # result it promises is on disk), "incomplete" (some are still being computed, or failed: `missing`
 # names them), "failed" or "interrupted" (it saved last.ckpt and can be resumed), and the line saying why.
@@ -60,6 +61,7 @@ class RunRecord:
         self.folder = Path(folder)
         self.metrics_file = self.folder / METRICS_FILE
         self.status_file = self.folder / STATUS_FILE
+        self.dictionary_file = self.folder / DICTIONARY_FILE
 
     # What the files say (read as input: a file of the wrong shape is said, never trusted).
 
@@ -81,7 +83,25 @@ class RunRecord:
             raise UserError(f"{self.metrics_file} is not a mapping of metrics")
         return metrics
 
+    def dictionary(self):
+        """dictionary.npy as a float array (units x pixels), or None where there is none or it is
+        not one (read as data: no pickles, a finite 2-D float array or nothing)."""
+        import numpy as np
+
+        try:
+            units = np.load(self.dictionary_file, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        ok = units.ndim == 2 and units.dtype.kind == "f" and min(units.shape) > 0 and np.isfinite(units).all()
+        return units if ok else None
+
     # What the run reports.
+
+    def save_dictionary(self, units) -> None:
+        """What each latent unit of the tested model writes (units x pixels, float32)."""
+        import numpy as np
+
+        write_atomic(self.dictionary_file, lambda f: np.save(f, np.asarray(units, dtype=np.float32)))
 
     def finished(
         self, metrics: Mapping[str, Any], pending: Sequence[str] = (), complete_with: str = ""

@@ -114,6 +114,8 @@ def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> t
     # state travels in the checkpoints. Read now: testing a checkpoint restores its callbacks' state.
     fit_seconds = fit_timer(trainer).time_elapsed("train")
     metrics = _test(trainer, module, datamodule, Path(cfg.output_dir))
+    if trainer.global_rank == 0:  # the tested model's dictionary, for sae.report.consistency
+        RunRecord(cfg.output_dir).save_dictionary(module.decoded_units().cpu().numpy())
     metrics["fit/seconds"] = fit_seconds
     metrics["fit/epochs"] = trainer.current_epoch
     metrics["fit/threads"] = torch.get_num_threads()

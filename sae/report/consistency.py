@@ -1,0 +1,45 @@
+"""Are the features real? Whether seeds of one setting find the same dictionary again.
+
+A unit's direction is what it writes in pixel space (decode(unit on) - decode(all off), the
+run's `dictionary.npy`): comparable across seeds, unlike the decoder's weights into a hidden layer,
+whose basis each seed chooses anew. Two seeds' units are paired one to one by the Hungarian
+algorithm (scipy.optimize.linear_sum_assignment) on their cosine similarity; a setting reports the
+mean matched cosine and the fraction of units matched above MATCHED_ABOVE, averaged over every
+pair of its seeds.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+from sae.names import MATCHED_COSINE, MATCHED_FRACTION
+
+MATCHED_ABOVE = float(MATCHED_FRACTION.rsplit("_", 1)[1])  # 0.9
+
+
+def matched_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine similarity of each unit of `a` (rows) with its partner in `b` under the one-to-one
+    pairing that maximises their sum. A unit that writes nothing (a zero row) matches at 0."""
+    from scipy.optimize import linear_sum_assignment
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return np.divide(rows, norms, out=np.zeros_like(rows, dtype=np.float64), where=norms > 0)
+
+    cosine = unit(a.astype(np.float64)) @ unit(b.astype(np.float64)).T
+    rows, cols = linear_sum_assignment(cosine, maximize=True)
+    return cosine[rows, cols]
+
+
+def seed_consistency(dictionaries: list[np.ndarray]) -> dict[str, float]:
+    """Over every pair of seeds' dictionaries: the mean matched cosine and the fraction of units
+    matched above MATCHED_ABOVE (each the mean over pairs); {} for fewer than two."""
+    pairs = [matched_cosines(a, b) for a, b in combinations(dictionaries, 2)]
+    if not pairs:
+        return {}
+    return {
+        MATCHED_COSINE: float(np.mean([p.mean() for p in pairs])),
+        MATCHED_FRACTION: float(np.mean([(p > MATCHED_ABOVE).mean() for p in pairs])),
+    }
