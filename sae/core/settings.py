@@ -65,6 +65,12 @@ def check_weight(key: str, value: Any) -> None:
         raise InvalidSetting(key, value, f"a number in [0, {FLOAT32_MAX:.2g}]")
 
 
+def check_units_kept(k: Any, latent_dim: int, meaning: str) -> None:
+    """TopK's and BatchTopK's k: an integer from 1 to the latent's width."""
+    if not (_int(k) and 1 <= k <= latent_dim):
+        raise InvalidSetting("k", k, f"an integer in [1, latent_dim={latent_dim}]: {meaning}")
+
+
 @dataclass(frozen=True)
 class MethodSettings:
     """A method's knobs: plain values (numbers, bools, null), or in stacked training one job's
@@ -147,10 +153,7 @@ class TopKSettings(MethodSettings):
     auxk_dead_after: int = 10_000  # training inputs without firing after which a latent is dead
 
     def check(self, latent_dim: int) -> None:
-        if not (_int(self.k) and 1 <= self.k <= latent_dim):
-            raise InvalidSetting(
-                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input"
-            )
+        check_units_kept(self.k, latent_dim, "units kept per input")
         if not isinstance(self.auxk, bool):
             raise InvalidSetting("auxk", self.auxk, "true or false")
         check_weight("auxk_alpha", self.auxk_alpha)
@@ -172,10 +175,7 @@ class BatchTopKSettings(MethodSettings):
     k: int = 8  # latent units kept per input, on average over a training batch
 
     def check(self, latent_dim: int) -> None:
-        if not (_int(self.k) and 1 <= self.k <= latent_dim):
-            raise InvalidSetting(
-                "k", self.k, f"an integer in [1, latent_dim={latent_dim}]: units kept per input on average"
-            )
+        check_units_kept(self.k, latent_dim, "units kept per input on average")
 
 
 @register_settings

@@ -159,9 +159,7 @@ class KLSparsity(SparsityMethod):
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers])}
 
-    def split_terms(
-        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
-    ) -> dict[str, Tensor]:
+    def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -192,17 +190,28 @@ class L1Sparsity(SparsityMethod):
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
 
-    def split_terms(
-        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
-    ) -> dict[str, Tensor]:
+    def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
         return self.settings.beta * terms["l1"]
 
 
+class SparseByConstruction(SparsityMethod):
+    """A method whose latent activation makes the code sparse (TopK, BatchTopK): no penalty term."""
+
+    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
+        return {}
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> float:
+        return 0.0
+
+
 @register
-class TopKSparsity(SparsityMethod):
+class TopKSparsity(SparseByConstruction):
     """Exactly the k largest pre-activations of each input stay (through a ReLU), the others are
     exactly 0: sparsity by construction (the `topk` latent activation), no penalty term. L0 is
     at most k (less where a kept pre-activation is negative).
@@ -289,14 +298,6 @@ class TopKSparsity(SparsityMethod):
             "auxk_revived": self.revived.sum().to(auxk.dtype),
         }
 
-    def split_terms(
-        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
-    ) -> dict[str, Tensor]:
-        return {}
-
-    def penalty(self, terms: Mapping[str, Tensor]) -> float:
-        return 0.0
-
     def auxiliary(self, terms: Mapping[str, Tensor]) -> Tensor | float:
         if "auxk" not in terms:
             return 0.0
@@ -315,7 +316,7 @@ class TopKSparsity(SparsityMethod):
 
 
 @register
-class BatchTopKSparsity(SparsityMethod):
+class BatchTopKSparsity(SparseByConstruction):
     """BatchTopK (Bussmann et al. 2024): in training, the k * B largest latent pre-activations of a
     batch of B inputs stay (through a ReLU), so k units per input on average; at inference each
     unit is active above one threshold, estimated from training batches before every evaluation
@@ -335,17 +336,6 @@ class BatchTopKSparsity(SparsityMethod):
         whole = len(training_images) // batch_size * batch_size or len(training_images)  # whole batches
         batches = training_images[:whole].split(batch_size)
         net.latent_activation.estimate_threshold(net(b.to(device)).latent_preactivation for b in batches)
-
-    def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
-        return {}
-
-    def split_terms(
-        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
-    ) -> dict[str, Tensor]:
-        return {}
-
-    def penalty(self, terms: Mapping[str, Tensor]) -> float:
-        return 0.0
 
 
 @register
@@ -373,9 +363,7 @@ class JumpReLUSparsity(SparsityMethod):
         step = JumpReLU.step_of(out.latent_preactivation, out.latent_threshold, self.settings.bandwidth)
         return {"l0_batch": step.sum(dim=-1).mean()}
 
-    def split_terms(
-        self, unit_means: Mapping[str, Tensor], decoder_weight: Tensor, densities
-    ) -> dict[str, Tensor]:
+    def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"l0_penalized": densities["latent"].sum()}
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
