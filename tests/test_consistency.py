@@ -88,7 +88,7 @@ def test_the_summary_reports_each_settings_consistency_over_its_seeds(tmp_path):
             units = base[rng.permutation(8)] if same and seed else base if same else rng.normal(size=(8, 20))
             RunRecord(folder).save_dictionary(units)
             job += 1
-    write_summary(sweep, figures=False)
+    assert "seed_consistency.png" in write_summary(sweep).files  # drawn with the sweep's figures
     with open(sweep / "summary_by_setting.csv") as f:
         settings = {r["beta"]: r for r in csv.DictReader(f)}
     assert float(settings["1e-3"][MATCHED_COSINE]) == pytest.approx(1.0, abs=1e-6)
@@ -97,3 +97,21 @@ def test_the_summary_reports_each_settings_consistency_over_its_seeds(tmp_path):
     md = (sweep / "summary.md").read_text()
     header = next(line for line in md.split("## By setting")[1].splitlines() if line.startswith("| beta"))
     assert MATCHED_COSINE in header and MATCHED_FRACTION in header
+
+
+def test_the_consistency_figure_draws_each_setting_of_seeds(tmp_path):
+    from sae.report.figures import seed_consistency as figure
+
+    settings = [
+        {"beta": 0.001, "n": 2, MATCHED_COSINE: 0.6, MATCHED_FRACTION: 0.0},
+        {"beta": 0.005, "n": 2, MATCHED_COSINE: 0.95, MATCHED_FRACTION: 0.75},
+        {"beta": 0.02, "n": 1},  # one seed: nothing to compare, not drawn
+    ]
+    fig = figure(settings, ["beta"])
+    left, right = fig.axes
+    assert [left.get_title(), right.get_title()] == [MATCHED_COSINE, MATCHED_FRACTION]
+    assert [round(b.get_height(), 3) for b in left.patches] == [0.6, 0.95]
+    assert [round(b.get_height(), 3) for b in right.patches] == [0.0, 0.75]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["beta=0.001", "beta=0.005"]
+    assert left.get_ylim() == right.get_ylim() == (0.0, 1.0)
+    assert tuple(fig.get_size_inches() * fig.dpi) == (1000, 480)

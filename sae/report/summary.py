@@ -24,6 +24,7 @@ from sae.names import (
     COMPARED_FIRST,
     ERROR_AXIS,
     FRONTIER_AXES,
+    MATCHED_COSINE,
     OBJECTIVE_KNOBS,
     RUN_COST,
     SEED_KNOBS,
@@ -600,7 +601,7 @@ def _settings_section(
     return section, table, table_columns
 
 
-SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps")
+SWEEP_FIGURES = ("pareto", "sweep_metrics", "sweep_heatmaps", "seed_consistency")
 
 
 def _write_figures(
@@ -611,6 +612,7 @@ def _write_figures(
     grid over two knobs; returns their names."""
     # matplotlib only when there is something to draw
     from sae.report.figures import pareto_figure, png_bytes, sweep_heatmaps, sweep_metrics
+    from sae.report.figures import seed_consistency as seed_consistency_figure
 
     numeric = [k for k in knobs if all(is_number(s.get(k)) for s in settings)]
     figures = {
@@ -619,6 +621,8 @@ def _write_figures(
     }
     if len(numeric) == 2 and len(settings) > 2:
         figures["sweep_heatmaps"] = sweep_heatmaps(settings, *numeric)
+    if any(MATCHED_COSINE in s for s in settings):
+        figures["seed_consistency"] = seed_consistency_figure(settings, knobs)
     for name, fig in figures.items():
         png = png_bytes(fig)
         write_atomic(sweep_dir / f"{name}.png", lambda f, png=png: f.write(png))
