@@ -24,6 +24,9 @@ SPARSITY_AXIS = "test/l0"
 ERROR_AXIS = "test/truncated_mse"
 FRONTIER_AXES = (SPARSITY_AXIS, ERROR_AXIS)
 
+# Per setting of two or more seeds: whether they found the same dictionary (sae.report.consistency).
+MATCHED_COSINE, MATCHED_FRACTION = "seeds/matched_cosine", "seeds/matched_above_0.9"
+
 # What each metric is, in the words of a figure's axis or a heatmap's title.
 LABELS = {
     "test/truncated_mse": "test MSE, code truncated at L0",
@@ -38,11 +41,9 @@ LABELS = {
     "test/probe_accuracy": "probe accuracy",
     "test/probe_accuracy_reconstructions": "pixel classifier on reconstructions",
     "test/probe_accuracy_pixels": "pixel classifier on originals",
-    "seeds/matched_cosine": "seeds' units matched: mean cosine",
-    "seeds/matched_above_0.9": "seeds' units matched above cosine 0.9",
+    MATCHED_COSINE: "seeds' units matched: mean cosine",
+    MATCHED_FRACTION: "seeds' units matched above cosine 0.9",
 }
-# Per setting of two or more seeds: whether they found the same dictionary (sae.report.consistency).
-MATCHED_COSINE, MATCHED_FRACTION = "seeds/matched_cosine", "seeds/matched_above_0.9"
 # The metrics a reader compares first, in this order (those that compare across settings, then
 # val/loss, which holds beta * the penalty): the summary's columns, then the rest alphabetically.
 COMPARED_FIRST = (

@@ -167,22 +167,6 @@ def test_topk_codes_have_at_most_k_active_units_and_no_penalty(mnist_root, tmp_p
     assert not any(k in metrics for k in ("test/kl", "test/l1"))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["sparsity=topk", "k=0"], "k=0 must be an integer in [1, latent_dim=32]"),
-        (["sparsity=topk", "k=33"], "k=33 must be an integer in [1, latent_dim=32]"),
-        (["model.activation=topk"], "model.activation='topk' must be one of relu"),
-    ],
-)
-def test_topk_settings_are_checked(mnist_root, tmp_path, overrides, message):
-    from sae.config import ConfigError
-
-    with pytest.raises(ConfigError) as err:
-        train(compose_train(overrides, tmp_path, mnist_root))
-    assert message in str(err.value)
-
-
 def auxk_model(latent_dim: int = 6, k: int = 2, linear: bool = False, hidden_dims=()):
     """A float64 topk autoencoder (one layer unless hidden_dims) and its method with AuxK on."""
     from sae.core.model import SparseAutoencoder
@@ -377,9 +361,18 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
             "model.sparsity.auxk='yes' must be true or false",
         ),
         (["sparsity=topk", "k=40"], "k=40 must be an integer in [1, latent_dim=32]"),
+        (["sparsity=topk", "k=0"], "k=0 must be an integer in [1, latent_dim=32]"),
+        (["sparsity=topk", "k=33"], "k=33 must be an integer in [1, latent_dim=32]"),
+        (["model.activation=topk"], "model.activation='topk' must be one of relu"),
+        (["sparsity=batchtopk", "k=0"], "k=0 must be an integer in [1, latent_dim=32]"),
+        (["sparsity=jumprelu", "model.sparsity.bandwidth=0"], "bandwidth=0 must be a number in (0, 1]"),
+        (["sparsity=jumprelu", "model.sparsity.initial_threshold=-1"], "initial_threshold=-1"),
+        (["model.activation=jumprelu"], "model.activation='jumprelu' must be one of relu"),
+        (["sparsity=kl", "model.latent_activation=batchtopk"], "latent_activation"),
     ],
 )
-def test_auxk_settings_are_checked(mnist_root, tmp_path, overrides, message):
+def test_method_settings_are_checked(mnist_root, tmp_path, overrides, message):
+    """TopK's, AuxK's, BatchTopK's and JumpReLU's settings, and their latents' place: one line each."""
     from sae.config import ConfigError
 
     with pytest.raises(ConfigError) as err:

@@ -89,19 +89,24 @@ class JumpReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         theta = self.threshold
-        gate = (x > theta).to(x.dtype)
-        kernel = rectangle((x.detach() - theta.detach()) / self.bandwidth)
-        pseudo = -(theta.detach() / self.bandwidth) * kernel  # d output / d theta
-        return x * gate + pseudo * (theta - theta.detach())
+        gate, window = self._gate_and_window(x, theta, self.bandwidth)
+        return x * gate - theta.detach() * window  # d output / d theta: -(theta / bandwidth) * K
 
     @staticmethod
     def step_of(x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         """Whether each entry of x is above its unit's threshold (their count is the L0), with the
         pseudo-derivative -(1 / bandwidth) * K((x - theta) / bandwidth) with respect to theta
         (none to x)."""
+        gate, window = JumpReLU._gate_and_window(x, theta, bandwidth)
+        return gate - window
+
+    @staticmethod
+    def _gate_and_window(x: Tensor, theta: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        """Whether x is above theta (no gradient), and the straight-through term of value 0 whose
+        gradient with respect to theta is (1 / bandwidth) * K((x - theta) / bandwidth)."""
         gate = (x.detach() > theta.detach()).to(x.dtype)
         kernel = rectangle((x.detach() - theta.detach()) / bandwidth)
-        return gate - (kernel / bandwidth) * (theta - theta.detach())
+        return gate, (kernel / bandwidth) * (theta - theta.detach())
 
     def extra_repr(self) -> str:
         return f"width={len(self.log_threshold)}, bandwidth={self.bandwidth:g}"
@@ -237,6 +242,10 @@ class SparseAutoencoder(nn.Module):
             latent_layer=latent_layer,
             latent_threshold=threshold,
         )
+
+    def latent_preactivation(self, x: Tensor) -> Tensor:
+        """The latent layer's input to its activation, for x: the encoder alone."""
+        return self.encoder[-1][0](self.encoder[:-1](x))
 
     @property
     def latent_activation(self) -> nn.Module:

@@ -335,7 +335,7 @@ class BatchTopKSparsity(SparseByConstruction):
         device = next(net.parameters()).device
         whole = len(training_images) // batch_size * batch_size or len(training_images)  # whole batches
         batches = training_images[:whole].split(batch_size)
-        net.latent_activation.estimate_threshold(net(b.to(device)).latent_preactivation for b in batches)
+        net.latent_activation.estimate_threshold(net.latent_preactivation(b.to(device)) for b in batches)
 
 
 @register

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sae.names import ERROR_AXIS, MATCHED_COSINE, MATCHED_FRACTION, SPARSITY_AXIS
 from sae.names import label as metric_label
+from sae.report.consistency import MATCHED_ABOVE
 from sae.report.frontier import frontier_axes, is_number, pareto_front
 from sae.run.atomic import write_atomic
 
@@ -755,7 +756,7 @@ HEATMAP_METRICS = tuple(  # (metric, title, number format)
 
 def seed_consistency(settings: list[dict], knobs: list[str]) -> Figure:
     """Per setting of two or more seeds: how alike its seeds' dictionaries are (the mean cosine of
-    each unit with its matched partner in another seed) and the fraction matched above 0.9."""
+    each unit with its matched partner in another seed) and the fraction matched above MATCHED_ABOVE."""
     shown = [s for s in settings if _value(s, MATCHED_COSINE) is not None]
     labels = [_setting_label(s, knobs) for s in shown]
     fig = _figure(max(10.0, 1.2 * len(shown) + 4.0), 4.8)
@@ -763,13 +764,13 @@ def seed_consistency(settings: list[dict], knobs: list[str]) -> Figure:
     positions = np.arange(len(shown))
     for ax, metric, ylabel in (
         (left, MATCHED_COSINE, "mean cosine of a unit\nwith its match in another seed"),
-        (right, MATCHED_FRACTION, "fraction of units\nmatched above cosine 0.9"),
+        (right, MATCHED_FRACTION, f"fraction of units\nmatched above cosine {MATCHED_ABOVE:g}"),
     ):
         ax.bar(positions, [_value(s, metric) for s in shown], color="steelblue")
         ax.set(ylim=(0, 1), ylabel=ylabel, title=metric)
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    left.axhline(0.9, color="crimson", linestyle="--", label="0.9: the same feature")
+    left.axhline(MATCHED_ABOVE, color="crimson", linestyle="--", label=f"{MATCHED_ABOVE:g}: the same feature")
     left.legend(fontsize=7, loc="lower right")
     fig.suptitle("Do the seeds find the same dictionary? (units paired one to one, Hungarian matching)")
     return fig

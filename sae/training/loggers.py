@@ -90,13 +90,13 @@ def results_table(values: Mapping[str, float]) -> str:
     return "\n".join(["| metric | value | what it is |", "|---|---|---|", *rows])
 
 
-def write_results(writer, values: Mapping[str, float], step: int, title: str = TEXT_SUMMARY) -> None:
+def write_results(writer, values: Mapping[str, Any], step: int | None, title: str = TEXT_SUMMARY) -> None:
     """Metrics to a SummaryWriter at `step`: curves as scalars under their tensorboard_tag, and the
     test metrics among them (constants too) as a table under the text tag `title`."""
     for name, value in values.items():
         if is_curve(name):
-            writer.add_scalar(tensorboard_tag(name), value, step)
-    tested = {k: v for k, v in values.items() if k.startswith("test/")}
+            writer.add_scalar(tensorboard_tag(name), float(value), step)
+    tested = {k: float(v) for k, v in values.items() if k.startswith("test/")}
     if tested:
         writer.add_text(title, results_table(tested), step)
 
@@ -107,12 +107,7 @@ class TensorBoardLogger(LightningTensorBoardLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        curves = {tensorboard_tag(k): v for k, v in metrics.items() if is_curve(k)}
-        if curves:
-            super().log_metrics(curves, step)
-        tested = {k: float(v) for k, v in metrics.items() if k.startswith("test/")}
-        if tested:
-            self.experiment.add_text(TEXT_SUMMARY, results_table(tested), step or 0)
+        write_results(self.experiment, metrics, step)
 
 
 def run_events_folder(run: Path) -> Path | None:
