@@ -493,6 +493,20 @@ def test_summary_opens_with_the_answer_and_ends_with_its_figures(tmp_path):
     assert "## Answer\n\nNo job finished: the table below says why." in (none / "summary.md").read_text()
 
 
+def test_a_metric_the_same_in_every_job_is_no_column_of_the_settings_table(tmp_path):
+    """Two seeds of one setting, one of another (its std is NaN): dead_fraction 0 everywhere is
+    said once in the header line, not a column of the table of settings."""
+    sweep = tmp_path / "sweep"
+    for job, (beta, seed) in enumerate((("1e-3", 0), ("1e-3", 1), ("5e-3", 0))):
+        m = metrics(0.01 + job / 100, 0.03, 0.06, 8.0 - job) | {"test/dead_fraction": 0.0}
+        fake_job(sweep, str(job), [f"beta={beta}", f"seed={seed}"], m, {"status": "ok"})
+    write_summary(sweep, figures=False)
+    md = (sweep / "summary.md").read_text()
+    header = next(line for line in md.split("## By setting")[1].splitlines() if line.startswith("| beta"))
+    assert "test/mse" in header and "test/dead_fraction" not in header
+    assert "`test/dead_fraction` 0" in md
+
+
 def test_knobs_read_as_typed_and_count_as_numbers(tmp_path):
     """beta=1e-3 on the command line: `1e-3` in summary.md and summary.csv (not 0.001, as Hydra
     writes each job's override, nor float noise), and a number for ranking and figures."""

@@ -395,6 +395,12 @@ def with_seed_consistency(settings: list[dict[str, Any]], sweep_dir: Path) -> li
     return settings
 
 
+def _spread(setting: dict[str, Any], metric: str) -> bool:
+    """Whether a setting's seeds differ in the metric (a single seed's std is NaN: they do not)."""
+    std = setting.get(f"{metric}_std")
+    return is_number(std) and std > 0
+
+
 def _mean_std(row: dict[str, Any], metric: str) -> str:
     mean, std = row.get(metric), row.get(f"{metric}_std")
     if not is_number(mean):
@@ -587,7 +593,7 @@ def _settings_section(
     shown = [
         m
         for m in shown
-        if len({_fmt(s.get(m)) for s in settings}) > 1 or any(s.get(f"{m}_std") for s in settings)
+        if len({_fmt(s.get(m)) for s in settings}) > 1 or any(_spread(s, m) for s in settings)
     ]
     if metric in metrics and metric not in shown and not extra:  # the metric ranked on, shown
         shown.insert(0, metric)
