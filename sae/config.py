@@ -45,6 +45,7 @@ MIRRORS = {
     "model.sparsity.k": "k",
     "model.sparsity.rho": "rho",
     "model.sparsity.beta": "beta",
+    "model.sparsity.target_l0": "target_l0",
     "model.lr": "lr",
     "data.seed": "seed",
     "data.batch_size": "batch_size",
@@ -365,8 +366,8 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 # The top-level keys of a composed training config (tests/test_config.py checks every preset).
 TRAIN_TOP_LEVEL = (
-    *("rho", "beta", "latent_dim", "k", "lr", "epochs", "batch_size", "seed", "threads", "cuda_graph"),
-    *("optimized_metric", "resume", "ckpt_path", "output_dir"),
+    *("rho", "beta", "latent_dim", "k", "target_l0", "lr", "epochs", "batch_size", "seed", "threads"),
+    *("cuda_graph", "optimized_metric", "resume", "ckpt_path", "output_dir"),
     *("model", "data", "trainer", "logger", "callbacks", "hydra"),
 )
 

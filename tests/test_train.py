@@ -261,7 +261,10 @@ def test_train_in_process_writes_a_complete_run(mnist_root, tmp_path, capsys):
         0 <= metrics["test/rho_hat_min"] <= metrics["test/rho_hat_mean"] <= metrics["test/rho_hat_max"] <= 1
     )
     hp = torch.load(metrics["ckpt_path"], weights_only=True)["hyper_parameters"]
-    assert (hp["latent_dim"], hp["sparsity"]) == (64, {"method": "kl", "rho": 0.1, "beta": 5e-3})
+    assert (hp["latent_dim"], hp["sparsity"]) == (
+        64,
+        {"method": "kl", "target_l0": None, "rho": 0.1, "beta": 5e-3},
+    )
     expected = {"rho": 0.1, "latent_dim": "64", "sparsity_layers": "['latent']", "val_size": "100"}
     assert_hparams(tmp_path, expected)
     assert_tensorboard_views(tmp_path, metrics)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sae.core.control import L0Controller
 from sae.core.settings import ACTIVATION_NAMES, layer_names
 
 
@@ -78,18 +79,31 @@ class JumpReLU(nn.Module):
     whose value is 0 (`(theta - theta.detach())` times a constant), so vmap and CUDA graphs see
     plain tensor arithmetic."""
 
-    def __init__(self, width: int, bandwidth: float = 1e-3, initial_threshold: float = 0.1) -> None:
+    def __init__(
+        self,
+        width: int,
+        bandwidth: float = 1e-3,
+        initial_threshold: float = 0.1,
+        target_l0: float | None = None,
+    ) -> None:
         super().__init__()
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((width,), math.log(initial_threshold)))
+        # With a target L0: every threshold times one scale, which each training forward pass
+        # adapts toward it. Learning the thresholds through the L0 penalty alone moves them by
+        # about Adam's lr per step (in log), too slowly to reach a chosen L0 in a short run.
+        self.scale = None if target_l0 is None else L0Controller(target_l0, initial=1.0)
 
     @property
     def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+        theta = self.log_threshold.exp()
+        return theta if self.scale is None else theta * self.scale.weight()
 
     def forward(self, x: Tensor) -> Tensor:
         theta = self.threshold
         gate, window = self._gate_and_window(x, theta, self.bandwidth)
+        if self.scale is not None and self.training:
+            self.scale.update(gate.sum(dim=-1).mean())
         return x * gate - theta.detach() * window  # d output / d theta: -(theta / bandwidth) * K
 
     @staticmethod
@@ -110,6 +124,10 @@ class JumpReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"width={len(self.log_threshold)}, bandwidth={self.bandwidth:g}"
+
+    def fit_record(self) -> dict[str, float]:
+        """With a target L0: the scale the thresholds ended with (fit/threshold_scale)."""
+        return {} if self.scale is None else {"threshold_scale": float(self.scale.weight())}
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

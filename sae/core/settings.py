@@ -80,9 +80,33 @@ class MethodSettings:
     # Latent activations the method's terms are defined for (its conf/sparsity YAML sets one).
     latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
+    # What target_l0 sets: "k" (TopK, BatchTopK: k is the L0), or what training adapts to reach
+    # it (sae.core.control): the penalty's weight "beta" (in place of the configured one), or
+    # JumpReLU's "threshold".
+    steers: ClassVar[str] = "beta"
+
+    # The latent L0 (active units per input, test/l0's count) the run is to end at; None: the
+    # method's own knobs decide.
+    target_l0: float | None = None
 
     def check(self, latent_dim: int) -> None:
         """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
+        target = self.target_l0
+        if target is not None and self.steers == "k" and not (_int(target) and 1 <= target <= latent_dim):
+            raise InvalidSetting(
+                "target_l0", target, f"an integer in [1, latent_dim={latent_dim}]: {self.method} sets k to it"
+            )
+        if target is not None and not (_number(target) and 0 < target <= latent_dim):
+            raise InvalidSetting("target_l0", target, f"a number in (0, latent_dim={latent_dim}]")
+        self.check_knobs(latent_dim)
+
+    def check_knobs(self, latent_dim: int) -> None:
+        """The method's own knobs (each class its own)."""
+
+    def adapts_in_training(self) -> bool:
+        """Whether training adapts the loss's weight (to reach target_l0): then the loss of one
+        epoch does not compare with another's, and no epoch is chosen by it."""
+        return self.target_l0 is not None and self.steers != "k"
 
 
 SETTINGS: dict[str, type[MethodSettings]] = {}
@@ -102,13 +126,23 @@ def method_settings(sparsity: Mapping[str, Any]) -> MethodSettings:
         method = sparsity.get("method") if isinstance(sparsity, Mapping) else sparsity
         raise InvalidSetting("method", method, f"one of {', '.join(SETTINGS)}")
     cls = SETTINGS[sparsity["method"]]
-    knobs = {k: v for k, v in sparsity.items() if k != "method"}
+    knobs = {k: v for k, v in settings_mapping(sparsity).items() if k != "method"}
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in knobs if k not in fields]
     if unknown:
-        said = ", ".join(fields) or "none"
+        said = ", ".join(sorted(fields, key=lambda f: f == "target_l0"))  # the method's own first
         raise InvalidSetting(unknown[0], knobs[unknown[0]], f"absent: {cls.method}'s settings are {said}")
     return cls(**knobs)
+
+
+def settings_mapping(sparsity: Mapping[str, Any]) -> dict[str, Any]:
+    """`sparsity` as the method reads it: with target_l0, TopK's and BatchTopK's k is the target
+    (what a checkpoint then records)."""
+    sparsity = dict(sparsity)
+    cls = SETTINGS.get(sparsity.get("method"))
+    if cls is not None and cls.steers == "k" and sparsity.get("target_l0") is not None:
+        sparsity["k"] = sparsity["target_l0"]
+    return sparsity
 
 
 @register_settings
@@ -120,7 +154,7 @@ class KLSettings(MethodSettings):
     rho: float = 0.05  # the target mean activation of each covered unit
     beta: float = 5e-3  # the penalty's weight
 
-    def check(self, latent_dim: int) -> None:
+    def check_knobs(self, latent_dim: int) -> None:
         if not (_number(self.rho) and 0 < self.rho < 1):
             raise InvalidSetting("rho", self.rho, "a number in (0, 1)")
         check_weight("beta", self.beta)
@@ -135,7 +169,7 @@ class L1Settings(MethodSettings):
 
     beta: float = 5e-3  # the penalty's weight
 
-    def check(self, latent_dim: int) -> None:
+    def check_knobs(self, latent_dim: int) -> None:
         check_weight("beta", self.beta)
 
 
@@ -145,6 +179,7 @@ class TopKSettings(MethodSettings):
     method = "topk"
     latent_activations = ("topk",)
     only_latent = True
+    steers = "k"
 
     k: int = 8  # latent units kept per input
     auxk: bool = False  # the auxiliary loss that revives dead latents (Gao et al. 2024)
@@ -152,7 +187,7 @@ class TopKSettings(MethodSettings):
     auxk_k: int | None = None  # dead latents each input may use (None: latent_dim // 2)
     auxk_dead_after: int = 10_000  # training inputs without firing after which a latent is dead
 
-    def check(self, latent_dim: int) -> None:
+    def check_knobs(self, latent_dim: int) -> None:
         check_units_kept(self.k, latent_dim, "units kept per input")
         if not isinstance(self.auxk, bool):
             raise InvalidSetting("auxk", self.auxk, "true or false")
@@ -171,10 +206,11 @@ class BatchTopKSettings(MethodSettings):
     method = "batchtopk"
     latent_activations = ("batchtopk",)
     only_latent = True
+    steers = "k"
 
     k: int = 8  # latent units kept per input, on average over a training batch
 
-    def check(self, latent_dim: int) -> None:
+    def check_knobs(self, latent_dim: int) -> None:
         check_units_kept(self.k, latent_dim, "units kept per input on average")
 
 
@@ -184,12 +220,13 @@ class JumpReLUSettings(MethodSettings):
     method = "jumprelu"
     latent_activations = ("jumprelu",)
     only_latent = True
+    steers = "threshold"  # a scale of every unit's threshold (sae.core.model.JumpReLU)
 
     beta: float = 5e-3  # the weight of the L0 penalty (the paper's lambda)
     bandwidth: float = 1e-3  # the pseudo-derivative's kernel width (the paper's epsilon)
     initial_threshold: float = 0.1  # every unit's threshold at initialization
 
-    def check(self, latent_dim: int) -> None:
+    def check_knobs(self, latent_dim: int) -> None:
         check_weight("beta", self.beta)
         if not (_number(self.bandwidth) and 0 < self.bandwidth <= 1):
             raise InvalidSetting("bandwidth", self.bandwidth, "a number in (0, 1]")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sae.core.control import L0Controller
 from sae.core.metrics import pixel_variance
 from sae.core.model import AutoencoderOutput, JumpReLU
 from sae.core.settings import (
@@ -34,6 +35,11 @@ from sae.core.settings import (
 )
 
 RHO_HAT_CLAMP = 1e-6
+# A controlled method's batch terms beside its penalty's: train/beta, train/l0.
+CONTROL_TERMS = ("beta", "l0")
+# With target_l0, the weight training starts from: small enough that the code starts dense (a
+# weight too strong at the start kills ReLU units for good).
+L0_CONTROL_START = 1e-6
 Units = Mapping[str, Tensor]  # a per-unit statistic of each covered layer, by layer name
 
 METHODS: dict[str, type[SparsityMethod]] = {}
@@ -49,10 +55,15 @@ def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
     return cls
 
 
-def make_method(sparsity: Mapping[str, Any], layers: Sequence[str], latent_dim: int) -> SparsityMethod:
-    """The method `sparsity` names, with its settings, covering `layers`."""
+def make_method(
+    sparsity: Mapping[str, Any], layers: Sequence[str], latent_dim: int, active_above: float = 0.0
+) -> SparsityMethod:
+    """The method `sparsity` names, with its settings, covering `layers`; a latent unit counts
+    as active (for target_l0) above `active_above`, as test/l0 counts it."""
     settings = method_settings(sparsity)
-    return METHODS[settings.method](settings, layers, latent_dim)
+    method = METHODS[settings.method](settings, layers, latent_dim)
+    method.active_above = float(active_above)
+    return method
 
 
 class SparsityMethod(nn.Module):
@@ -69,12 +80,14 @@ class SparsityMethod(nn.Module):
         super().__init__()
         self.settings = settings
         self.layers = list(layers)
+        self.active_above = 0.0  # a latent unit above this counts in L0 (make_method sets it)
 
     @classmethod
     def stacks(cls, settings: Mapping[str, Any]) -> bool:
         """Whether runs with these settings may train as one stacked model (the vectorized launcher):
-        not when the method keeps state of its own across steps, which is one run's."""
-        return True
+        not when the method keeps state of its own across steps, which is one run's (a weight
+        adapted to a target L0)."""
+        return not method_settings(settings).adapts_in_training()
 
     def describe(self) -> str:
         """The method and its knobs in a few words, for the console and figure titles."""
@@ -134,8 +147,52 @@ def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
     return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
 
 
+class PenaltyMethod(SparsityMethod):
+    """A method whose loss adds beta * its terms (KL, L1, JumpReLU). With target_l0, beta is the
+    controller's (L0Controller), which replaces the configured beta: logged as `train/beta`, with
+    the batch L0 it steers by as `train/l0`."""
+
+    settings: KLSettings | L1Settings | JumpReLUSettings
+
+    def __init__(self, settings: MethodSettings, layers: Sequence[str], latent_dim: int) -> None:
+        super().__init__(settings, layers, latent_dim)
+        self.controller: L0Controller | None = None
+        if settings.target_l0 is not None and settings.steers == "beta":
+            self.controller = L0Controller(float(settings.target_l0), initial=L0_CONTROL_START)
+            self.batch_term_names = (*self.batch_term_names, *CONTROL_TERMS)
+
+    def beta(self) -> Tensor | float:
+        """The penalty's weight now: the configured beta, or the controller's."""
+        return self.settings.beta if self.controller is None else self.controller.weight()
+
+    def steer(self, out: AutoencoderOutput) -> dict[str, Tensor]:
+        """With a controller: the weight this batch is trained with and the batch's L0 (as terms,
+        `beta` and `l0`), and in training the controller's step on that L0."""
+        if self.controller is None:
+            return {}
+        beta = self.controller.weight()
+        l0 = (out.code > self.active_above).float().sum(dim=-1).mean()
+        if self.training:
+            self.controller.update(l0)
+        return {"beta": beta, "l0": l0}
+
+    def _weight_text(self) -> str:
+        target = self.settings.target_l0
+        return f"beta {self.settings.beta:g}" if target is None else f"target L0 {target:g}"
+
+    def penalised(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """The terms the weight multiplies: all but the controller's."""
+        return sum(v for k, v in terms.items() if k not in CONTROL_TERMS)
+
+    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return terms.get("beta", self.beta()) * self.penalised(terms)
+
+    def fit_record(self) -> dict[str, float]:
+        return {} if self.controller is None else {"beta": float(self.controller.weight())}
+
+
 @register
-class KLSparsity(SparsityMethod):
+class KLSparsity(PenaltyMethod):
     """beta * sum over covered layers and units of KL(rho || rho_hat_j): the reference notebook's.
 
     In training rho_hat_j is unit j's mean over the batch (`kl_batch`); in validation and test
@@ -148,7 +205,7 @@ class KLSparsity(SparsityMethod):
     batch_term_names = ("kl_batch",)
 
     def describe(self) -> str:
-        return f"kl (rho {self.settings.rho:g}, beta {self.settings.beta:g})"
+        return f"kl (rho {self.settings.rho:g}, {self._weight_text()})"
 
     def target(self) -> float:
         return float(self.settings.rho)
@@ -157,13 +214,13 @@ class KLSparsity(SparsityMethod):
         return sum(kl_sparsity(self.settings.rho, q) for q in rho_hats)
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
-        return {"kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers])}
+        return {
+            "kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers]),
+            **self.steer(out),
+        }
 
     def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"kl": self._kl([unit_means[n] for n in self.layers])}
-
-    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return self.settings.beta * sum(terms.values())
 
 
 def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
@@ -172,7 +229,7 @@ def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
 
 
 @register
-class L1Sparsity(SparsityMethod):
+class L1Sparsity(PenaltyMethod):
     """beta * sum_j |z_j| * ||d_j||, averaged over samples: the sparse-coding penalty on the latent
     code z, each unit weighted by the norm of its decoder column d_j, so that the penalty cannot
     be dodged by shrinking codes and growing the decoder (as in SAE work since Bricken et al.).
@@ -185,16 +242,13 @@ class L1Sparsity(SparsityMethod):
     batch_term_names = ("l1",)
 
     def describe(self) -> str:
-        return f"l1 (beta {self.settings.beta:g})"
+        return f"l1 ({self._weight_text()})"
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
-        return {"l1": l1_terms(out.activations["latent"], out.decoder_weight)}
+        return {"l1": l1_terms(out.activations["latent"], out.decoder_weight), **self.steer(out)}
 
     def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"l1": unit_means["latent"] @ decoder_weight.norm(dim=0)}
-
-    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return self.settings.beta * terms["l1"]
 
 
 class SparseByConstruction(SparsityMethod):
@@ -262,7 +316,7 @@ class TopKSparsity(SparseByConstruction):
 
     @classmethod
     def stacks(cls, settings: Mapping[str, Any]) -> bool:
-        return not settings.get("auxk")  # the dead-latent counter is one run's
+        return super().stacks(settings) and not settings.get("auxk")  # the dead-latent counter is one run's
 
     def describe(self) -> str:
         return f"topk (k {self.settings.k}{', AuxK' if self.auxk else ''})"
@@ -339,7 +393,7 @@ class BatchTopKSparsity(SparseByConstruction):
 
 
 @register
-class JumpReLUSparsity(SparsityMethod):
+class JumpReLUSparsity(PenaltyMethod):
     """JumpReLU (Rajamanoharan et al. 2024): the latent is x * H(x - theta_j), each unit's threshold
     theta_j learned, and the penalty beta * L0, the mean over inputs of the count of active units,
     trained through the paper's pseudo-derivative with respect to the thresholds (a rectangle
@@ -352,19 +406,21 @@ class JumpReLUSparsity(SparsityMethod):
     batch_term_names = ("l0_batch",)
 
     def describe(self) -> str:
-        return f"jumprelu (beta {self.settings.beta:g})"
+        return f"jumprelu ({self._weight_text()})"
 
     def latent_options(self) -> dict[str, Any]:
-        return {"bandwidth": self.settings.bandwidth, "initial_threshold": self.settings.initial_threshold}
+        settings = self.settings
+        return {
+            "bandwidth": settings.bandwidth,
+            "initial_threshold": settings.initial_threshold,
+            "target_l0": settings.target_l0,
+        }
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
         if out.latent_threshold is None:
             raise RuntimeError("jumprelu needs the jumprelu latent activation")
         step = JumpReLU.step_of(out.latent_preactivation, out.latent_threshold, self.settings.bandwidth)
-        return {"l0_batch": step.sum(dim=-1).mean()}
+        return {"l0_batch": step.sum(dim=-1).mean(), **self.steer(out)}
 
     def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"l0_penalized": densities["latent"].sum()}
-
-    def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return self.settings.beta * sum(terms.values())

@@ -49,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module, trained_on = load_checkpoint(cfg.ckpt_path)
         datamodule = MNISTDataModule(**evaluation_data_settings(cfg, trained_on))
         metrics: dict[str, Any] = run_test(build_trainer(cfg), module, datamodule)
-        metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
+        metrics.update({f"fit/{k}": v for k, v in module.fit_record().items()})
         metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
         metrics = plain_numbers(metrics)  # as metrics.json records them
         RunRecord(output_dir).evaluated(metrics)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sae.config import command_overrides, data_settings, disk_needed, model_settings, validate_train_config
+from sae.core.settings import method_settings
 from sae.data.mnist import MNISTDataModule
 from sae.internals import guard_checkpoint_restore
 from sae.run.console import closing_lines, format_metrics, report, tidy_library_output
@@ -91,11 +92,20 @@ def settled_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         # resume=DIR continues the run in its own folder: checkpoints, TensorBoard, metrics.
         cfg.output_dir = cfg.resume
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if checkpoint is not None and checkpoint.get("monitor") and adapts_in_training(cfg):
+        # Its val/loss weighs the penalty by each epoch's own weight: the last epoch is tested.
+        checkpoint.monitor, checkpoint.save_top_k = None, 0
     tensorboard = (cfg.get("logger") or {}).get("tensorboard")
     if tensorboard is not None and tensorboard.get("version") == "":  # "": not set by the user
         tensorboard.version = tensorboard_run_name(cfg, Path(cfg.output_dir))
     OmegaConf.set_readonly(cfg, True)
     return cfg, resumed_with
+
+
+def adapts_in_training(cfg: DictConfig) -> bool:
+    """Whether the run's loss weight changes during training (target_l0 with a penalty method)."""
+    return method_settings(model_settings(cfg)["sparsity"]).adapts_in_training()
 
 
 def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> tuple[dict[str, Any], int]:
@@ -120,7 +130,7 @@ def _train(cfg: DictConfig, resume_from: str | None, replay: Replay | None) -> t
     metrics["fit/epochs"] = trainer.current_epoch
     metrics["fit/threads"] = torch.get_num_threads()
     # The tested checkpoint's method state: e.g. how many latents AuxK revived on the way to it.
-    metrics.update({f"fit/{k}": v for k, v in module.method.fit_record().items()})
+    metrics.update({f"fit/{k}": v for k, v in module.fit_record().items()})
     if replay is not None:  # this job's share of the stacked fit its jobs shared, then its replay
         metrics["fit/seconds"] += replay.stacked_seconds / replay.stacked_jobs
         metrics["fit/stacked_seconds"] = replay.stacked_seconds  # the whole group's

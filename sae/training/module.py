@@ -23,7 +23,7 @@ from sae.core.metrics import (
     truncate_codes,
 )
 from sae.core.model import ZERO_THRESHOLD_ACTIVATIONS, SparseAutoencoder
-from sae.core.settings import RECONSTRUCTION_LOSSES, layer_names
+from sae.core.settings import RECONSTRUCTION_LOSSES, layer_names, settings_mapping
 from sae.core.sparsity import make_method
 from sae.errors import UserError
 from sae.internals import count_optimizer_steps
@@ -71,11 +71,11 @@ class SparseAutoencoderModule(L.LightningModule):
             raise ValueError(f"model.recon_loss={recon_loss!r} must be one of {RECONSTRUCTION_LOSSES}")
         hidden_dims, sparsity_layers, l0_also_at = list(hidden_dims), list(sparsity_layers), list(l0_also_at)
         # The method and its settings, one plain mapping (sae.core.sparsity): {"method": "kl", ...}.
-        sparsity = dict(sparsity if sparsity is not None else DEFAULT_SPARSITY)
+        sparsity = settings_mapping(sparsity if sparsity is not None else DEFAULT_SPARSITY)
         # Reads the (list-converted) arguments above. logger=False: sae.training.callbacks.HParamsSummary
         # writes the TensorBoard HParams entry itself, with the sweep's knobs and final metrics.
         self.save_hyperparameters(logger=False)
-        self.method = make_method(sparsity, sparsity_layers, latent_dim)
+        self.method = make_method(sparsity, sparsity_layers, latent_dim, self.activity_threshold("latent"))
         self.term_names = term_names(recon_loss, self.method)  # what training logs, in order
         self.net = SparseAutoencoder(
             input_dim,
@@ -120,6 +120,12 @@ class SparseAutoencoderModule(L.LightningModule):
             f"model: {'-'.join(map(str, widths))}, {hidden}{hp.latent_activation} latent; "
             f"{self.setting()}; {size:,} parameters"
         )
+
+    def fit_record(self) -> dict[str, float]:
+        """What the method's and the latent's state say about the training that led to them (the
+        weight or threshold scale target_l0 ended with, AuxK's revived latents), as fit/<name>."""
+        latent = getattr(self.net.latent_activation, "fit_record", dict)
+        return {**self.method.fit_record(), **latent()}
 
     def activity_threshold(self, layer: str) -> float:
         """Above what a unit of `layer` counts as active: 0 for ReLU-like layers (positive exactly
