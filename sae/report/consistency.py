@@ -10,7 +10,7 @@ pair of its seeds.
 
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations, product
 
 import numpy as np
 
@@ -36,7 +36,17 @@ def matched_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def seed_consistency(dictionaries: list[np.ndarray]) -> dict[str, float]:
     """Over every pair of seeds' dictionaries: the mean matched cosine and the fraction of units
     matched above MATCHED_ABOVE (each the mean over pairs); {} for fewer than two."""
-    pairs = [matched_cosines(a, b) for a, b in combinations(dictionaries, 2)]
+    return _over_pairs(list(combinations(dictionaries, 2)))
+
+
+def between_settings(first: list[np.ndarray], second: list[np.ndarray]) -> dict[str, float]:
+    """The same between two settings (e.g. two methods at one L0): over every pair of one run of
+    each; {} when either has none or their dictionaries differ in shape."""
+    return _over_pairs([(a, b) for a, b in product(first, second) if a.shape == b.shape])
+
+
+def _over_pairs(pairs_of_dictionaries: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    pairs = [matched_cosines(a, b) for a, b in pairs_of_dictionaries]
     if not pairs:
         return {}
     return {

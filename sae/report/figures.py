@@ -806,3 +806,47 @@ def sweep_heatmaps(settings: list[dict], knob_x: str, knob_y: str) -> Figure:
         ax.set(xlabel=knob_x, ylabel=knob_y, title=title)
     fig.suptitle(f"Sweep grid: {knob_y} x {knob_x} (mean over seeds)")
     return fig
+
+
+def methods_at_l0(table: list[dict]) -> Figure:
+    """Methods at equal L0 (sae.report.equal_l0): the truncated code's test MSE and the probe
+    accuracy against the L0 each method reached at each target, one line per method; bars: 95%
+    confidence intervals over seeds (both axes). Targets as dotted verticals; L0 on a log axis."""
+    from sae.report.equal_l0 import PROBE
+
+    panels = [(ERROR_AXIS, "lower = better")]
+    if any(_value(r, PROBE) is not None for r in table):
+        panels.append((PROBE, "higher = better"))
+    fig = _figure(7.5 * len(panels), 6.0)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    targets = sorted({r["target_l0"] for r in table})
+    for ax, (metric, direction) in zip(axes, panels, strict=True):
+        for i, (method, members) in enumerate(_by_method(table).items()):
+            have = [
+                r for r in members if _value(r, metric) is not None and _value(r, SPARSITY_AXIS) is not None
+            ]
+            have.sort(key=lambda r: r["target_l0"])
+            ax.errorbar(
+                [r[SPARSITY_AXIS] for r in have],
+                [r[metric] for r in have],
+                xerr=[np.nan_to_num(_value(r, f"{SPARSITY_AXIS}_ci") or 0.0) for r in have],
+                yerr=[np.nan_to_num(_value(r, f"{metric}_ci") or 0.0) for r in have],
+                fmt="o-",
+                color=f"C{i % 10}",
+                capsize=3,
+                label=method,
+            )
+        for target in targets:
+            ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(targets, [f"{t:g}" for t in targets])
+        ax.set(
+            xlabel="L0 reached: active latent units per digit (dotted: the targets)",
+            ylabel=f"{metric_label(metric)} ({direction})",
+        )
+        ax.set_title(f"{metric} at equal L0")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    seeds = max((r.get("n", 1) for r in table), default=1)
+    fig.suptitle(f"Sparsity methods at equal L0: mean over {seeds} seeds, bars 95% confidence intervals")
+    return fig

@@ -33,6 +33,13 @@ from sae.names import (
     within_setting,
 )
 from sae.report.consistency import seed_consistency
+from sae.report.equal_l0 import (
+    CSV_COLUMNS,
+    compare_at_l0,
+    comparison_markdown,
+    dictionary_overlap,
+    overlap_markdown,
+)
 from sae.report.frontier import frontier_axes, frontier_ranks, is_number
 from sae.run.atomic import write_atomic, write_text_atomic
 from sae.run.record import RunRecord
@@ -510,12 +517,62 @@ def write_summary(sweep_dir: str | Path, figures: bool = True, files: JobFiles |
     else:
         best = [r for r in ranked if r["status"] == "ok"]
     ranked_on = list(frontier_axes(rows)) if "frontier" in columns else [metric]
-    answer = _answer(best, knobs, ranked_on)
+    equal_l0, written = _methods_at_l0(sweep_dir, rows, configs, job_settings, figures)
+    answer = _answer(best, knobs, ranked_on) + equal_l0
+    files, drawn = files + written, drawn + [f for f in written if f.endswith(".png")]
     pictures = "".join(f"![{name[:-4]}]({name})\n\n" for name in drawn)  # relative: next to summary.md
     write_text_atomic(
         sweep_dir / "summary.md", header + answer + body + ("\n## Figures\n\n" + pictures if drawn else "")
     )
     return SweepSummary(sweep_dir, rows, ranked, ranked_by, shown, files, metric, *by_setting)
+
+
+def _methods_at_l0(
+    sweep_dir: Path,
+    rows: list[dict[str, Any]],
+    configs: dict[str, dict[str, Any]],
+    job_settings: dict[str, dict[str, Any]],
+    figures: bool,
+) -> tuple[str, list[str]]:
+    """For a sweep of two or more methods at target L0s: methods_at_l0.md, .csv and .png
+    (sae.report.equal_l0), and the line of summary.md that points to them."""
+    jobs = [
+        {
+            **row,
+            "method": job_settings[row["job"]]["method"],
+            "target_l0": configs[row["job"]].get("target_l0"),
+            "seed": configs[row["job"]].get("seed"),
+        }
+        for row in rows
+        if row["status"] == "ok"
+    ]
+    jobs = [j for j in jobs if is_number(j["target_l0"])]
+    if len({j["method"] for j in jobs}) < 2:
+        return "", []
+    table = compare_at_l0(jobs)
+    seeds = len({j["seed"] for j in jobs})
+    dictionaries: dict[tuple[float, str], list[Any]] = {}
+    for job in jobs:
+        dictionary = RunRecord(sweep_dir / job["job"]).dictionary()
+        if dictionary is not None:
+            dictionaries.setdefault((float(job["target_l0"]), job["method"]), []).append(dictionary)
+    text = comparison_markdown(table, seeds) + "\n" + overlap_markdown(dictionary_overlap(dictionaries))
+    write_text_atomic(sweep_dir / "methods_at_l0.md", text)
+    _write_csv(sweep_dir / "methods_at_l0.csv", table, list(CSV_COLUMNS))
+    written = ["methods_at_l0.md", "methods_at_l0.csv"]
+    if figures:
+        from sae.report.figures import methods_at_l0, png_bytes
+
+        png = png_bytes(methods_at_l0(table))
+        write_atomic(sweep_dir / "methods_at_l0.png", lambda f: f.write(png))
+        written.append("methods_at_l0.png")
+    elif (sweep_dir / "methods_at_l0.png").is_file():
+        written.append("methods_at_l0.png")
+    line = (
+        "The methods at equal L0, each target with 95% confidence intervals and paired t-tests over "
+        "seeds: [methods_at_l0.md](methods_at_l0.md).\n\n"
+    )
+    return line, written
 
 
 def _answer(ranked: list[dict[str, Any]], knobs: list[str], metrics: list[str]) -> str:
