@@ -2,6 +2,7 @@
 
     python evaluate.py ckpt_path=PATH [data.root=...]   test metrics, figures, metrics.json
     python evaluate.py sweep_dir=PATH                    summary.csv, summary.md, pareto.png
+    python evaluate.py compare_runs=[RUN,RUN,...]        how alike the runs' dictionaries are
 
 The work is in sae.training.evaluate; this wrapper composes the config and reports errors in one line.
 """
@@ -36,8 +37,16 @@ def main(cfg: DictConfig) -> None:
             shutil.rmtree(Path(HydraConfig.get().runtime.output_dir), ignore_errors=True)
     elif cfg.ckpt_path:
         run_command(lambda: evaluate(cfg))
+    elif cfg.compare_runs:
+        try:
+            run_command(lambda: compare_runs(cfg))
+        finally:  # it prints and writes nothing: no empty run folder
+            shutil.rmtree(Path(HydraConfig.get().runtime.output_dir), ignore_errors=True)
     else:
-        sys.exit("error: pass ckpt_path=<run>/checkpoints/<name>.ckpt or sweep_dir=<multirun folder>")
+        sys.exit(
+            "error: pass ckpt_path=<run>/checkpoints/<name>.ckpt, sweep_dir=<multirun folder> "
+            "or compare_runs=[<run>,<run>]"
+        )
 
 
 def summarise(cfg: DictConfig) -> None:
@@ -47,6 +56,13 @@ def summarise(cfg: DictConfig) -> None:
     from sae.training.evaluate import summarise
 
     summarise(cfg.sweep_dir)
+
+
+def compare_runs(cfg: DictConfig) -> None:
+    validate_evaluate_config(cfg)
+    from sae.report.consistency import compare_runs
+
+    print(compare_runs([Path(p) for p in cfg.compare_runs]))
 
 
 def evaluate(cfg: DictConfig) -> None:

@@ -382,12 +382,18 @@ def check_top_level_keys(cfg: DictConfig) -> None:
 
 
 EVALUATE_TOP_LEVEL = (
-    *("ckpt_path", "sweep_dir", "threads", "output_dir"),
+    *("ckpt_path", "sweep_dir", "compare_runs", "threads", "output_dir"),
     *("data", "trainer", "logger", "callbacks", "hydra"),
 )
 EVALUATE_RULES: dict[str, Rule] = {
     "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a checkpoint file (or null)"),
     "sweep_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "a sweep folder (or null)"),
+    "compare_runs": (
+        lambda v: (
+            v is None or (isinstance(v, list) and len(v) >= 2 and all(isinstance(p, str) and p for p in v))
+        ),
+        "a list of two or more run folders, e.g. [outputs/a,outputs/b] (or null)",
+    ),
     "threads": TOP_LEVEL_RULES["threads"],
     "output_dir": (lambda v: isinstance(v, str) and v != "", "a folder"),
 }
@@ -411,6 +417,11 @@ def check_checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (a ListConfig as a list, interpolations kept as text)."""
+    return OmegaConf.to_container(value, resolve=False) if isinstance(value, ListConfig) else value
+
+
 def validate_evaluate_config(cfg: DictConfig) -> None:
     """evaluate.py's checks: its own keys, the data settings it takes from the command line (the
     training ones, null here, come from the checkpoint and are checked there), the trainer."""
@@ -419,7 +430,8 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{unknown[0]} is not a setting of evaluate.py{did_you_mean(unknown[0], EVALUATE_TOP_LEVEL)}"
         )
-    check_settings({k: cfg.get(k) for k in EVALUATE_RULES if k in cfg}, EVALUATE_RULES, str, "evaluate.py")
+    values = {k: _plain(cfg.get(k)) for k in EVALUATE_RULES if k in cfg}
+    check_settings(values, EVALUATE_RULES, str, "evaluate.py")
     data = {k: v for k, v in group_settings(cfg, "data", DATA_TARGET).items() if v is not None}
     check_settings(data, DATA_RULES, lambda key: f"data.{key}", "the data")
     check_trainer(cfg, training=False)

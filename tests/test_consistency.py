@@ -115,3 +115,35 @@ def test_the_consistency_figure_draws_each_setting_of_seeds(tmp_path):
     assert [t.get_text() for t in left.get_xticklabels()] == ["beta=0.001", "beta=0.005"]
     assert left.get_ylim() == right.get_ylim() == (0.0, 1.0)
     assert tuple(fig.get_size_inches() * fig.dpi) == (1000, 480)
+
+
+def test_evaluate_compares_the_dictionaries_of_runs_on_request(tmp_path):
+    """`python evaluate.py compare_runs=[...]`: a permuted, rescaled copy matches at 1.0; a 45-degree
+    rotation in each pair of pixels at cos 45; a run without a dictionary is one line naming it."""
+    import math
+
+    import numpy as np
+
+    from tests.conftest import run_script
+
+    base = np.eye(4, dtype=np.float32)
+    c = math.sqrt(0.5)
+    rotated = np.array([[c, c, 0, 0], [-c, c, 0, 0], [0, 0, c, c], [0, 0, -c, c]], dtype=np.float32)
+    for name, dictionary in (("a", base), ("b", 2.0 * base[[3, 1, 0, 2]]), ("c", rotated)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "dictionary.npy", dictionary)
+    runs = [str(tmp_path / n) for n in "abc"]
+    result = run_script("evaluate.py", f"compare_runs=[{','.join(runs)}]")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[2:] == [
+        f"| {runs[0]} | {runs[1]} | 1.000 | 1.000 |",
+        f"| {runs[0]} | {runs[2]} | 0.707 | 0.000 |",
+        f"| {runs[1]} | {runs[2]} | 0.707 | 0.000 |",
+    ]
+    (tmp_path / "empty").mkdir()
+    result = run_script("evaluate.py", f"compare_runs=[{runs[0]},{tmp_path / 'empty'}]")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'empty'} has no readable dictionary.npy: pass run folders (runs write it since 2026-12-04)"
+    ]

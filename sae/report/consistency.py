@@ -11,10 +11,13 @@ pair of its seeds.
 from __future__ import annotations
 
 from itertools import combinations, product
+from pathlib import Path
 
 import numpy as np
 
+from sae.errors import UserError
 from sae.names import MATCHED_COSINE, MATCHED_FRACTION
+from sae.run.record import DICTIONARY_FILE, RunRecord
 
 MATCHED_ABOVE = float(MATCHED_FRACTION.rsplit("_", 1)[1])  # 0.9
 
@@ -43,6 +46,32 @@ def between_settings(first: list[np.ndarray], second: list[np.ndarray]) -> dict[
     """The same between two settings (e.g. two methods at one L0): over every pair of one run of
     each; {} when either has none or their dictionaries differ in shape."""
     return _over_pairs([(a, b) for a, b in product(first, second) if a.shape == b.shape])
+
+
+def compare_runs(runs: list[Path]) -> str:
+    """For `python evaluate.py compare_runs=[...]`: every pair of the runs, how alike their
+    dictionaries are, as a Markdown table; a run without a readable dictionary.npy is a UserError
+    naming it."""
+    dictionaries = []
+    for run in runs:
+        dictionary = RunRecord(run).dictionary()
+        if dictionary is None:
+            raise UserError(
+                f"{run} has no readable {DICTIONARY_FILE}: pass run folders (runs write it since 2026-12-04)"
+            )
+        dictionaries.append(dictionary)
+    lines = ["| run | run | matched cosine | matched above 0.9 |", "|---|---|---|---|"]
+    for (i, a), (j, b) in combinations(enumerate(dictionaries), 2):
+        if a.shape != b.shape:
+            raise UserError(
+                f"{runs[i]} and {runs[j]} have dictionaries of shapes {a.shape} and {b.shape}: "
+                "compare runs of one latent width"
+            )
+        matched = between_settings([a], [b])
+        lines.append(
+            f"| {runs[i]} | {runs[j]} | {matched[MATCHED_COSINE]:.3f} | {matched[MATCHED_FRACTION]:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def _over_pairs(pairs_of_dictionaries: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
