@@ -355,6 +355,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid value among the knobs a researcher sets."""
     check_one_spelling(cfg)
     check_top_level_keys(cfg)
+    check_target_is_read(cfg)
     top = {k: cfg.get(k) for k in TOP_LEVEL_RULES if k in cfg}
     check_settings(top, TOP_LEVEL_RULES, str, "train.py")
     model_settings(cfg)
@@ -370,6 +371,18 @@ TRAIN_TOP_LEVEL = (
     *("cuda_graph", "optimized_metric", "resume", "ckpt_path", "output_dir"),
     *("model", "data", "trainer", "logger", "callbacks", "hydra"),
 )
+
+
+def check_target_is_read(cfg: DictConfig) -> None:
+    """A target_l0 the chosen method's YAML does not pass on (`target_l0: ${target_l0}`) is refused,
+    not silently ignored."""
+    sparsity = cfg.model.get("sparsity") if isinstance(cfg.get("model"), DictConfig) else None
+    if cfg.get("target_l0") is not None and isinstance(sparsity, DictConfig) and "target_l0" not in sparsity:
+        method = sparsity.get("method")
+        raise ConfigError(
+            f"target_l0={cfg.target_l0}: sparsity={method} does not read it (its conf/sparsity/{method}.yaml "
+            "has no `target_l0: ${target_l0}` under model.sparsity)"
+        )
 
 
 def check_top_level_keys(cfg: DictConfig) -> None:

@@ -73,7 +73,7 @@ HPARAMS = (*(m for m in COMPARED_FIRST if m.startswith("test/")), "test/loss")
 
 # The swept knobs. Those that change the training objective itself: across them val/loss (which
 # contains beta * the penalty) ranks jobs by their objective, not by how well they reconstruct.
-OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k")
+OBJECTIVE_KNOBS = ("rho", "beta", "latent_dim", "sparsity", "k", "target_l0")
 SEED_KNOBS = ("seed",)  # jobs that differ only in these repeat one setting
 
 

@@ -145,5 +145,6 @@ def test_evaluate_compares_the_dictionaries_of_runs_on_request(tmp_path):
     result = run_script("evaluate.py", f"compare_runs=[{runs[0]},{tmp_path / 'empty'}]")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'empty'} has no readable dictionary.npy: pass run folders (runs write it since 2026-12-04)"
+        f"error: {tmp_path / 'empty'} has no readable dictionary.npy: "
+        "pass run folders (runs write it since 2026-12-04)"
     ]

@@ -30,7 +30,7 @@ def code_sum_method():
         method = "code_sum"
         beta: float = 5e-3
 
-        def check(self, latent_dim):
+        def check_knobs(self, latent_dim):
             check_weight("beta", self.beta)
 
     @register

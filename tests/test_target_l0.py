@@ -126,3 +126,26 @@ def test_every_method_ends_within_5_percent_of_the_target_l0(method, real_mnist_
         assert metrics["fit/beta"] > L0_CONTROL_START
     if method == "jumprelu":
         assert math.isfinite(metrics["fit/threshold_scale"]) and metrics["fit/threshold_scale"] != 1.0
+
+
+def test_a_method_that_cannot_reach_a_target_refuses_it(mnist_root, tmp_path):
+    from dataclasses import dataclass
+
+    from sae.config import ConfigError
+    from sae.core.settings import SETTINGS, MethodSettings
+
+    @dataclass(frozen=True)
+    class NoTarget(MethodSettings):  # steers nothing: the base's None
+        method = "no_target"
+
+    with pytest.raises(
+        InvalidSetting, match="target_l0=8 must be null: no_target has no way to reach a target L0"
+    ):
+        NoTarget(target_l0=8).check(32)
+    assert "no_target" not in SETTINGS  # not registered: nothing else sees it
+    # A method's YAML that does not pass target_l0 on: refused, not ignored.
+    cfg = compose_train(["target_l0=8", "~model.sparsity.target_l0"], tmp_path, mnist_root)
+    with pytest.raises(
+        ConfigError, match=r"target_l0=8: sparsity=kl does not read it \(its conf/sparsity/kl.yaml"
+    ):
+        train(cfg)

@@ -82,8 +82,8 @@ class MethodSettings:
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
     # What target_l0 sets: "k" (TopK, BatchTopK: k is the L0), or what training adapts to reach
     # it (sae.core.control): the penalty's weight "beta" (in place of the configured one), or
-    # JumpReLU's "threshold".
-    steers: ClassVar[str] = "beta"
+    # JumpReLU's "threshold"; None: the method cannot be held to a target (target_l0 is refused).
+    steers: ClassVar[str | None] = None
 
     # The latent L0 (active units per input, test/l0's count) the run is to end at; None: the
     # method's own knobs decide.
@@ -92,6 +92,8 @@ class MethodSettings:
     def check(self, latent_dim: int) -> None:
         """Raise InvalidSetting on the first knob out of range (for a latent of this width)."""
         target = self.target_l0
+        if target is not None and self.steers is None:
+            raise InvalidSetting("target_l0", target, f"null: {self.method} has no way to reach a target L0")
         if target is not None and self.steers == "k" and not (_int(target) and 1 <= target <= latent_dim):
             raise InvalidSetting(
                 "target_l0", target, f"an integer in [1, latent_dim={latent_dim}]: {self.method} sets k to it"
@@ -150,6 +152,7 @@ def settings_mapping(sparsity: Mapping[str, Any]) -> dict[str, Any]:
 class KLSettings(MethodSettings):
     method = "kl"
     latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
+    steers = "beta"
 
     rho: float = 0.05  # the target mean activation of each covered unit
     beta: float = 5e-3  # the penalty's weight
@@ -166,6 +169,7 @@ class L1Settings(MethodSettings):
     method = "l1"
     latent_activations = ("relu",)
     only_latent = True
+    steers = "beta"
 
     beta: float = 5e-3  # the penalty's weight
 
