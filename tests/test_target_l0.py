@@ -12,7 +12,7 @@ import torch
 from sae.core.control import L0_CONTROL_GAIN, L0Controller
 from sae.core.model import JumpReLU, SparseAutoencoder
 from sae.core.settings import InvalidSetting, method_settings
-from sae.core.sparsity import L0_CONTROL_START, METHODS, make_method
+from sae.core.sparsity import L0_CONTROL_START, METHODS, kl_sparsity, make_method
 from sae.training.checkpoints import load_checkpoint
 from sae.training.fit import train
 from tests.conftest import compose_train, run_script
@@ -32,9 +32,10 @@ def test_controller_step_is_the_log_ratio_of_l0_plus_one_to_target_plus_one():
 
 
 @pytest.mark.parametrize("method", ["kl", "l1"])
-def test_a_penalty_method_with_a_target_trains_with_the_controllers_weight(method):
-    activation = {"kl": "sigmoid", "l1": "relu"}[method]
-    threshold = {"kl": 0.1, "l1": 0.0}[method]
+def test_a_penalty_method_with_a_target_trains_with_the_controllers_knob(method):
+    """L1's beta starts small and grows while the code is too dense; KL's rho starts at the
+    configured rate and shrinks (beta stays the configured 0.5)."""
+    activation, threshold, knob = {"kl": ("sigmoid", 0.1, "rho"), "l1": ("relu", 0.0, "beta")}[method]
     sparsity = {"method": method, "beta": 0.5, "target_l0": 2.0}
     penalty_method = make_method(sparsity, ["latent"], 4, active_above=threshold)
     torch.manual_seed(0)
@@ -44,19 +45,30 @@ def test_a_penalty_method_with_a_target_trains_with_the_controllers_weight(metho
     terms = penalty_method.batch_terms(out, x)  # training mode: the controller steps
     l0 = (out.code > threshold).sum(dim=1).double().mean().item()
     assert terms["l0"].item() == pytest.approx(l0)
-    assert terms["beta"].item() == pytest.approx(L0_CONTROL_START)  # the weight this batch trains with
-    penalised = terms["kl_batch" if method == "kl" else "l1"]
-    assert penalty_method.penalty(terms).item() == pytest.approx(
-        L0_CONTROL_START * penalised.item(), rel=1e-6
-    )
-    stepped = L0_CONTROL_START * ((l0 + 1) / 3) ** L0_CONTROL_GAIN
-    assert penalty_method.beta().item() == pytest.approx(stepped, rel=1e-5)  # the configured 0.5 is not used
-    assert penalty_method.fit_record() == {"beta": pytest.approx(stepped, rel=1e-5)}
-    penalty_method.eval()  # evaluation reads the weight and leaves it
+    start, sign = (0.05, -1) if method == "kl" else (L0_CONTROL_START, 1)
+    assert terms[knob].item() == pytest.approx(start)  # the value this batch trains with
+    if method == "kl":  # KL(rho || rho_hat) at the rate before the step, weighted by the configured beta
+        assert terms["kl_batch"].item() == pytest.approx(
+            kl_sparsity(0.05, out.code.mean(dim=0)).item(), rel=1e-6
+        )
+        assert penalty_method.penalty(terms).item() == pytest.approx(0.5 * terms["kl_batch"].item(), rel=1e-6)
+    else:
+        assert penalty_method.penalty(terms).item() == pytest.approx(start * terms["l1"].item(), rel=1e-6)
+    stepped = start * ((l0 + 1) / 3) ** (sign * L0_CONTROL_GAIN)
+    assert penalty_method.knob(knob).item() == pytest.approx(stepped, rel=1e-5)
+    assert penalty_method.fit_record() == {knob: pytest.approx(stepped, rel=1e-5)}
+    penalty_method.eval()  # evaluation reads the knob and leaves it
     penalty_method.batch_terms(out, x)
-    assert penalty_method.beta().item() == pytest.approx(stepped, rel=1e-5)
-    assert not METHODS[method].stacks(sparsity)  # the weight is one run's
+    assert penalty_method.knob(knob).item() == pytest.approx(stepped, rel=1e-5)
+    assert not METHODS[method].stacks(sparsity)  # the knob is one run's
     assert METHODS[method].stacks({**sparsity, "target_l0": None})
+
+
+def test_the_controller_stays_within_its_bounds():
+    controller = L0Controller(target=1.0, initial=0.4, sparser_as_it_grows=False, low=1e-4, high=0.5)
+    for _ in range(100):
+        controller.update(torch.tensor(0.0))  # always too sparse: the rate rises, to its bound
+    assert controller.weight().item() == pytest.approx(0.5) and controller.at_bound()
 
 
 def test_jumprelu_with_a_target_scales_its_thresholds_in_training_forward_passes():
@@ -122,8 +134,10 @@ def test_every_method_ends_within_5_percent_of_the_target_l0(method, real_mnist_
     overrides = [f"sparsity={method}", "target_l0=8", "epochs=3", "logger=none", "callbacks=none"]
     metrics = train(compose_train(overrides, tmp_path, real_mnist_root))
     assert metrics["test/l0"] == pytest.approx(8, rel=0.05)
-    if method in ("kl", "l1"):
+    if method == "l1":
         assert metrics["fit/beta"] > L0_CONTROL_START
+    if method == "kl":
+        assert 0 < metrics["fit/rho"] <= 0.5
     if method == "jumprelu":
         assert math.isfinite(metrics["fit/threshold_scale"]) and metrics["fit/threshold_scale"] != 1.0
 
@@ -149,3 +163,22 @@ def test_a_method_that_cannot_reach_a_target_refuses_it(mnist_root, tmp_path):
         ConfigError, match=r"target_l0=8: sparsity=kl does not read it \(its conf/sparsity/kl.yaml"
     ):
         train(cfg)
+
+
+def test_a_run_that_ends_off_its_target_says_so():
+    from sae.training.fit import target_missed
+    from sae.training.module import SparseAutoencoderModule
+
+    module = SparseAutoencoderModule(
+        sparsity={"method": "l1", "beta": 1e-3, "target_l0": 8.0}, latent_activation="relu"
+    )
+    assert target_missed(module, {"test/l0": 8.3}) is None  # within 5%
+    assert (
+        target_missed(module, {"test/l0": 10.0})
+        == "note: target_l0=8 not reached, test/l0 10 (+25%): train longer"
+    )
+    module.method.controller.log_weight.fill_(math.log(1e4))  # the weight at its upper bound
+    assert target_missed(module, {"test/l0": 10.0}).endswith(
+        ": beta ended at its bound, the target is out of its reach"
+    )
+    assert target_missed(SparseAutoencoderModule(), {"test/l0": 3.0}) is None  # no target

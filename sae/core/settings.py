@@ -81,8 +81,8 @@ class MethodSettings:
     latent_activations: ClassVar[tuple[str, ...]] = ("sigmoid", "relu")
     only_latent: ClassVar[bool] = False  # whether model.sparsity_layers must be [latent]
     # What target_l0 sets: "k" (TopK, BatchTopK: k is the L0), or what training adapts to reach
-    # it (sae.core.control): the penalty's weight "beta" (in place of the configured one), or
-    # JumpReLU's "threshold"; None: the method cannot be held to a target (target_l0 is refused).
+    # it (sae.core.control), in place of the configured value: L1's penalty weight "beta", KL's
+    # rate "rho", JumpReLU's "threshold"; None: the method cannot be held to a target (refused).
     steers: ClassVar[str | None] = None
 
     # The latent L0 (active units per input, test/l0's count) the run is to end at; None: the
@@ -152,7 +152,9 @@ def settings_mapping(sparsity: Mapping[str, Any]) -> dict[str, Any]:
 class KLSettings(MethodSettings):
     method = "kl"
     latent_activations = ("sigmoid",)  # rho_hat must be a firing rate in (0, 1)
-    steers = "beta"
+    # Its L0 follows rho, the rate every unit is pulled to: a stronger beta only holds each unit
+    # to rho more tightly (measured: docs/target_l0.md), so target_l0 adapts rho.
+    steers = "rho"
 
     rho: float = 0.05  # the target mean activation of each covered unit
     beta: float = 5e-3  # the penalty's weight

@@ -35,8 +35,6 @@ from sae.core.settings import (
 )
 
 RHO_HAT_CLAMP = 1e-6
-# A controlled method's batch terms beside its penalty's: train/beta, train/l0.
-CONTROL_TERMS = ("beta", "l0")
 # With target_l0, the weight training starts from: small enough that the code starts dense (a
 # weight too strong at the start kills ReLU units for good).
 L0_CONTROL_START = 1e-6
@@ -148,33 +146,43 @@ def kl_sparsity(rho: float | Tensor, rho_hat: Tensor) -> Tensor:
 
 
 class PenaltyMethod(SparsityMethod):
-    """A method whose loss adds beta * its terms (KL, L1, JumpReLU). With target_l0, beta is the
-    controller's (L0Controller), which replaces the configured beta: logged as `train/beta`, with
-    the batch L0 it steers by as `train/l0`."""
+    """A method whose loss adds beta * its terms (KL, L1, JumpReLU). With target_l0, the knob its
+    settings steer (`steers`: L1's beta, KL's rho) is the controller's (L0Controller) in place of
+    the configured one, logged as `train/<knob>` with the batch L0 it steers by as `train/l0`."""
 
     settings: KLSettings | L1Settings | JumpReLUSettings
 
     def __init__(self, settings: MethodSettings, layers: Sequence[str], latent_dim: int) -> None:
         super().__init__(settings, layers, latent_dim)
         self.controller: L0Controller | None = None
-        if settings.target_l0 is not None and settings.steers == "beta":
-            self.controller = L0Controller(float(settings.target_l0), initial=L0_CONTROL_START)
-            self.batch_term_names = (*self.batch_term_names, *CONTROL_TERMS)
+        self.steered = settings.steers if settings.target_l0 is not None else None
+        if self.steered == "beta":  # from small: a weight too strong at the start kills ReLU units
+            self.controller = L0Controller(float(settings.target_l0), initial=L0_CONTROL_START, high=1e4)
+        elif self.steered == "rho":  # a firing rate: from the configured one, within (0, 0.5]
+            self.controller = L0Controller(
+                float(settings.target_l0),
+                initial=float(settings.rho),
+                sparser_as_it_grows=False,
+                low=1e-4,
+                high=0.5,
+            )
+        if self.controller is not None:
+            self.batch_term_names = (*self.batch_term_names, self.steered, "l0")
 
-    def beta(self) -> Tensor | float:
-        """The penalty's weight now: the configured beta, or the controller's."""
-        return self.settings.beta if self.controller is None else self.controller.weight()
+    def knob(self, name: str) -> Tensor | float:
+        """A knob's value now: the configured one, or the controller's if it steers this one."""
+        return self.controller.weight() if name == self.steered else getattr(self.settings, name)
 
     def steer(self, out: AutoencoderOutput) -> dict[str, Tensor]:
-        """With a controller: the weight this batch is trained with and the batch's L0 (as terms,
-        `beta` and `l0`), and in training the controller's step on that L0."""
+        """With a controller: the steered knob's value this batch trains with and the batch's L0
+        (as terms, e.g. `beta` and `l0`), and in training the controller's step on that L0."""
         if self.controller is None:
             return {}
-        beta = self.controller.weight()
+        value = self.controller.weight()
         l0 = (out.code > self.active_above).float().sum(dim=-1).mean()
         if self.training:
             self.controller.update(l0)
-        return {"beta": beta, "l0": l0}
+        return {self.steered: value, "l0": l0}
 
     def _weight_text(self) -> str:
         target = self.settings.target_l0
@@ -182,13 +190,17 @@ class PenaltyMethod(SparsityMethod):
 
     def penalised(self, terms: Mapping[str, Tensor]) -> Tensor:
         """The terms the weight multiplies: all but the controller's."""
-        return sum(v for k, v in terms.items() if k not in CONTROL_TERMS)
+        return sum(v for k, v in terms.items() if k not in (self.steered, "l0"))
 
     def penalty(self, terms: Mapping[str, Tensor]) -> Tensor:
-        return terms.get("beta", self.beta()) * self.penalised(terms)
+        return terms.get("beta", self.knob("beta")) * self.penalised(terms)
 
     def fit_record(self) -> dict[str, float]:
-        return {} if self.controller is None else {"beta": float(self.controller.weight())}
+        return {} if self.controller is None else {self.steered: float(self.controller.weight())}
+
+    def reached_bound(self) -> str | None:
+        """The steered knob, if its controller ended at a bound (the target out of its reach)."""
+        return self.steered if self.controller is not None and self.controller.at_bound() else None
 
 
 @register
@@ -205,22 +217,23 @@ class KLSparsity(PenaltyMethod):
     batch_term_names = ("kl_batch",)
 
     def describe(self) -> str:
-        return f"kl (rho {self.settings.rho:g}, {self._weight_text()})"
+        if self.settings.target_l0 is not None:
+            return f"kl (beta {self.settings.beta:g}, target L0 {self.settings.target_l0:g})"
+        return f"kl (rho {self.settings.rho:g}, beta {self.settings.beta:g})"
 
     def target(self) -> float:
-        return float(self.settings.rho)
+        return float(self.knob("rho"))
 
-    def _kl(self, rho_hats: Sequence[Tensor]) -> Tensor:
-        return sum(kl_sparsity(self.settings.rho, q) for q in rho_hats)
+    def _kl(self, rho: Tensor | float, rho_hats: Sequence[Tensor]) -> Tensor:
+        return sum(kl_sparsity(rho, q) for q in rho_hats)
 
     def batch_terms(self, out: AutoencoderOutput, x: Tensor) -> dict[str, Tensor]:
-        return {
-            "kl_batch": self._kl([out.activations[n].mean(dim=0) for n in self.layers]),
-            **self.steer(out),
-        }
+        steered = self.steer(out)  # with target_l0: rho, the rate this batch trains toward
+        rho = steered.get("rho", self.settings.rho)
+        return {"kl_batch": self._kl(rho, [out.activations[n].mean(dim=0) for n in self.layers]), **steered}
 
     def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
-        return {"kl": self._kl([unit_means[n] for n in self.layers])}
+        return {"kl": self._kl(self.knob("rho"), [unit_means[n] for n in self.layers])}
 
 
 def l1_terms(codes: Tensor, decoder_weight: Tensor) -> Tensor:
