@@ -79,6 +79,7 @@ def _fake_job(sweep, name, method, target, seed, metrics):
     (job / ".hydra").mkdir(parents=True)
     config = {
         "optimized_metric": "val/loss",
+        "rho": 0.05,  # KL's configured rate: adapted with target_l0, so no target to draw
         "target_l0": target,
         "seed": seed,
         "model": {"sparsity": {"method": method}},
@@ -113,6 +114,8 @@ def test_a_sweep_of_methods_at_target_l0s_gets_the_comparison(tmp_path):
         ("16.0", "kl"),
     ]
     assert "[methods_at_l0.md](methods_at_l0.md)" in (sweep / "summary.md").read_text()
+    settings = list(csv.DictReader((sweep / "summary_by_setting.csv").open()))
+    assert settings and not any(s.get("rho") for s in settings)  # no configured rho shown as a target
     assert "![methods_at_l0](methods_at_l0.png)" in (sweep / "summary.md").read_text()
 
 

@@ -282,11 +282,11 @@ def _objective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _figure_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the figures need of a job's config: its KL target rho (none for other methods) and its
-    sparsity method (TopK with AuxK apart from TopK: a frontier each)."""
+    """What the figures need of a job's config: its KL target rho (none for other methods, or
+    with target_l0) and its sparsity method (TopK with AuxK apart from TopK: a frontier each)."""
     method, settings = _method(cfg)
-    return {
-        "rho": cfg.get("rho") if method == "kl" else None,
+    return {  # with target_l0, KL's rho is adapted in training: the configured one is no target
+        "rho": cfg.get("rho") if method == "kl" and cfg.get("target_l0") is None else None,
         "method": method + ("+auxk" if settings.get("auxk") else ""),
     }
 
