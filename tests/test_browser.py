@@ -117,14 +117,15 @@ def test_tensorboard_opens_on_the_training_loss(browser, tensorboard_url):
 def test_hparams_lists_the_knobs_then_the_ranked_metrics(browser, tensorboard_url, run):
     page = browser.new_page(viewport=SCREEN)
     page.goto(f"{tensorboard_url}/#hparams")
+    knobs = tensorboard_run(run).name  # e.g. batch_size=50,beta=1e-3,seed=0
     page.get_by_text("test/truncated_mse").first.wait_for(timeout=60_000)
+    page.get_by_text(f"{knobs} (").first.wait_for(timeout=60_000)  # the rows load after the header
     cells = [c.strip() for c in page.locator("vaadin-grid-cell-content").all_inner_texts()]
     header = cells[: cells.index("test/dead_fraction") + 1]
     # The knobs the command set (QUICK_RUN's too), by name, before any setting it left alone.
     assert header[:6] == ["Trial ID", "Show Metrics", "batch_size", "beta", "seed", "val_size"]
     assert header[-5:] == ["test/truncated_mse", "test/mse", "test/l0", "test/fvu", "test/dead_fraction"]
     row = [c for c in cells[len(header) :] if c]
-    knobs = tensorboard_run(run).name  # e.g. batch_size=50,beta=1e-3,seed=0
     assert "beta=1e-3" in knobs
     trial = next(c for c in row if c.startswith(f"{knobs} ("))  # the knobs lead the trial id
     batch_size, beta, seed, val_size = row[row.index(trial) + 1 : row.index(trial) + 5]

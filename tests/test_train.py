@@ -813,6 +813,7 @@ def test_every_printed_example_runs(mnist_root, tmp_path):
         example = re.sub(r"ckpt_path=\S+", f"ckpt_path={run}/checkpoints/last.ckpt", example)
         example = re.sub(r"sweep_dir=\S+", f"sweep_dir={sweep}", example)
         example = re.sub(r"resume=\S+", f"resume={run}", example)
+        example = re.sub(r"compare_runs=\S+", f"compare_runs=[{run},{sweep}/0]", example)
         script, *args = shlex.split(example)[1:]
         multirun = "-m" in args
         named = {"python train.py": run, first[1]: sweep}
