@@ -769,8 +769,7 @@ def test_real_mnist_best_probe_reproduces_its_documented_accuracy(real_mnist_roo
     """Seed 0 of experiment=best_probe, trained here as one run, reads the test probe accuracy
     docs/results.md reports for it (measured as a job of the stacked 3-seed sweep; a separate run
     sums in another order, and the code depends on the thread count: docs/probe.md)."""
-    overrides = ["experiment=best_probe", "seed=0", "logger=none", "~callbacks.run_figures"]
-    overrides += ["~callbacks.epoch_visuals", "~callbacks.hparams_summary"]
+    overrides = ["experiment=best_probe", "seed=0", *(o for o in LEAN if o != "~callbacks.linear_probe")]
     real = [f"data.root={real_mnist_root}", "accelerator=cpu", "+trainer.enable_progress_bar=false"]
     metrics = train(compose_config("train", [*overrides, *real, f"output_dir={tmp_path}"]))
     assert metrics["fit/epochs"] == BEST_PROBE_SETTING[2]
