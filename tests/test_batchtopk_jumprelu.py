@@ -71,7 +71,7 @@ def test_jumprelu_penalty_is_beta_times_the_batch_l0():
     settings = METHODS["jumprelu"].Settings(beta=0.25, bandwidth=0.002)
     method = METHODS["jumprelu"](settings, ["latent"], 3)
     torch.manual_seed(0)
-    net = SparseAutoencoder(4, [], 3, latent_activation="jumprelu", jumprelu={"initial_threshold": 0.2})
+    net = SparseAutoencoder(4, [], 3, latent_activation="jumprelu", latent_options={"initial_threshold": 0.2})
     x = torch.rand(5, 4)
     out = net(x)
     terms = method.batch_terms(out, x)

@@ -290,7 +290,7 @@ def test_a_config_is_checked_without_torch_or_lightning():
         (
             "sparsity=topc",
             "config error: sparsity=topc: no such option; sparsity is one of batchtopk, jumprelu, kl, "
-            "l1, topk; did you mean topk?",
+            "l1, topk, wta; did you mean topk?",
         ),
         (
             "trainer.max_time=00:01:00:00",

@@ -369,6 +369,10 @@ def test_topk_with_auxk_trains_checkpoints_and_evaluates(mnist_root, tmp_path):
         (["sparsity=jumprelu", "model.sparsity.initial_threshold=-1"], "initial_threshold=-1"),
         (["model.activation=jumprelu"], "model.activation='jumprelu' must be one of relu"),
         (["sparsity=kl", "model.latent_activation=batchtopk"], "latent_activation"),
+        (["sparsity=wta", "model.sparsity.rate=0"], "model.sparsity.rate=0 must be a number in (0, 1]"),
+        (["sparsity=wta", "model.sparsity.rate=1.5"], "model.sparsity.rate=1.5 must be a number in (0, 1]"),
+        (["sparsity=wta", "target_l0=8"], "target_l0=8 must be null: wta has no way to reach a target L0"),
+        (["model.activation=wta"], "model.activation='wta' must be one of relu"),
     ],
 )
 def test_method_settings_are_checked(mnist_root, tmp_path, overrides, message):

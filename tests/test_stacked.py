@@ -32,6 +32,7 @@ METHODS = {
     "topk": (["sparsity=topk", "k=5"], 2),
     "batchtopk": (["sparsity=batchtopk", "k=5"], 2),
     "jumprelu": (["sparsity=jumprelu"], 3),  # each job its own beta
+    "wta": (["sparsity=wta"], 2),  # each unit's winners over the job's own batch
 }
 
 

@@ -65,6 +65,33 @@ class BatchTopK(nn.Module):
         return f"k={self.k}"
 
 
+class LifetimeTopK(nn.Module):
+    """Winner-take-all lifetime sparsity (Makhzani and Frey 2015, the fully connected WTA
+    autoencoder). In training: each unit keeps its round(rate * B) largest ReLU activations over
+    a batch of B inputs (at least one), every other entry exactly 0, so each unit fires on at most
+    a fraction `rate` of the batch and each input uses rate * width units on average. Gradients
+    flow only through the kept entries. At inference (eval mode): the plain ReLU, the code the
+    paper's classifier reads (dense: test/l0 counts it as it is)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def winners(self, batch: int) -> int:
+        """How many inputs of a batch of `batch` each unit keeps in training."""
+        return min(batch, max(1, round(self.rate * batch)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(x)
+        if not self.training:
+            return x
+        values, indices = x.topk(self.winners(x.shape[-2]), dim=-2)
+        return torch.zeros_like(x).scatter(-2, indices, values)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g}"
+
+
 def rectangle(u: Tensor) -> Tensor:
     """The rectangle kernel: 1 where |u| < 1/2, else 0."""
     return (u.abs() < 0.5).to(u.dtype)
@@ -140,13 +167,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "topk": TopK,  # latent only, with the model's k
     "batchtopk": BatchTopK,  # latent only, with the model's k
     "jumprelu": JumpReLU,  # latent only, one threshold per unit
+    "wta": LifetimeTopK,  # latent only, with its lifetime rate
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "sae.core.settings names the activations a config may choose"
 
 
 # Activations that are positive exactly when their input is: a unit of such a layer is active
 # when its output is above 0. Other layers' units count as active above a threshold.
-ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "topk", "batchtopk", "jumprelu")
+ZERO_THRESHOLD_ACTIVATIONS = ("relu", "leaky_relu", "gelu", "topk", "batchtopk", "jumprelu", "wta")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -166,7 +194,9 @@ class AutoencoderOutput(NamedTuple):
     latent_threshold: Tensor | None = None
 
 
-def _activation(name: str, width: int, k: int | None = None, jumprelu: dict | None = None) -> nn.Module:
+def _activation(name: str, width: int, k: int | None = None, options: dict | None = None) -> nn.Module:
+    """Activation `name` for a layer of `width` units; a method's latent takes its k or `options`
+    (its settings the activation needs: JumpReLU's kernel, WTA's rate)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     if name in ("topk", "batchtopk"):
@@ -174,7 +204,9 @@ def _activation(name: str, width: int, k: int | None = None, jumprelu: dict | No
             raise ValueError(f"the {name} activation needs k (the units kept per input)")
         return ACTIVATIONS[name](k)
     if name == "jumprelu":
-        return JumpReLU(width, **(jumprelu or {}))
+        return JumpReLU(width, **(options or {}))
+    if name == "wta":
+        return LifetimeTopK(**(options or {}))
     return ACTIVATIONS[name]()
 
 
@@ -196,7 +228,7 @@ class SparseAutoencoder(nn.Module):
         output_activation: str = "sigmoid",
         sparsity_layers: Sequence[str] = ("latent",),
         k: int | None = None,
-        jumprelu: dict | None = None,
+        latent_options: dict | None = None,
     ) -> None:
         super().__init__()
         names = layer_names(len(hidden_dims))
@@ -213,7 +245,7 @@ class SparseAutoencoder(nn.Module):
             + [output_activation]
         )
         blocks = [
-            nn.Sequential(nn.Linear(w_in, w_out), _activation(act, w_out, k, jumprelu))
+            nn.Sequential(nn.Linear(w_in, w_out), _activation(act, w_out, k, latent_options))
             for w_in, w_out, act in zip(widths[:-1], widths[1:], acts, strict=True)
         ]
         depth = len(hidden_dims) + 1

@@ -28,8 +28,9 @@ ACTIVATION_NAMES = (
     "topk",
     "batchtopk",
     "jumprelu",
+    "wta",
 )
-LATENT_ONLY_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")  # a method's latent, with its settings
+LATENT_ONLY_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "wta")  # a method's latent, with its settings
 RECONSTRUCTION_LOSSES = ("mse", "bce")
 
 
@@ -238,3 +239,19 @@ class JumpReLUSettings(MethodSettings):
             raise InvalidSetting("bandwidth", self.bandwidth, "a number in (0, 1]")
         if not (_number(self.initial_threshold) and 0 < self.initial_threshold <= 100):
             raise InvalidSetting("initial_threshold", self.initial_threshold, "a number in (0, 100]")
+
+
+@register_settings
+@dataclass(frozen=True)
+class WTASettings(MethodSettings):
+    method = "wta"
+    latent_activations = ("wta",)
+    only_latent = True
+    # None: its inference code is the plain ReLU, whose L0 training does not set (the training
+    # code's L0 is rate * latent_dim on average).
+
+    rate: float = 0.05  # the fraction of a training batch each latent unit keeps (lifetime sparsity)
+
+    def check_knobs(self, latent_dim: int) -> None:
+        if not (_number(self.rate) and 0 < self.rate <= 1):
+            raise InvalidSetting("rate", self.rate, "a number in (0, 1]: the share of a batch a unit keeps")

@@ -31,6 +31,7 @@ from sae.core.settings import (
     L1Settings,
     MethodSettings,
     TopKSettings,
+    WTASettings,
     method_settings,
 )
 
@@ -437,3 +438,22 @@ class JumpReLUSparsity(PenaltyMethod):
 
     def split_terms(self, unit_means: Units, decoder_weight: Tensor, densities: Units) -> dict[str, Tensor]:
         return {"l0_penalized": densities["latent"].sum()}
+
+
+@register
+class WTASparsity(SparseByConstruction):
+    """Winner-take-all lifetime sparsity (Makhzani and Frey 2015): in training each latent unit
+    keeps its `rate` fraction of largest activations over the batch (the `wta` latent,
+    sae.core.model.LifetimeTopK), so every unit learns from the inputs it explains best and none
+    can stay silent; at inference the code is the plain ReLU. No penalty term. Its codes are what
+    docs/results.md's best probe reads (experiment=best_probe)."""
+
+    Settings = WTASettings
+    settings: WTASettings
+    batch_term_names = ()
+
+    def describe(self) -> str:
+        return f"wta (rate {self.settings.rate:g})"
+
+    def latent_options(self) -> dict[str, Any]:
+        return {"rate": self.settings.rate}
