@@ -493,6 +493,19 @@ def test_summary_opens_with_the_answer_and_ends_with_its_figures(tmp_path):
     assert "## Answer\n\nNo job finished: the table below says why." in (none / "summary.md").read_text()
 
 
+def test_a_sweep_of_seeds_alone_answers_with_its_one_setting(tmp_path):
+    """Three seeds of one setting (experiment=best_probe): the answer gives the setting's mean and
+    spread, not a first-ranked job without a name."""
+    sweep = tmp_path / "sweep"
+    for seed, val_loss in enumerate((0.030, 0.032, 0.037)):
+        fake_job(sweep, str(seed), [f"seed={seed}"], metrics(0.01, val_loss, 0.06, 8.0), {"status": "ok"})
+    write_summary(sweep, figures=False)
+    answer = (sweep / "summary.md").read_text().split("## Answer\n\n")[1].split("\n")[0]
+    losses = np.array([0.030, 0.032, 0.037])
+    expected = f"`val/loss` {losses.mean():.5g} ± {losses.std(ddof=1):.2g} over 3 seeds."
+    assert answer.startswith("One setting, only the seed swept: ") and answer.endswith(expected)
+
+
 def test_a_metric_the_same_in_every_job_is_no_column_of_the_settings_table(tmp_path):
     """Two seeds of one setting, one of another (its std is NaN): dead_fraction 0 everywhere is
     said once in the header line, not a column of the table of settings."""

@@ -588,6 +588,8 @@ def _answer(ranked: list[dict[str, Any]], knobs: list[str], metrics: list[str]) 
     best = ranked[0]
     values = ", ".join(f"`{m}` {_mean_std(best, m)}" for m in metrics if is_number(best.get(m)))
     seeds = f" over {best['n']} seeds" if best.get("n", 1) > 1 else ""
+    if len(ranked) == 1 and not any(k in best for k in knobs) and "job" not in best:
+        return f"## Answer\n\nOne setting, only the seed swept: {values}{seeds}.\n\n"
     line = f"## Answer\n\n**{name(best)}** ranks first: {values}{seeds}."
     also = [name(r) for r in ranked[1:] if best.get("frontier") == r.get("frontier") == 1]
     if also:
