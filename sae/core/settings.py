@@ -247,8 +247,9 @@ class WTASettings(MethodSettings):
     method = "wta"
     latent_activations = ("wta",)
     only_latent = True
-    # None: its inference code is the plain ReLU, whose L0 training does not set (the training
-    # code's L0 is rate * latent_dim on average).
+    # target_l0 is refused: the inference code is the plain ReLU, whose L0 training does not set
+    # (the training code's L0 is rate * latent_dim on average).
+    steers = None
 
     rate: float = 0.05  # the fraction of a training batch each latent unit keeps (lifetime sparsity)
 
